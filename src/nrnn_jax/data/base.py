@@ -1,0 +1,96 @@
+"""The `Dataset` container and fixed-shape batching shared by every loader."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A classification task on sequences: inputs (N, T, input_dim) float32, labels (N,) int32."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.ndim != 3 or y.shape != (x.shape[0],):
+                raise ValueError(f"Dataset {self.name!r}: x_{split} {x.shape} / y_{split} {y.shape}; expected "
+                                 "(N, T, input_dim) and (N,).")
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split={name!r} is invalid: expected 'train', 'val' or 'test'.")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+
+class Batch(NamedTuple):
+    """A fixed-shape batch: `mask` is 1 for real examples and 0 for padding."""
+
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of epoch `epoch` for seed `seed`: a pure function, so a resumed run can
+    recompute the order of any epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    order: np.ndarray | None = None,
+    drop_remainder: bool = False,
+) -> Iterator[Batch]:
+    """Fixed-shape batches in the given order (default: as stored).
+
+    Training drops the last partial batch (`drop_remainder=True`, every example is still seen across
+    epochs because the order changes); evaluation pads it with copies of the first example and masks
+    them out, so that every batch has the same shape and one compiled step serves all.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+    n = x.shape[0]
+    idx = np.arange(n) if order is None else np.asarray(order)
+    stop = (n // batch_size) * batch_size if drop_remainder else n
+    if drop_remainder and stop == 0:
+        raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples; "
+                         "use a batch_size <= the number of examples.")
+    for start in range(0, stop, batch_size):
+        take = idx[start : start + batch_size]
+        mask = np.ones(batch_size, np.float32)
+        if take.shape[0] < batch_size:
+            mask[take.shape[0]:] = 0.0
+            take = np.concatenate([take, np.full(batch_size - take.shape[0], idx[0])])
+        yield Batch(x[take], y[take], mask)
+
+
+def default_data_dir() -> Path:
+    """Where data lives when no directory is given: $NRNN_DATA, else ~/.cache/nrnn_jax."""
+    env = os.environ.get("NRNN_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "nrnn_jax"

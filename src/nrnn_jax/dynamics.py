@@ -1,0 +1,124 @@
+"""The noisy Lipschitz recurrence as pure functions of a parameter pytree (math.md §1).
+
+Everything here acts on ONE example: a hidden state `h` of shape (hidden,) and the pre-computed input
+drive `z = U x + b` of shape (hidden,). Batching is `jax.vmap`'s job. The solver backends in
+`nrnn_jax.solvers` and the explicit regularizer in `nrnn_jax.regularizer` call these functions, so the
+model is defined exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, Float
+
+from .config import NRNNConfig
+
+
+class RecurrentParams(NamedTuple):
+    """Parameters of the recurrent core after the Lipschitz parametrisation.
+
+    - `A`, `W`: (hidden, hidden) matrices of math.md §1.
+    - `step`: (hidden,) the learnable per-unit step `s` of the reference convention (None under "sde").
+    """
+
+    A: Float[Array, "hidden hidden"]
+    W: Float[Array, "hidden hidden"]
+    step: Float[Array, " hidden"] | None = None
+
+
+def lipschitz_matrix(m: Float[Array, "d d"], beta: float, gamma: float) -> Float[Array, "d d"]:
+    """β (M − Mᵀ) + (1 − β)(M + Mᵀ) − γ I   (math.md §1)."""
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    return beta * (m - m.T) + (1.0 - beta) * (m + m.T) - gamma * eye
+
+
+def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"]) -> Float[Array, " d"]:
+    """f(h, x) = α A h + tanh(W h + U x + b), with z = U x + b   (math.md §1)."""
+    return cfg.alpha * (p.A @ h) + jnp.tanh(p.W @ h + z)
+
+
+def diffusion(cfg: NRNNConfig, h: Float[Array, " d"]) -> lx.AbstractLinearOperator:
+    """σ(h) as a linear operator from noise space (cfg.noise_dim,) to state space (math.md §1).
+
+    Diagonal: σ(h) = ε_add I + ε_mult diag(h). Scalar: [ε_add I | ε_mult h], the last column driven by
+    the one multiplicative Brownian motion.
+    """
+    if cfg.noise_kind == "diagonal":
+        return lx.DiagonalLinearOperator(cfg.eps_add + cfg.eps_mult * h)
+    eye = cfg.eps_add * jnp.eye(h.shape[0], dtype=h.dtype)
+    return lx.MatrixLinearOperator(jnp.concatenate([eye, cfg.eps_mult * h[:, None]], axis=1))
+
+
+def diffusion_mv(cfg: NRNNConfig, h: Float[Array, " d"], dw: Float[Array, " m"]) -> Float[Array, " d"]:
+    """σ(h) dW without materialising σ (the scan fast path)."""
+    if cfg.noise_kind == "diagonal":
+        return (cfg.eps_add + cfg.eps_mult * h) * dw
+    d = h.shape[0]
+    return cfg.eps_add * dw[:d] + cfg.eps_mult * h * dw[d]
+
+
+def reference_multiplier(cfg: NRNNConfig, zeta: Float[Array, " d"]) -> Float[Array, " d"]:
+    """u ~ U[1 − ε_mult, 1] from a standard normal ζ via the normal CDF (reference convention)."""
+    return 1.0 - cfg.eps_mult + cfg.eps_mult * jax.scipy.stats.norm.cdf(zeta)
+
+
+def sde_step(
+    cfg: NRNNConfig,
+    p: RecurrentParams,
+    h: Float[Array, " d"],
+    z: Float[Array, " d"],
+    dw: Float[Array, " m"] | None,
+) -> Float[Array, " d"]:
+    """One step of the chosen scheme, with Brownian increment `dw` (None: the deterministic Euler step).
+
+    - euler (Itô Euler–Maruyama, math.md §1):  h + δ f + σ(h) ΔW
+    - euler_heun (Stratonovich):  h' = h + σ(h) ΔW;  h + δ f + ½ (σ(h) + σ(h')) ΔW
+    - milstein (Itô, commutative noise):  Euler–Maruyama + ½ Σ_j (L^j σ_j)(ΔW_j² − δ), written in
+      closed form for the two noise kinds (diffrax's `ItoMilstein` computes it by autodiff instead).
+    """
+    dt = cfg.dt
+    h_det = h + dt * drift(cfg, p, h, z)
+    if dw is None or not cfg.is_noisy:
+        return h_det
+    noise = diffusion_mv(cfg, h, dw)
+    if cfg.solver == "euler":
+        return h_det + noise
+    if cfg.solver == "euler_heun":
+        return h_det + 0.5 * (noise + diffusion_mv(cfg, h + noise, dw))
+    # milstein
+    if cfg.noise_kind == "diagonal":
+        correction = 0.5 * cfg.eps_mult * (cfg.eps_add + cfg.eps_mult * h) * (dw * dw - dt)
+    else:  # scalar multiplicative noise, eps_add == 0 (validated by the config)
+        correction = 0.5 * cfg.eps_mult**2 * h * (dw[-1] ** 2 - dt)
+    return h_det + noise + correction
+
+
+def reference_step(
+    cfg: NRNNConfig,
+    p: RecurrentParams,
+    h: Float[Array, " d"],
+    z: Float[Array, " d"],
+    xi: Float[Array, " m"] | None,
+) -> Float[Array, " d"]:
+    """The public code's update h + (s ⊙ u) ⊙ f(h, x) + ε_add ξ (math.md §1, reference convention).
+
+    `xi` of shape (2 hidden,) holds ξ then ζ (u = 1 − ε_mult + ε_mult Φ(ζ)); None means test time
+    (u ≡ 1, ξ ≡ 0).
+    """
+    f = drift(cfg, p, h, z)
+    if xi is None:
+        return h + p.step * f
+    d = h.shape[0]
+    return h + p.step * reference_multiplier(cfg, xi[d:]) * f + cfg.eps_add * xi[:d]
+
+
+def step(cfg: NRNNConfig, p: RecurrentParams, h, z, noise):
+    """One recurrence step under the configured convention. `noise` is the scaled Brownian increment
+    ΔW = √δ ξ (convention "sde") or the raw standard normals ξ (convention "reference"), or None."""
+    if cfg.convention == "reference":
+        return reference_step(cfg, p, h, z, noise)
+    return sde_step(cfg, p, h, z, noise)

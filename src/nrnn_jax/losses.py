@@ -1,0 +1,24 @@
+"""Per-example and batch losses (cross-entropy of the decoded final state, math.md §2)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int
+
+
+def cross_entropy(logits: Float[Array, "... c"], y: Int[Array, "..."]) -> Float[Array, "..."]:
+    """Per-example cross-entropy ℓ = −log softmax(logits)_y."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def masked_mean(values: Float[Array, " b"], mask: Float[Array, " b"] | None) -> Float[Array, ""]:
+    """Mean over the real examples of a padded batch (mask 1 = real, 0 = padding)."""
+    if mask is None:
+        return jnp.mean(values)
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def correct(logits: Float[Array, "b c"], y: Int[Array, " b"]) -> Float[Array, " b"]:
+    return (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)

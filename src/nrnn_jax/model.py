@@ -1,0 +1,100 @@
+"""`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (math.md §1).
+
+The module is only the edge that holds parameters; the recursion itself is the pure `solvers.solve`,
+vmapped over the batch. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from . import solvers
+from .config import NRNNConfig
+from .dynamics import RecurrentParams, lipschitz_matrix
+from .validation import check_inputs, check_noise
+
+
+class NoisyRNN(nnx.Module):
+    """The noisy recurrent neural network of Lim et al. (2021), math.md §1.
+
+    **Arguments:**
+
+    - `cfg`: an `NRNNConfig`.
+    - `rngs`: `flax.nnx.Rngs` for the initialisation.
+
+    **Calling:**
+
+    - `model(x)`: x of shape (batch, T, input_dim); noise off; returns logits (batch, num_classes).
+    - `model(x, noise=xi)`: xi of shape (batch, T, cfg.noise_dim), standard normals; the recursion of the
+      configured scheme with ξ_k = xi[:, k] (for Euler–Maruyama, h_{k+1} = h_k + δ f + √δ σ(h_k) ξ_k).
+    - `model(x, key=key)`: draws xi itself.
+    - `model.trajectory(x, noise=None, key=None)`: hidden states (batch, T + 1, hidden).
+    """
+
+    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, NRNNConfig):
+            raise TypeError(f"NoisyRNN(cfg=...) expects an NRNNConfig, got {type(cfg).__name__}.")
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        d = cfg.hidden
+        self.encoder = nnx.Linear(cfg.input_dim, d, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        std = cfg.init_std / d
+        self.M_A = nnx.Param(std * jax.random.normal(rngs.params(), (d, d), dtype))
+        self.M_W = nnx.Param(std * jax.random.normal(rngs.params(), (d, d), dtype))
+        if cfg.convention == "reference":
+            self.step = nnx.Param(jnp.full((d,), cfg.dt, dtype))
+        else:
+            self.step = None
+        self.decoder = nnx.Linear(d, cfg.num_classes, rngs=rngs, dtype=dtype, param_dtype=dtype)
+
+    # -- the pieces the pure functions need ------------------------------------------------------
+    def recurrent_params(self) -> RecurrentParams:
+        cfg = self.cfg
+        return RecurrentParams(
+            A=lipschitz_matrix(self.M_A[...], cfg.beta, cfg.gamma_a),
+            W=lipschitz_matrix(self.M_W[...], cfg.beta, cfg.gamma_w),
+            step=None if self.step is None else self.step[...],
+        )
+
+    def encode(self, x: Float[Array, "batch T n"]) -> Float[Array, "batch T d"]:
+        """The input drive z_k = U x_k + b for all steps at once."""
+        return self.encoder(x)
+
+    def decode(self, h: Float[Array, "batch d"]) -> Float[Array, "batch classes"]:
+        return self.decoder(h)
+
+    def _noise(self, x, noise, key):
+        if noise is not None and key is not None:
+            raise ValueError("NoisyRNN: pass either noise=xi or key=key, not both.")
+        if key is not None:
+            shape = (x.shape[0], x.shape[1], self.cfg.noise_dim)
+            return jax.random.normal(key, shape, jnp.dtype(self.cfg.dtype))
+        if noise is not None:
+            check_noise(noise, x.shape[0], x.shape[1], self.cfg.noise_dim)
+            return jnp.asarray(noise, jnp.dtype(self.cfg.dtype))
+        return None
+
+    def _solve(self, x, noise, key, save):
+        check_inputs(x, self.cfg.input_dim, name="x")
+        x = jnp.asarray(x, jnp.dtype(self.cfg.dtype))
+        xi = self._noise(x, noise, key)
+        p = self.recurrent_params()
+        z = self.encode(x)
+        solve = lambda z_i, xi_i: solvers.solve(self.cfg, p, z_i, xi_i, save=save)
+        if xi is None:
+            return jax.vmap(lambda z_i: solve(z_i, None))(z)
+        return jax.vmap(solve)(z, xi)
+
+    def __call__(self, x, *, noise=None, key=None) -> Float[Array, "batch classes"]:
+        return self.decode(self._solve(x, noise, key, "final"))
+
+    def final_state(self, x, *, noise=None, key=None) -> Float[Array, "batch hidden"]:
+        """h_T for each example, shape (batch, hidden)."""
+        return self._solve(x, noise, key, "final")
+
+    def trajectory(self, x, *, noise=None, key=None) -> Float[Array, "batch T+1 hidden"]:
+        """All hidden states h_0 = 0, h_1, …, h_T, shape (batch, T + 1, hidden)."""
+        return self._solve(x, noise, key, "all")
