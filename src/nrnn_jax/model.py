@@ -37,6 +37,9 @@ class NoisyRNN(nnx.Module):
     def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, NRNNConfig):
             raise TypeError(f"NoisyRNN(cfg=...) expects an NRNNConfig, got {type(cfg).__name__}.")
+        if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("NRNNConfig.dtype='float64' needs 64-bit JAX: set jax.config.update("
+                             "'jax_enable_x64', True) or run inside `with jax.enable_x64(True):`.")
         self.cfg = cfg
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden

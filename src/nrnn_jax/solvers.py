@@ -115,7 +115,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], x
         if xi is None:
             clock = jnp.broadcast_to(p.step, (T, d))
         else:
-            clock = p.step * dynamics.reference_multiplier(cfg, xi[:, d:])
+            clock = p.step[None, :] * dynamics.reference_multiplier(cfg, xi[:, d:])
         terms = diffrax.ControlTerm(_reference_drift_vf(cfg), GridIncrementPath(clock, grid_dt))
         if xi is not None and cfg.eps_add > 0:
             additive = diffrax.ControlTerm(

@@ -1,0 +1,38 @@
+"""Brownian increments: the statistics, with tolerances derived from the sample size."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nrnn_jax import GridBrownianPath, GridIncrementPath, brownian_increments
+
+
+@pytest.mark.parametrize("dt", [0.01, 0.3])
+def test_increment_mean_and_variance(dt):
+    n_paths, n_steps = 4000, 50
+    dw = np.asarray(brownian_increments(jax.random.PRNGKey(0), (n_paths, n_steps), dt, jnp.float64))
+    n = dw.shape[0]
+    mean = dw.mean(axis=0)
+    var = dw.var(axis=0, ddof=1)
+    # per-step: mean ~ N(0, dt/n); sample variance ~ dt (1 + N(0, 2/(n-1))); 5 standard errors, over 50 steps
+    assert np.all(np.abs(mean) < 5 * np.sqrt(dt / n))
+    assert np.all(np.abs(var - dt) < 5 * dt * np.sqrt(2 / (n - 1)))
+    # pooled over all steps: a much tighter check
+    assert abs(dw.mean()) < 4 * np.sqrt(dt / dw.size)
+    assert abs(dw.var() - dt) < 4 * dt * np.sqrt(2 / dw.size)
+    # independent steps: lag-1 correlation ~ N(0, 1/N)
+    corr = np.mean(dw[:, 1:] * dw[:, :-1]) / dt
+    assert abs(corr) < 4 / np.sqrt(dw[:, 1:].size)
+
+
+def test_grid_path_returns_the_given_increments():
+    inc = jnp.arange(12.0).reshape(6, 2)
+    dt = 0.1
+    path = GridBrownianPath(inc, dt)
+    for k in range(6):
+        t0, t1 = k * dt, (k + 1) * dt
+        np.testing.assert_array_equal(path.evaluate(t0, t1), inc[k])
+    np.testing.assert_allclose(path.evaluate(3 * dt), inc[:3].sum(0))
+    assert path.t1 == pytest.approx(0.6)
+    np.testing.assert_array_equal(GridIncrementPath(inc, 1.0).evaluate(5.0, 6.0), inc[5])

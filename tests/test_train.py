@@ -1,0 +1,97 @@
+"""Training: beats chance on the embedded data in seconds, run directories, load_run, resume, CLI."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from nrnn_jax import NRNNConfig, TrainConfig, evaluate, load_dataset, load_run, train_and_evaluate
+from nrnn_jax.cli import train_main
+
+TINY = dict(input_dim=8, num_classes=10, hidden=32, dt=0.5, backend="scan")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "implicit"])
+def test_training_beats_chance(digits, mode, tmp_path):
+    mcfg = NRNNConfig(**TINY, eps_add=0.1 if mode == "implicit" else 0.0, eps_mult=0.1 if mode == "implicit" else 0.0)
+    tcfg = TrainConfig(mode=mode, epochs=6, batch_size=32, lr=1e-2, eval_white_noise=())
+    r = train_and_evaluate(mcfg, tcfg, tmp_path / "run", data=digits, progress=False, log=None)
+    # chance is 10%; a binomial 99.99% bound around 10% on 359 test images is below 20%
+    assert r.summary["test_acc"] > 0.6
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["model"]["hidden"] == 32
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == list(range(1, 7))
+    assert json.loads((run / "summary.json").read_text())["test_acc"] == r.summary["test_acc"]
+    loaded = load_run(run)
+    assert evaluate(loaded, digits.x_test, digits.y_test)["acc"] == r.summary["test_acc"]
+
+
+def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
+    import nrnn_jax.train as train_mod
+
+    mcfg = NRNNConfig(**TINY, eps_add=0.1, eps_mult=0.1)
+    tcfg = TrainConfig(mode="implicit", epochs=3, batch_size=64, lr=1e-2, checkpoint_every=5, eval_white_noise=())
+    full = train_and_evaluate(mcfg, tcfg, tmp_path / "a", data=digits, progress=False, log=None)
+
+    real_save = train_mod.checkpoint.save_checkpoint
+    calls = []
+
+    def interrupt_mid_epoch(*args, **kw):
+        real_save(*args, **kw)
+        calls.append(args[1])
+        if len(calls) == 5:  # saves at steps 5, 10, 15, 19 (end of epoch 1), 20: stop in epoch 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.checkpoint, "save_checkpoint", interrupt_mid_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(mcfg, tcfg, tmp_path / "b", data=digits, progress=False, log=None)
+    assert calls[-1] == 20
+    monkeypatch.setattr(train_mod.checkpoint, "save_checkpoint", real_save)
+    resumed = train_and_evaluate(mcfg, tcfg, tmp_path / "b", data=digits, progress=False, log=None, resume=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(full.model)), jax.tree.leaves(nnx.state(resumed.model))):
+        np.testing.assert_array_equal(a, b)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]
+    assert strip(full.history) == strip(resumed.history)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_and_evaluate(mcfg, tcfg, tmp_path / "b", data=digits, progress=False, log=None)
+    with pytest.raises(ValueError, match="different train configuration"):
+        train_and_evaluate(mcfg, tcfg.replace(lr=0.5), tmp_path / "b", data=digits, progress=False, log=None,
+                           resume=True)
+
+
+def test_mismatched_config_and_mode_errors(digits):
+    with pytest.raises(ValueError, match="does not match the data set 'digits'"):
+        train_and_evaluate(NRNNConfig(input_dim=3), TrainConfig(epochs=1), data=digits, log=None)
+    with pytest.raises(ValueError, match="mode='implicit' needs noise"):
+        train_and_evaluate(NRNNConfig(**TINY), TrainConfig(mode="implicit", epochs=1), data=digits, log=None)
+
+
+def test_divergence_guard(digits, tmp_path):
+    from nrnn_jax import TrainingDiverged
+
+    mcfg = NRNNConfig(**TINY)
+    tcfg = TrainConfig(epochs=3, lr=1e30, batch_size=32, checkpoint_every=1, eval_white_noise=())
+    with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step \d+"):
+        train_and_evaluate(mcfg, tcfg, tmp_path / "div", data=digits, progress=False, log=None)
+
+
+def test_cli_trains_and_reports(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = train_main(["--dataset", "digits", "--epochs", "2", "--hidden", "16", "--dt", "0.5", "--backend", "scan",
+                     "--out", str(out), "--no-progress", "--eval-white-noise", "0.5"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| deterministic |" in text and "test_acc_white_0.5" in text
+    assert load_run(out).cfg.hidden == 16
+    assert train_main(["--resume", str(out), "--no-progress"]) == 0  # already finished: nothing to do
+    assert train_main(["--dataset", "digits", "--hidden", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "NRNNConfig.hidden=0" in capsys.readouterr().err
