@@ -115,5 +115,9 @@ def test_batches_fixed_shape_and_mask():
     assert len(train) == 2 and all(b.mask.all() for b in train)
     np.testing.assert_array_equal(epoch_order(10, 0, 1), epoch_order(10, 0, 1))
     assert not np.array_equal(epoch_order(10, 0, 1), epoch_order(10, 0, 2))
+    # a partial order (a resumed epoch) gives only the batches it holds
+    part = list(batches(x, y, 4, order=epoch_order(10, 0, 1)[4:], drop_remainder=True))
+    assert len(part) == 1
+    np.testing.assert_array_equal(part[0].y, epoch_order(10, 0, 1)[4:8])
     with pytest.raises(ValueError, match="batch_size=0"):
         list(batches(x, y, 0))

@@ -75,8 +75,8 @@ def batches(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
-    n = x.shape[0]
-    idx = np.arange(n) if order is None else np.asarray(order)
+    idx = np.arange(x.shape[0]) if order is None else np.asarray(order)
+    n = idx.shape[0]
     stop = (n // batch_size) * batch_size if drop_remainder else n
     if drop_remainder and stop == 0:
         raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples; "
