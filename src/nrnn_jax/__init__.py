@@ -4,6 +4,8 @@ The public API:
 
 - `NRNNConfig`, `NoisyRNN`: the model (math.md §1).
 - `solve`, `brownian_increments`, `GridBrownianPath`: the solvers (diffrax and scan backends).
+- `explicit_regularizer` (and the general `exact_terms`, `probe_terms`, `continuous_terms`): the
+  small-noise explicit regularizer (math.md §2).
 - `TrainConfig`, `train_and_evaluate`, `make_train_step`, `eval_step`, `evaluate`, `load_run`: training.
 - `load_dataset`, `Dataset`: data.
 """
@@ -12,6 +14,7 @@ from .config import NRNNConfig
 from .data import Dataset, load_dataset
 from .dynamics import RecurrentParams, diffusion, drift, lipschitz_matrix
 from .model import NoisyRNN
+from .regularizer import Regularizer, continuous_terms, exact_terms, explicit_regularizer, probe_terms
 from .solvers import GridBrownianPath, GridIncrementPath, brownian_increments, solve
 from .train import (
     TrainConfig,
@@ -34,19 +37,24 @@ __all__ = [
     "NRNNConfig",
     "NoisyRNN",
     "RecurrentParams",
+    "Regularizer",
     "TrainConfig",
     "TrainState",
     "TrainingDiverged",
     "brownian_increments",
+    "continuous_terms",
     "diffusion",
     "drift",
     "eval_step",
     "evaluate",
+    "exact_terms",
+    "explicit_regularizer",
     "lipschitz_matrix",
     "load_dataset",
     "load_run",
     "make_optimizer",
     "make_train_step",
+    "probe_terms",
     "solve",
     "train_and_evaluate",
 ]

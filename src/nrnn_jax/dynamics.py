@@ -122,3 +122,46 @@ def step(cfg: NRNNConfig, p: RecurrentParams, h, z, noise):
     if cfg.convention == "reference":
         return reference_step(cfg, p, h, z, noise)
     return sde_step(cfg, p, h, z, noise)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pieces of the small-noise expansion (math.md §2): the deterministic step map F_k, a noise factor G_k
+# with per-step covariance C_k = G_k G_kᵀ, and the O(ε²) mean shift of a Stratonovich scheme.
+# ------------------------------------------------------------------------------------------------------
+def mean_step_map(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"]) -> Float[Array, " d"]:
+    """F_k(h): the deterministic map the expansion is taken around.
+
+    "sde": the Euler step h + δ f(h, x_k). "reference": the mean step h + s (1 − ε_mult/2) ⊙ f(h, x_k),
+    since E u = 1 − ε_mult/2 (math.md §2); note that this is not the test-time step (u ≡ 1).
+    """
+    if cfg.convention == "reference":
+        return h + p.step * (1.0 - 0.5 * cfg.eps_mult) * drift(cfg, p, h, z)
+    return h + cfg.dt * drift(cfg, p, h, z)
+
+
+def noise_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"]) -> lx.AbstractLinearOperator:
+    """G_k(h) with perturbation G_k η_k, Cov η_k = I, so that C_k = G_k G_kᵀ (math.md §2).
+
+    "sde": √δ σ(h). "reference": [diag(s ⊙ f(h, x_k)) ε_mult/√12 | ε_add I] (u − E u has variance
+    ε_mult²/12), giving C_k = diag(s ⊙ f)² ε_mult²/12 + ε_add² I.
+    """
+    if cfg.convention == "reference":
+        a = p.step * drift(cfg, p, h, z) * (cfg.eps_mult / jnp.sqrt(12.0))
+        eye = cfg.eps_add * jnp.eye(h.shape[0], dtype=h.dtype)
+        return lx.MatrixLinearOperator(jnp.concatenate([jnp.diag(a), eye], axis=1))
+    sqrt_dt = jnp.sqrt(jnp.asarray(cfg.dt, h.dtype))
+    if cfg.noise_kind == "diagonal":
+        return lx.DiagonalLinearOperator(sqrt_dt * (cfg.eps_add + cfg.eps_mult * h))
+    return lx.MatrixLinearOperator(sqrt_dt * diffusion(cfg, h).as_matrix())
+
+
+def stratonovich_shift(cfg: NRNNConfig, h: Float[Array, " d"], dt: float | Array) -> Float[Array, " d"]:
+    """dt · ½ Σ_j (∂σ_j/∂h) σ_j: the mean drift a Stratonovich scheme (Euler–Heun) adds, by autodiff.
+
+    Zero for the Itô schemes (Euler–Maruyama, Milstein), whose extra terms have mean zero.
+    """
+    m = cfg.noise_dim
+    basis = jnp.eye(m, dtype=h.dtype)
+    column = lambda hh, e: diffusion(cfg, hh).mv(e)
+    terms = jax.vmap(lambda e: jax.jvp(lambda hh: column(hh, e), (h,), (column(h, e),))[1])(basis)
+    return 0.5 * dt * jnp.sum(terms, axis=0)

@@ -29,6 +29,7 @@ from .config import NRNNConfig
 from .data import Dataset, batches, epoch_order, load_dataset
 from .losses import correct, cross_entropy, masked_mean
 from .model import NoisyRNN
+from .regularizer import explicit_regularizer
 
 MODES = ("deterministic", "implicit", "explicit")
 OPTIMIZERS = ("adam", "sgd")
@@ -148,20 +149,20 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig):
     """The training objective of the mode and its metrics (a pure function of `params`)."""
     model = nnx.merge(graphdef, params)
     k_noise, k_reg = jax.random.split(key)
-    if tcfg.mode == "implicit":
+    metrics = {}
+    if tcfg.mode == "explicit":
+        # The clean loss on the path the expansion is taken around, plus λ · the explicit regularizer.
+        reg = explicit_regularizer(model, x, y, method=tcfg.reg_method, num_probes=tcfg.num_probes,
+                                   key=k_reg, mask=mask)
+        logits = reg.logits
+        metrics["reg"] = reg.value
+    elif tcfg.mode == "implicit":
         logits = model(x, key=k_noise)
     else:
         logits = model(x)
     loss = masked_mean(cross_entropy(logits, y), mask)
-    metrics = {"loss": loss, "acc": masked_mean(correct(logits, y), mask)}
-    objective = loss
-    if tcfg.mode == "explicit":
-        from .regularizer import explicit_regularizer
-
-        reg = explicit_regularizer(model, x, y, method=tcfg.reg_method, num_probes=tcfg.num_probes,
-                                   key=k_reg, mask=mask)
-        objective = loss + tcfg.reg_weight * reg.value
-        metrics["reg"] = reg.value
+    metrics.update(loss=loss, acc=masked_mean(correct(logits, y), mask))
+    objective = loss + tcfg.reg_weight * metrics["reg"] if tcfg.mode == "explicit" else loss
     return objective, metrics
 
 

@@ -1,0 +1,344 @@
+"""The small-noise explicit regularizer of noise injection (math.md §2), by JAX autodiff.
+
+For a noisy recursion h_{k+1} = F_k(h_k) + G_k(h_k) η_k (E η = 0, Cov η = I) and a per-example loss ℓ of
+the final state, the small-noise expansion around the deterministic path h̄ gives
+
+    E ℓ(h_M) = ℓ(h̄_M) + ∇ℓᵀ m_M + ½ tr(∇²ℓ P_M) + O(ε⁴),
+    m_{k+1} = J_k m_k + ½ q_k (+ s_k),   P_{k+1} = J_k P_k J_kᵀ + C_k,   q_k[a] = tr(∇²F_{k,a} P_k),
+
+with J_k = ∂F_k/∂h(h̄_k), C_k = G_k G_kᵀ, and s_k the O(ε²) mean shift of a Stratonovich scheme (zero for
+Itô schemes). The explicit regularizer is reg = ∇ℓᵀ m_M + ½ tr(∇²ℓ P_M) = (Q + R)/2 with the paper's
+Q = 2 ∇ℓᵀ m_M and R = tr(∇²ℓ P_M) (ε² absorbed).
+
+Three computations, all differentiable in the parameters:
+
+- `exact_terms`: the (P, m) recursion; J_k by forward-mode autodiff, q_k by forward-over-forward
+  directional derivatives Σ_i ∂²F[e_i, P e_i] — never a d×d×d tensor. O(M d³) per example.
+- `probe_terms`: the unbiased estimator propagating u_{k+1} = J u + G z, v_{k+1} = J v + ½ ∂²F[u, u]
+  (+ s_k) and returning ∇ℓᵀ v + ½ uᵀ ∇²ℓ u. O(S M d²).
+- `continuous_terms`: the moment ODE dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ s) for the SDE,
+  solved by diffrax on each interval of the piecewise-constant input (a fresh solve at every jump).
+
+`explicit_regularizer(model, x, y, ...)` applies them to a `NoisyRNN` under its own configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, Float, PyTree
+
+from . import dynamics
+from .losses import cross_entropy, masked_mean
+from .validation import check_inputs, check_labels
+
+StepFn = Callable[[Float[Array, " d"], PyTree], Float[Array, " d"]]
+NoiseFn = Callable[[Float[Array, " d"], PyTree], lx.AbstractLinearOperator]
+ShiftFn = Callable[[Float[Array, " d"], PyTree], Float[Array, " d"]]
+LossFn = Callable[[Float[Array, " d"]], Float[Array, ""]]
+
+METHODS = ("exact", "probe", "continuous")
+PROBES = ("gaussian", "rademacher")
+
+
+class Terms(NamedTuple):
+    """Per-example (or averaged) pieces of the expansion, in loss units.
+
+    - `loss`: ℓ(h̄_M), the loss on the deterministic path the expansion is taken around.
+    - `Q`: 2 ∇ℓᵀ m_M (the paper's Q̂ ε²; no sign).
+    - `R`: tr(∇²ℓ P_M) (the paper's R̂ ε²; ≥ 0 for a convex loss of the final state).
+    - `h`: the deterministic final state h̄_M.
+    """
+
+    loss: Array
+    Q: Array
+    R: Array
+    h: Array
+
+    @property
+    def value(self) -> Array:
+        return 0.5 * (self.Q + self.R)
+
+
+class Regularizer(NamedTuple):
+    """The explicit regularizer of a batch: E[noisy loss] ≈ `clean_loss` + `value`.
+
+    All fields are batch means (padded examples masked out) except `per_example`, the (batch,) values.
+    `value` = (Q + R)/2. `std_err` is the Monte Carlo standard error of `value` due to the probes,
+    conditional on the batch (with one probe per example, the pooled spread over examples, an upper
+    bound); 0 for the deterministic methods. `logits` (batch, classes) decode the deterministic final
+    states the expansion is taken around.
+    """
+
+    value: Array
+    Q: Array
+    R: Array
+    clean_loss: Array
+    per_example: Array
+    std_err: Array
+    logits: Array
+
+
+# ------------------------------------------------------------------------------------------------------
+# General pure functions: any step map, noise factor and loss.
+# ------------------------------------------------------------------------------------------------------
+def _second_directional(F: Callable, h, v, w):
+    """∂²F(h)[v, w], a forward-over-forward directional derivative."""
+    return jax.jvp(lambda hh: jax.jvp(F, (hh,), (v,))[1], (h,), (w,))[1]
+
+
+def _trace_hessian_form(F: Callable, h, P):
+    """q[a] = tr(∇²F_a(h) P) = Σ_i ∂²F_a[e_i, P e_i], vmapped over i (P symmetric)."""
+    basis = jnp.eye(h.shape[0], dtype=h.dtype)
+    return jnp.sum(jax.vmap(lambda e, pe: _second_directional(F, h, e, pe))(basis, P), axis=0)
+
+
+def _loss_terms(loss: LossFn, h, m, P) -> Terms:
+    """ℓ(h), Q = 2 ∇ℓᵀ m and R = tr(∇²ℓ P) by one gradient and d Hessian-vector products."""
+    value, grad = jax.value_and_grad(loss)(h)
+    hvp = lambda v: jax.jvp(jax.grad(loss), (h,), (v,))[1]
+    HP = jax.vmap(hvp)(P)  # row i: ∇²ℓ P[i]; P symmetric so tr(∇²ℓ P) = trace of this
+    return Terms(value, 2.0 * jnp.dot(grad, m), jnp.trace(HP), h)
+
+
+def exact_terms(step: StepFn, noise: NoiseFn, loss: LossFn, h0, inputs: PyTree, shift: ShiftFn | None = None) -> Terms:
+    """The exact second-order terms for one example (math.md §2).
+
+    **Arguments:**
+
+    - `step(h, u_k)`: the deterministic step map F_k.
+    - `noise(h, u_k)`: a `lineax` operator G_k with C_k = G_k G_kᵀ (evaluated on the deterministic path).
+    - `loss(h_M)`: the per-example loss of the final state.
+    - `h0`: initial state (d,); `inputs`: a pytree whose leaves have leading axis M (one slice per step).
+    - `shift(h, u_k)`: an optional O(ε²) deterministic mean shift added to m each step.
+
+    **Returns:** `Terms(loss, Q, R)` for this example.
+    """
+    d = h0.shape[0]
+
+    def body(carry, u):
+        h, P, m = carry
+        F = lambda hh: step(hh, u)
+        h_next, jvp_fn = jax.linearize(F, h)
+        J = jax.vmap(jvp_fn, out_axes=1)(jnp.eye(d, dtype=h.dtype))  # column i = J e_i
+        q = _trace_hessian_form(F, h, P)
+        G = noise(h, u).as_matrix()
+        m_next = J @ m + 0.5 * q
+        if shift is not None:
+            m_next = m_next + shift(h, u)
+        P_next = J @ P @ J.T + G @ G.T
+        return (h_next, 0.5 * (P_next + P_next.T), m_next), None
+
+    zeros = jnp.zeros((d, d), h0.dtype)
+    (h, P, m), _ = jax.lax.scan(body, (h0, zeros, jnp.zeros_like(h0)), inputs)
+    return _loss_terms(loss, h, m, P)
+
+
+def draw_probes(key, shape: tuple[int, ...], kind: str, dtype) -> Array:
+    """Probe vectors with mean 0 and identity covariance: standard normal or Rademacher (±1)."""
+    if kind not in PROBES:
+        raise ValueError(f"probe={kind!r} is invalid: expected one of {PROBES}.")
+    if kind == "gaussian":
+        return jax.random.normal(key, shape, dtype)
+    return jax.random.rademacher(key, shape, dtype)
+
+
+def probe_terms(
+    step: StepFn, noise: NoiseFn, loss: LossFn, h0, inputs: PyTree, probes: Float[Array, "M S m"],
+    shift: ShiftFn | None = None,
+) -> Terms:
+    """The unbiased probe estimator for one example, one estimate per probe (math.md §2).
+
+    `probes[k, s]` is probe s's z_k (mean 0, covariance I); the result's `Q` and `R` have shape (S,)
+    and their means over probes are unbiased for the exact terms. `loss` is a scalar.
+    """
+
+    def body(carry, xs):
+        h, U, V = carry
+        u, z = xs
+        F = lambda hh: step(hh, u)
+        # One forward-over-forward pass per probe gives J u and ∂²F[u, u] together.
+        second = lambda a: jax.jvp(lambda hh: jax.jvp(F, (hh,), (a,))[1], (h,), (a,))
+        JU, D2 = jax.vmap(second)(U)
+        h_next, jvp_fn = jax.linearize(F, h)
+        JV = jax.vmap(jvp_fn)(V)
+        G = noise(h, u)
+        U_next = JU + jax.vmap(G.mv)(z)
+        V_next = JV + 0.5 * D2
+        if shift is not None:
+            V_next = V_next + shift(h, u)[None, :]
+        return (h_next, U_next, V_next), None
+
+    S = probes.shape[1]
+    zeros = jnp.zeros((S, h0.shape[0]), h0.dtype)
+    (h, U, V), _ = jax.lax.scan(body, (h0, zeros, zeros), (inputs, probes))
+    value, grad = jax.value_and_grad(loss)(h)
+    hvp = lambda a: jax.jvp(jax.grad(loss), (h,), (a,))[1]
+    Q = 2.0 * V @ grad
+    R = jnp.sum(U * jax.vmap(hvp)(U), axis=-1)
+    return Terms(value, Q, R, h)
+
+
+def continuous_terms(
+    drift: StepFn,
+    diffusion: NoiseFn,
+    loss: LossFn,
+    h0,
+    inputs: PyTree,
+    dt: float,
+    shift: ShiftFn | None = None,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    max_steps_per_interval: int = 256,
+) -> Terms:
+    """The continuous-time terms for one example: the moment ODE of the SDE dh = f dt + σ dB (math.md §2).
+
+    (h̄, P, m) solve dh̄/dt = f(h̄, x_k), dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ shift) with
+    J = ∂f/∂h and q_a = tr(∇²f_a P). The input is constant on each interval [kδ, (k+1)δ); each interval is
+    its own `diffrax.diffeqsolve` (Tsit5, adaptive steps), so the solver never steps across a jump.
+    `shift(h, u)` here is a rate (per unit time).
+    """
+    d = h0.shape[0]
+
+    def rhs(t, y, u):
+        h, P, m = y
+        f = lambda hh: drift(hh, u)
+        f_h, jvp_fn = jax.linearize(f, h)
+        J = jax.vmap(jvp_fn, out_axes=1)(jnp.eye(d, dtype=h.dtype))
+        S = diffusion(h, u).as_matrix()
+        dm = J @ m + 0.5 * _trace_hessian_form(f, h, P)
+        if shift is not None:
+            dm = dm + shift(h, u)
+        JP = J @ P
+        return f_h, JP + JP.T + S @ S.T, dm
+
+    term = diffrax.ODETerm(rhs)
+    solver = diffrax.Tsit5()
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+
+    t1 = jnp.asarray(dt, h0.dtype)  # times in the state's dtype (no silent promotion of float32 states)
+
+    def interval(y, u):
+        sol = diffrax.diffeqsolve(term, solver, jnp.zeros_like(t1), t1, t1 / 4, y, args=u,
+                                  stepsize_controller=controller,
+                                  max_steps=max_steps_per_interval,
+                                  adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=max_steps_per_interval))
+        return jax.tree.map(lambda a: a[-1], sol.ys), None
+
+    zeros = jnp.zeros((d, d), h0.dtype)
+    (h, P, m), _ = jax.lax.scan(interval, (h0, zeros, jnp.zeros_like(h0)), inputs)
+    return _loss_terms(loss, h, m, P)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model-level entry point.
+# ------------------------------------------------------------------------------------------------------
+def _model_pieces(model):
+    """Per-example step map, noise factor and shift (discrete), and drift and diffusion (continuous)."""
+    cfg = model.cfg
+    p = model.recurrent_params()
+    step = lambda h, z: dynamics.mean_step_map(cfg, p, h, z)
+    noise = lambda h, z: dynamics.noise_factor(cfg, p, h, z)
+    shift = None
+    if cfg.convention == "sde" and cfg.solver == "euler_heun":
+        shift = lambda h, z: dynamics.stratonovich_shift(cfg, h, cfg.dt)
+    return cfg, p, step, noise, shift
+
+
+def explicit_regularizer(
+    model,
+    x,
+    y,
+    *,
+    method: Literal["exact", "probe", "continuous"] = "exact",
+    num_probes: int = 1,
+    key: Array | None = None,
+    probe: Literal["gaussian", "rademacher"] = "gaussian",
+    mask: Array | None = None,
+) -> Regularizer:
+    """The explicit regularizer of noise injection for a batch, under the model's own configuration.
+
+    **Arguments:**
+
+    - `model`: a `NoisyRNN`; its `eps_add`, `eps_mult`, `dt`, convention and solver set the noise.
+    - `x`: inputs (batch, T, input_dim); `y`: integer labels (batch,). The loss is the cross-entropy of
+      the decoded final state.
+    - `method`: `"exact"` (the P, m recursion), `"probe"` (unbiased, `num_probes` probes per example,
+      needs `key`) or `"continuous"` (the moment ODE of the SDE; convention "sde" only).
+    - `probe`: `"gaussian"` or `"rademacher"` probe vectors.
+    - `mask`: (batch,) weights, 1 for real examples and 0 for padding.
+
+    **Returns:** a `Regularizer`: `.value` (loss units, E[noisy loss] ≈ `.clean_loss` + `.value`), `.Q`,
+    `.R` with value = (Q + R)/2, batch means.
+
+    Under the reference convention the expansion is around the mean-step path (step s(1 − ε_mult/2)),
+    so `.clean_loss` is the loss on that path, not the test-time forward pass (math.md §2).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {METHODS}.")
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes={num_probes!r} is invalid: expected an integer >= 1.")
+    if probe not in PROBES:
+        raise ValueError(f"probe={probe!r} is invalid: expected one of {PROBES}.")
+    cfg, p, step, noise, shift = _model_pieces(model)
+    check_inputs(x, cfg.input_dim)
+    check_labels(y, x.shape[0], cfg.num_classes)
+    if method == "probe" and key is None:
+        raise ValueError("method='probe' needs a PRNG key: explicit_regularizer(..., key=jax.random.PRNGKey(0)).")
+    if method == "continuous" and cfg.convention != "sde":
+        raise ValueError("method='continuous' is defined for convention='sde' only (the reference convention "
+                         "is not the discretisation of an SDE); use method='exact' or 'probe'.")
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.asarray(x, dtype)
+    z = model.encode(x)
+    h0 = jnp.zeros(cfg.hidden, dtype)
+    decode = lambda h: model.decode(h[None])[0]
+
+    def per_example(z_i, y_i, extra):
+        loss = lambda h: cross_entropy(decode(h), y_i)
+        if method == "exact":
+            return exact_terms(step, noise, loss, h0, z_i, shift)
+        if method == "probe":
+            t = probe_terms(step, noise, loss, h0, z_i, extra, shift)
+            return t
+        drift = lambda h, u: dynamics.drift(cfg, p, h, u)
+        sigma = lambda h, u: dynamics.diffusion(cfg, h)
+        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, h, 1.0))
+        return continuous_terms(drift, sigma, loss, h0, z_i, cfg.dt, rate_shift)
+
+    B, T = x.shape[0], x.shape[1]
+    if method == "probe":
+        probes = draw_probes(key, (B, T, num_probes, cfg.noise_dim), probe, dtype)
+        terms = jax.vmap(per_example)(z, y, probes)
+        samples = terms.value  # (B, S)
+        per_ex_Q, per_ex_R = terms.Q.mean(-1), terms.R.mean(-1)
+    else:
+        terms = jax.vmap(lambda z_i, y_i: per_example(z_i, y_i, None))(z, y)
+        samples = terms.value[:, None]
+        per_ex_Q, per_ex_R = terms.Q, terms.R
+    per_ex = 0.5 * (per_ex_Q + per_ex_R)
+    w = jnp.ones(B, dtype) if mask is None else jnp.asarray(mask, dtype)
+    mean = masked_mean(per_ex, w)
+    S = samples.shape[1]
+    if S >= 2:  # conditional on the batch: the probes' variance only
+        var_i = jnp.var(samples, axis=1, ddof=1)
+        std_err = jnp.sqrt(jnp.sum(w**2 * var_i / S)) / jnp.maximum(jnp.sum(w), 1.0)
+    elif method == "probe":  # one probe per example: pooled over examples (an upper bound)
+        n = jnp.maximum(jnp.sum(w), 2.0)
+        std_err = jnp.sqrt(jnp.sum(w * (samples[:, 0] - mean) ** 2) / (n - 1.0) / n)
+    else:
+        std_err = jnp.zeros((), dtype)
+    return Regularizer(
+        value=mean,
+        Q=masked_mean(per_ex_Q, w),
+        R=masked_mean(per_ex_R, w),
+        clean_loss=masked_mean(terms.loss, w),
+        per_example=per_ex,
+        std_err=std_err,
+        logits=model.decode(terms.h),
+    )
