@@ -8,6 +8,7 @@ import pytest
 from nrnn_jax import GridBrownianPath, GridIncrementPath, brownian_increments
 
 
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("dt", [0.01, 0.3])
 def test_increment_mean_and_variance(dt):
     n_paths, n_steps = 4000, 50

@@ -41,8 +41,32 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(field, value, "expected one of " + ", ".join(repr(c) for c in choices))
 
 
+class ConfigMixin:
+    """`replace`, `to_dict` and `from_dict` for the frozen configuration dataclasses, rejecting unknown
+    field names with the list of known ones."""
+
+    @classmethod
+    def _check_names(cls, names) -> None:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; fields are {known}.")
+
+    def replace(self, **changes: Any):
+        self._check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        cls._check_names(d)
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class NRNNConfig:
+class NRNNConfig(ConfigMixin):
     """Hyper-parameters of a noisy Lipschitz RNN (math.md §1).
 
     **Arguments:**
@@ -133,21 +157,3 @@ class NRNNConfig:
     @property
     def is_noisy(self) -> bool:
         return self.eps_add > 0 or self.eps_mult > 0
-
-    def replace(self, **changes: Any) -> "NRNNConfig":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"NRNNConfig has no field(s) {sorted(unknown)}; fields are "
-                             f"{[f.name for f in dataclasses.fields(self)]}.")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NRNNConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"NRNNConfig has no field(s) {sorted(unknown)}; fields are {sorted(names)}.")
-        return cls(**d)

@@ -38,7 +38,29 @@ def _grid_index(t, dt: float, n: int):
     return jnp.clip(jnp.round(t / dt).astype(jnp.int32), 0, n - 1)
 
 
-class GridIncrementPath(diffrax.AbstractPath):
+class _OnGrid:
+    """Shared by the grid paths: increments (T, m) on the grid t_k = k δ, k = 0..T."""
+
+    increments: Float[Array, "T m"]
+    dt: float
+
+    @property
+    def t0(self):
+        return 0.0
+
+    @property
+    def t1(self):
+        return self.dt * self.increments.shape[0]
+
+    def _evaluate(self, t0, t1):
+        n = self.increments.shape[0]
+        if t1 is None:
+            values = jnp.concatenate([jnp.zeros_like(self.increments[:1]), jnp.cumsum(self.increments, 0)])
+            return values[jnp.clip(jnp.round(t0 / self.dt).astype(jnp.int32), 0, n)]
+        return self.increments[_grid_index(t0, self.dt, n)]
+
+
+class GridIncrementPath(_OnGrid, diffrax.AbstractPath):
     """A control path given by its increments on the fixed grid t_k = k δ, k = 0..T.
 
     `evaluate(t_k, t_{k+1})` returns `increments[k]`; `evaluate(t_k)` the cumulative sum up to t_k. Only
@@ -48,40 +70,19 @@ class GridIncrementPath(diffrax.AbstractPath):
     increments: Float[Array, "T m"]
     dt: float = eqx.field(static=True)
 
-    @property
-    def t0(self):
-        return 0.0
-
-    @property
-    def t1(self):
-        return self.dt * self.increments.shape[0]
-
     def evaluate(self, t0, t1=None, left: bool = True):
-        del left
-        n = self.increments.shape[0]
-        if t1 is None:
-            values = jnp.concatenate([jnp.zeros_like(self.increments[:1]), jnp.cumsum(self.increments, 0)])
-            return values[jnp.clip(jnp.round(t0 / self.dt).astype(jnp.int32), 0, n)]
-        return self.increments[_grid_index(t0, self.dt, n)]
+        return self._evaluate(t0, t1)
 
 
-class GridBrownianPath(diffrax.AbstractBrownianPath):
+class GridBrownianPath(_OnGrid, diffrax.AbstractBrownianPath):
     """A Brownian path made of pre-sampled increments ΔW_k on the grid (differentiable, exact)."""
 
     increments: Float[Array, "T m"]
     dt: float = eqx.field(static=True)
     levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
 
-    @property
-    def t0(self):
-        return 0.0
-
-    @property
-    def t1(self):
-        return self.dt * self.increments.shape[0]
-
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
-        inc = GridIncrementPath(self.increments, self.dt).evaluate(t0, t1, left)
+        inc = self._evaluate(t0, t1)
         if use_levy and t1 is not None:
             return diffrax.BrownianIncrement(dt=t1 - t0, W=inc)
         return inc

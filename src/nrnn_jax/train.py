@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from . import checkpoint
-from .config import NRNNConfig
+from .config import ConfigMixin, NRNNConfig
 from .data import Dataset, batches, epoch_order, load_dataset
 from .losses import correct, cross_entropy, masked_mean
 from .model import NoisyRNN
@@ -41,7 +41,7 @@ def _fail(field, value, allowed):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """Everything about training that is not the model (validated at construction).
 
     - `mode`: "deterministic", "implicit" (noise injection) or "explicit" (penalty).
@@ -98,20 +98,6 @@ class TrainConfig:
             _fail("lr_decay_epochs", self.lr_decay_epochs, "expected positive integer epochs")
         if any(not (math.isfinite(s) and s >= 0) for s in self.eval_white_noise):
             _fail("eval_white_noise", self.eval_white_noise, "expected finite standard deviations >= 0")
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"TrainConfig has no field(s) {sorted(unknown)}; fields are {sorted(names)}.")
-        return cls(**d)
 
 
 class TrainState(NamedTuple):
