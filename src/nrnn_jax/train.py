@@ -29,6 +29,7 @@ from .config import ConfigMixin, NRNNConfig
 from .data import Dataset, batches, epoch_order, load_dataset
 from .losses import correct, cross_entropy, masked_mean
 from .model import NoisyRNN
+from .perturbations import Perturbation, white_noise
 from .regularizer import explicit_regularizer
 
 MODES = ("deterministic", "implicit", "explicit")
@@ -180,24 +181,32 @@ def eval_step(graphdef, params, x, y, mask):
     return jnp.sum(cross_entropy(logits, y) * mask), jnp.sum(correct(logits, y) * mask), jnp.sum(mask)
 
 
-def evaluate(model: NoisyRNN, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict[str, float]:
-    """Loss and accuracy of `model` (noise off) on (x, y), in fixed-shape batches."""
+def evaluate(
+    model: NoisyRNN,
+    x,
+    y: np.ndarray,
+    batch_size: int = 500,
+    *,
+    perturb: Perturbation | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Loss and accuracy of `model` (noise off) on (x, y), in fixed-shape batches.
+
+    `perturb(x_batch, rng)` (see `nrnn_jax.perturbations`) is applied to each batch with a generator
+    seeded by `seed`, so perturbed evaluation needs no copy of the whole data set.
+    """
     from .validation import check_inputs, check_labels
 
     check_inputs(x, model.cfg.input_dim)
     check_labels(y, x.shape[0], model.cfg.num_classes)
     graphdef, params = nnx.split(model)
     batch_size = min(batch_size, x.shape[0])
+    rng = np.random.default_rng(seed)
     totals = np.zeros(3)
     for b in batches(x, y, batch_size):
-        totals += np.array([float(v) for v in eval_step(graphdef, params, b.x, b.y, b.mask)])
+        xb = b.x if perturb is None else perturb(b.x, rng)
+        totals += np.array([float(v) for v in eval_step(graphdef, params, xb, b.y, b.mask)])
     return {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
-
-
-def white_noise(x: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
-    """x + std · N(0, 1), the test-time white-noise perturbation of math.md §5."""
-    rng = np.random.default_rng(seed)
-    return (x + std * rng.standard_normal(x.shape)).astype(x.dtype)
 
 
 @dataclasses.dataclass
@@ -383,8 +392,8 @@ def summarize(model: NoisyRNN, data: Dataset, tcfg: TrainConfig) -> dict[str, An
     test = evaluate(model, data.x_test, data.y_test, tcfg.eval_batch_size)
     out = {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"]}
     for std in tcfg.eval_white_noise:
-        noisy = white_noise(data.x_test, std, seed=tcfg.seed)
-        out[f"test_acc_white_{std:g}"] = evaluate(model, noisy, data.y_test, tcfg.eval_batch_size)["acc"]
+        out[f"test_acc_white_{std:g}"] = evaluate(model, data.x_test, data.y_test, tcfg.eval_batch_size,
+                                                  perturb=white_noise(std), seed=tcfg.seed)["acc"]
     return out
 
 

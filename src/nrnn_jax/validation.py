@@ -30,7 +30,8 @@ def check_inputs(x, input_dim: int, *, name: str = "x") -> None:
     dtype = _dtype_of(x)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{name} has dtype {dtype}; expected a real (float or integer) array.")
-    if not _is_tracer(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+    # Lazy containers (data.PaddedSequences) check finiteness at construction; arrays are checked here.
+    if isinstance(x, (np.ndarray, jax.Array)) and not _is_tracer(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
         bad = int(np.size(x) - np.isfinite(np.asarray(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s); inputs must be finite.")
 

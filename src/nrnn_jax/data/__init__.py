@@ -5,14 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import Batch, Dataset, batches, default_data_dir, epoch_order
+from .base import Batch, Dataset, PaddedSequences, batches, default_data_dir, epoch_order
+from .cifar10 import load_cifar10
 from .digits import load_digits
 from .ecg5000 import load_ecg5000
 from .files import DataFileError
+from .mnist import load_mnist
+from .mnist1d import load_mnist1d
 
 LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": lambda data_dir=None, **kw: load_digits(**kw),
+    "mnist1d": lambda data_dir=None, **kw: load_mnist1d(**kw),
     "ecg5000": load_ecg5000,
+    "mnist_rows": lambda data_dir=None, **kw: load_mnist(data_dir, view="rows", **kw),
+    "mnist_pixel": lambda data_dir=None, **kw: load_mnist(data_dir, view="pixel", **kw),
+    "mnist_permuted": lambda data_dir=None, **kw: load_mnist(data_dir, view="permuted", **kw),
+    "cifar10_pixel": lambda data_dir=None, **kw: load_cifar10(data_dir, view="pixel", **kw),
+    "cifar10_rows": lambda data_dir=None, **kw: load_cifar10(data_dir, view="rows", **kw),
+    "cifar10_noise_padded": lambda data_dir=None, **kw: load_cifar10(data_dir, view="noise_padded", **kw),
 }
 
 
@@ -23,5 +33,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     return LOADERS[name](data_dir, **options)
 
 
-__all__ = ["Batch", "DataFileError", "Dataset", "LOADERS", "batches", "default_data_dir", "epoch_order",
-           "load_dataset", "load_digits", "load_ecg5000"]
+__all__ = ["Batch", "DataFileError", "Dataset", "LOADERS", "PaddedSequences", "batches", "default_data_dir",
+           "epoch_order", "load_cifar10", "load_dataset", "load_digits", "load_ecg5000", "load_mnist",
+           "load_mnist1d"]

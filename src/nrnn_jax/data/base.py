@@ -45,6 +45,31 @@ class Dataset:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
 
+class PaddedSequences:
+    """Sequences (N, T, F) followed by the same fixed `pad` (P, F) for every example, assembled on
+    indexing: `seqs[idx]` is (len(idx), T + P, F). Stands in for an array that would not fit in memory
+    (noise-padded CIFAR-10: 50,000 × 1,000 × 96)."""
+
+    def __init__(self, base: np.ndarray, pad: np.ndarray):
+        if base.ndim != 3 or pad.ndim != 2 or pad.shape[1] != base.shape[2]:
+            raise ValueError(f"PaddedSequences: base {base.shape} and pad {pad.shape} must be (N, T, F) and (P, F).")
+        if not (np.all(np.isfinite(base)) and np.all(np.isfinite(pad))):
+            raise ValueError("PaddedSequences: base and pad must be finite.")
+        self.base, self.pad = base, pad
+        self.shape = (base.shape[0], base.shape[1] + pad.shape[0], base.shape[2])
+        self.dtype = base.dtype
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        head = self.base[idx]
+        if head.ndim == 2:
+            return np.concatenate([head, self.pad], axis=0)
+        return np.concatenate([head, np.broadcast_to(self.pad, (head.shape[0],) + self.pad.shape)], axis=1)
+
+
 class Batch(NamedTuple):
     """A fixed-shape batch: `mask` is 1 for real examples and 0 for padding."""
 

@@ -1,0 +1,142 @@
+"""MNIST IDX, CIFAR-10 pickle and MNIST-1D: tiny files in the exact formats, bad files, real files."""
+
+import gzip
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nrnn_jax.data import DataFileError, PaddedSequences, batches, load_dataset
+from nrnn_jax.data import cifar10 as cifar_mod
+from nrnn_jax.data import mnist as mnist_mod
+
+
+def _idx_bytes(a: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape)
+    return header + a.astype(np.uint8).tobytes()
+
+
+def _write_mnist(directory, n_train=60000, n_test=10000, gz=True, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        data = _idx_bytes(a)
+        if gz:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (directory / name).write_bytes(data)
+    return arrays
+
+
+def test_idx_reader_roundtrip_and_errors(tmp_path):
+    a = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    (tmp_path / "x.gz").write_bytes(gzip.compress(_idx_bytes(a)))
+    np.testing.assert_array_equal(mnist_mod.read_idx(tmp_path / "x.gz"), a)
+    (tmp_path / "short").write_bytes(_idx_bytes(a)[:-5])
+    with pytest.raises(DataFileError, match=r"short holds \d+ bytes of IDX data; its header \(2, 28, 28\) needs"):
+        mnist_mod.read_idx(tmp_path / "short")
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04junk")
+    with pytest.raises(DataFileError, match="bad magic number"):
+        mnist_mod.read_idx(tmp_path / "bad")
+    (tmp_path / "trunc.gz").write_bytes(gzip.compress(_idx_bytes(a))[:30])
+    with pytest.raises(DataFileError, match="trunc.gz cannot be read"):
+        mnist_mod.read_idx(tmp_path / "trunc.gz")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_views_from_written_files(tmp_path, gz):
+    arrays = _write_mnist(tmp_path / "mnist", gz=gz)
+    # our gzip files are not the published ones: skip the md5 check for them
+    rows = load_dataset("mnist_rows", tmp_path, verify=False)
+    train_idx, val_idx = mnist_mod.validation_split()
+    assert rows.x_train.shape == (58000, 28, 28) and rows.x_val.shape == (2000, 28, 28)
+    assert set(train_idx).isdisjoint(val_idx) and len(set(train_idx) | set(val_idx)) == 60000
+    np.testing.assert_allclose(rows.x_val[0], arrays["train-images-idx3-ubyte"][val_idx[0]] / 255.0, rtol=1e-6)
+    pix = load_dataset("mnist_pixel", tmp_path, verify=False)
+    np.testing.assert_array_equal(pix.x_test[:, :, 0], rows.x_test.reshape(-1, 784))
+    perm = load_dataset("mnist_permuted", tmp_path, verify=False)
+    np.testing.assert_array_equal(perm.x_test[:, :, 0], pix.x_test[:, mnist_mod.permutation(), 0])
+    assert 0.0 <= pix.x_train.min() and pix.x_train.max() <= 1.0
+
+
+def test_mnist_checksum_and_missing_errors(tmp_path):
+    _write_mnist(tmp_path, n_train=60000, n_test=10000)
+    with pytest.raises(DataFileError, match=r"train-images-idx3-ubyte.gz has \d+ bytes; expected 9912422"):
+        load_dataset("mnist_rows", tmp_path)  # verify=True: the size / md5 of the published file
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataFileError, match="t10k-labels-idx1-ubyte.gz .* is missing"):
+        load_dataset("mnist_rows", tmp_path, verify=False)
+
+
+def test_permutation_is_fixed_across_processes():
+    code = "from nrnn_jax.data.mnist import permutation; print(permutation()[:20].tolist())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(mnist_mod.permutation()[:20].tolist())
+    p = mnist_mod.permutation()
+    assert sorted(p.tolist()) == list(range(784)) and not np.array_equal(p, np.arange(784))
+
+
+def test_real_mnist(shared_data):
+    x_tr, y_tr, x_te, y_te = mnist_mod.load_mnist_arrays(shared_data, verify=True)
+    assert np.bincount(y_tr).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(y_te).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert x_tr.mean() == pytest.approx(33.3184, abs=5e-5)
+    assert x_te.mean() == pytest.approx(33.7912, abs=5e-5)
+
+
+def _write_cifar(directory, n_per_batch=20, seed=0):
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    out = {}
+    for name in (*cifar_mod.TRAIN_FILES, "test_batch"):
+        data = rng.integers(0, 256, (n_per_batch, 3072)).astype(np.uint8)
+        labels = rng.integers(0, 10, n_per_batch).tolist()
+        with open(directory / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+        out[name] = (data, labels)
+    return out
+
+
+def test_cifar10_views(tmp_path):
+    written = _write_cifar(tmp_path / "cifar-10-batches-py")
+    rows = load_dataset("cifar10_rows", tmp_path)
+    assert rows.x_train.shape[1:] == (32, 96) and rows.x_train.shape[0] + rows.x_val.shape[0] == 100
+    data, labels = written["test_batch"]
+    img = data[3].reshape(3, 32, 32)  # R, G, B planes
+    np.testing.assert_allclose(rows.x_test[3, 5, :3], img[:, 5, 0] / 255.0, rtol=1e-6)  # row 5, pixel 0: RGB
+    pixel = load_dataset("cifar10_pixel", tmp_path)
+    np.testing.assert_allclose(pixel.x_test[3, 5 * 32 + 7], img[:, 5, 7] / 255.0, rtol=1e-6)
+    assert rows.y_test.tolist() == labels
+    padded = load_dataset("cifar10_noise_padded", tmp_path)
+    assert isinstance(padded.x_test, PaddedSequences) and padded.x_test.shape == (20, 1000, 96)
+    b = next(batches(padded.x_test, padded.y_test, 8))
+    assert b.x.shape == (8, 1000, 96)
+    np.testing.assert_allclose(b.x[:, :32], rows.x_test[:8])
+    np.testing.assert_array_equal(b.x[0, 32:], b.x[7, 32:])  # the same fixed noise for every image
+    again = load_dataset("cifar10_noise_padded", tmp_path)
+    np.testing.assert_array_equal(again.x_test.pad, padded.x_test.pad)
+
+
+def test_cifar10_bad_files(tmp_path):
+    directory = tmp_path / "cifar-10-batches-py"
+    _write_cifar(directory)
+    (directory / "data_batch_3").write_bytes((directory / "data_batch_3").read_bytes()[:100])
+    with pytest.raises(DataFileError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        load_dataset("cifar10_rows", tmp_path)
+    (directory / "data_batch_3").unlink()
+    with pytest.raises(DataFileError, match="data_batch_3 is missing"):
+        load_dataset("cifar10_rows", tmp_path)
+
+
+def test_mnist1d_generated_offline():
+    d = load_dataset("mnist1d")
+    assert d.x_train.shape == (3500, 40, 1) and d.x_test.shape == (1000, 40, 1) and d.num_classes == 10
+    np.testing.assert_array_equal(load_dataset("mnist1d").x_test, d.x_test)  # deterministic
