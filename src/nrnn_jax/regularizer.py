@@ -15,7 +15,8 @@ Three computations, all differentiable in the parameters:
 - `exact_terms`: the (P, m) recursion; J_k by forward-mode autodiff, q_k by forward-over-forward
   directional derivatives Σ_i ∂²F[e_i, P e_i] — never a d×d×d tensor. O(M d³) per example.
 - `probe_terms`: the unbiased estimator propagating u_{k+1} = J u + G z, v_{k+1} = J v + ½ ∂²F[u, u]
-  (+ s_k) and returning ∇ℓᵀ v + ½ uᵀ ∇²ℓ u. O(S M d²).
+  (+ s_k) and returning ∇ℓᵀ v + ½ uᵀ ∇²ℓ u; J u and J v + ½ ∂²F[u, u] come from one Taylor-mode pass
+  (`jax.experimental.jet`) along h̄ + t u + t² v. O(S M d²).
 - `continuous_terms`: the moment ODE dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ s) for the SDE,
   solved by diffrax on each interval of the piecewise-constant input (a fresh solve at every jump).
 
@@ -30,6 +31,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
 from . import dynamics
@@ -161,17 +163,15 @@ def probe_terms(
         h, U, V = carry
         u, z = xs
         F = lambda hh: step(hh, u)
-        # One forward-over-forward pass per probe gives J u and ∂²F[u, u] together.
-        second = lambda a: jax.jvp(lambda hh: jax.jvp(F, (hh,), (a,))[1], (h,), (a,))
-        JU, D2 = jax.vmap(second)(U)
-        h_next, jvp_fn = jax.linearize(F, h)
-        JV = jax.vmap(jvp_fn)(V)
+        # Taylor mode along the curve h + t a + t² b: one pass gives F(h), J a and 2 (J b + ½ ∂²F[a, a]).
+        taylor = lambda a, b: jet.jet(F, (h,), ((a, 2.0 * b),))
+        h_next, (JU, twice_V) = jax.vmap(taylor)(U, V)
         G = noise(h, u)
         U_next = JU + jax.vmap(G.mv)(z)
-        V_next = JV + 0.5 * D2
+        V_next = 0.5 * twice_V
         if shift is not None:
             V_next = V_next + shift(h, u)[None, :]
-        return (h_next, U_next, V_next), None
+        return (h_next[0], U_next, V_next), None
 
     S = probes.shape[1]
     zeros = jnp.zeros((S, h0.shape[0]), h0.dtype)
