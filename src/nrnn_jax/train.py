@@ -333,7 +333,9 @@ def train_and_evaluate(
         for b in it:
             state, m = train_step(state, b.x, b.y, b.mask)
             sums = {k: sums[k] + m[k] for k in metric_names}
-            if tcfg.checkpoint_every and int(state.step) % tcfg.checkpoint_every == 0:
+            step_now = int(state.step)
+            # The last step of an epoch is saved below, after the epoch's record is written.
+            if tcfg.checkpoint_every and step_now % tcfg.checkpoint_every == 0 and step_now % steps_per_epoch:
                 save(state, sums)
         model = nnx.merge(graphdef, state.params)
         val = evaluate(model, data.x_val, data.y_val, tcfg.eval_batch_size)
@@ -379,7 +381,10 @@ def _resume(run_dir: Path, config: dict, state: TrainState, sums: dict):
     history = []
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     for line in lines:
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by the kill: that epoch is recomputed
+            continue
         if rec["step"] <= step:
             history.append(rec)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
