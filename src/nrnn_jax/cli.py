@@ -109,3 +109,65 @@ def train_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(train_main())
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """`nrnn-compare`: deterministic vs implicit vs explicit, trained and analysed (see nrnn_jax.compare)."""
+    from .compare import CompareConfig, run_compare
+
+    parser = argparse.ArgumentParser(
+        prog="nrnn-compare",
+        description="Train deterministic, implicit (noise injection) and explicit (penalty) models for each seed, "
+                    "choose explicit's λ on validation, and measure robustness, flatness, margins and stability. "
+                    "Writes OUT/<mode>/<run>/, OUT/summary.json, OUT/results.md and PNG plots.")
+    parser.add_argument("--dataset", default="ecg5000")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2), help="comma-separated (default 0,1,2)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the data set's default")
+    parser.add_argument("--lambdas", type=_parse_tuple(float), default=None, help="explicit λ grid, comma-separated")
+    parser.add_argument("--backend", choices=("scan", "diffrax"), default="scan")
+    parser.add_argument("--analysis-examples", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, seeds=args.seeds, epochs=args.epochs,
+                           lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples)
+        summary = run_compare(cc, args.out)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"nrnn-compare: error: {e}", file=sys.stderr)
+        return 2
+    print((args.out / "results.md").read_text())
+    print(f"written: {args.out}/summary.json, results.md, robustness.png, hessian.png, margins.png, stability.png "
+          f"({summary['time_s']:.0f} s)")
+    return 0
+
+
+def robustness_main(argv: list[str] | None = None) -> int:
+    """`nrnn-robustness RUN_DIR ...`: test accuracy of saved runs under a perturbation of several strengths."""
+    from .analysis import KINDS, robustness_curve
+    from .train import load_run
+
+    parser = argparse.ArgumentParser(prog="nrnn-robustness",
+                                     description="Accuracy of saved runs against perturbation strength (math.md §5).")
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--kind", choices=KINDS, default="white")
+    parser.add_argument("--strengths", type=_parse_tuple(float), default=(0.0, 0.5, 1.0))
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    try:
+        for run_dir in args.run_dirs:
+            mcfg, tcfg = read_run_config(run_dir)
+            x, y = load_dataset(tcfg.dataset, tcfg.data_dir).split(args.split)
+            accs = robustness_curve(load_run(run_dir), x, y, args.kind, args.strengths, seed=args.seed)
+            rows.append({"run": str(run_dir), "mode": tcfg.mode, **{f"{args.kind} {s:g}": float(a)
+                                                                  for s, a in zip(args.strengths, accs)}})
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"nrnn-robustness: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows, ["run", "mode"] + [f"{args.kind} {s:g}" for s in args.strengths]))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0

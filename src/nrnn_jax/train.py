@@ -192,7 +192,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and accuracy of `model` (noise off) on (x, y), in fixed-shape batches.
 
-    `perturb(x_batch, rng)` (see `nrnn_jax.perturbations`) is applied to each batch with a generator
+    `perturb(x_batch, y_batch, rng)` (see `nrnn_jax.perturbations`) is applied to each batch with a generator
     seeded by `seed`, so perturbed evaluation needs no copy of the whole data set.
     """
     from .validation import check_inputs, check_labels
@@ -204,9 +204,26 @@ def evaluate(
     rng = np.random.default_rng(seed)
     totals = np.zeros(3)
     for b in batches(x, y, batch_size):
-        xb = b.x if perturb is None else perturb(b.x, rng)
+        xb = b.x if perturb is None else perturb(b.x, b.y, rng)
         totals += np.array([float(v) for v in eval_step(graphdef, params, xb, b.y, b.mask)])
     return {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
+
+
+@partial(jax.jit, static_argnums=0)
+def _logits_step(graphdef, params, x):
+    return nnx.merge(graphdef, params)(x)
+
+
+def predict_logits(model: NoisyRNN, x, batch_size: int = 500) -> np.ndarray:
+    """Logits (noise off) for every example of x, in fixed-shape batches."""
+    from .validation import check_inputs
+
+    check_inputs(x, model.cfg.input_dim)
+    graphdef, params = nnx.split(model)
+    batch_size = min(batch_size, x.shape[0])
+    y = np.zeros(x.shape[0], np.int32)
+    out = [np.asarray(_logits_step(graphdef, params, b.x))[b.mask > 0] for b in batches(x, y, batch_size)]
+    return np.concatenate(out)
 
 
 @dataclasses.dataclass

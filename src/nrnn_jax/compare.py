@@ -1,0 +1,303 @@
+"""Implicit vs explicit vs deterministic, end to end (math.md §3–§5): the experiment behind `nrnn-compare`.
+
+For each seed: a deterministic model, an implicit model (noise injection) and explicit models (the penalty,
+same noise levels) for each λ of a small grid, the λ chosen on the validation split (mean of the clean
+validation accuracy and the validation accuracies under the white-noise strengths of the selection list);
+then, for each selected model, robustness curves on the test split, Hessian flatness on training data,
+output and DeepFool margins, the stability certificate and Lyapunov exponent, and the explicit regularizer.
+
+Output layout (a public contract):
+
+    OUT/deterministic/seed<S>/            run directories (load with nrnn_jax.load_run)
+    OUT/implicit/seed<S>/
+    OUT/explicit/seed<S>-lam<λ>/          one per λ of the grid; the chosen one is in summary.json
+    OUT/summary.json                      settings, per-run measurements, per-mode mean ± std
+    OUT/results.md                        the Markdown table
+    OUT/robustness.png, hessian.png, margins.png, stability.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .analysis import (
+    certificate,
+    hessian_lanczos,
+    hessian_trace,
+    input_margins,
+    lyapunov_exponent,
+    output_margins,
+    robustness_curve,
+)
+from .config import NRNNConfig
+from .data import Dataset, load_dataset
+from .regularizer import explicit_regularizer
+from .train import TrainConfig, evaluate, train_and_evaluate
+from .perturbations import white_noise
+
+MODES = ("deterministic", "implicit", "explicit")
+
+# Paper-like defaults per data set (math.md §6 and the ECG5000 results of the README).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "ecg5000": dict(model=dict(hidden=64, dt=0.1, eps_add=0.3, eps_mult=0.3),
+                    train=dict(epochs=40, batch_size=32, lr=3e-3),
+                    curves=dict(white=[0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5], multiplicative=[0, 0.5, 1.0, 1.5, 2.0],
+                                salt_pepper=[0, 0.05, 0.1, 0.2, 0.3], pgd_linf=[0, 0.05, 0.1, 0.2]),
+                    lambdas=[0.5, 1.0, 2.0], select_white=[1.0]),
+    "mnist_rows": dict(model=dict(hidden=128, dt=0.3, eps_add=0.1, eps_mult=0.1),
+                       train=dict(epochs=10, batch_size=128, lr=3e-3, lr_decay_epochs=(8,), reg_method="probe"),
+                       curves=dict(white=[0, 0.1, 0.2, 0.3, 0.4, 0.5], multiplicative=[0, 0.5, 1.0, 1.5],
+                                   salt_pepper=[0, 0.05, 0.1, 0.2], pgd_linf=[0, 0.01, 0.02, 0.05]),
+                       lambdas=[1.0], select_white=[0.3]),
+    "mnist_pixel": dict(model=dict(hidden=128, dt=0.03, eps_add=0.02, eps_mult=0.02),
+                        train=dict(epochs=100, batch_size=128, lr=1e-3, lr_decay_epochs=(90,)),
+                        curves=dict(white=[0, 0.1, 0.2, 0.3, 0.4], salt_pepper=[0, 0.05, 0.1, 0.2]),
+                        lambdas=[1.0], select_white=[0.2]),
+    "mnist_permuted": dict(model=dict(hidden=128, dt=0.03, eps_add=0.02, eps_mult=0.02),
+                           train=dict(epochs=100, batch_size=128, lr=1e-3, lr_decay_epochs=(90,)),
+                           curves=dict(white=[0, 0.1, 0.2, 0.3, 0.4], salt_pepper=[0, 0.05, 0.1, 0.2]),
+                           lambdas=[1.0], select_white=[0.2]),
+    "digits": dict(model=dict(hidden=32, dt=0.5, eps_add=0.3, eps_mult=0.3),
+                   train=dict(epochs=10, batch_size=32, lr=3e-3),
+                   curves=dict(white=[0, 0.2, 0.4, 0.6], salt_pepper=[0, 0.1, 0.2], pgd_linf=[0, 0.05, 0.1]),
+                   lambdas=[0.5, 1.0], select_white=[0.4]),
+}
+DEFAULTS["mnist1d"] = DEFAULTS["digits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """Settings of one comparison; unset fields take the data set's defaults (`DEFAULTS`)."""
+
+    dataset: str = "ecg5000"
+    data_dir: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int | None = None
+    lambdas: tuple[float, ...] | None = None
+    backend: str = "scan"
+    analysis_examples: int = 256  # training examples for the Hessian; test examples for DeepFool / reg
+    lanczos_steps: int = 20
+    hutchinson_samples: int = 30
+    lyapunov_time: float = 50.0
+
+
+def _mean_std(values):
+    a = np.asarray(values, float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
+
+
+def _selection_score(model, data: Dataset, whites, seed) -> float:
+    scores = [evaluate(model, data.x_val, data.y_val)["acc"]]
+    scores += [evaluate(model, data.x_val, data.y_val, perturb=white_noise(s), seed=seed)["acc"] for s in whites]
+    return float(np.mean(scores))
+
+
+def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int) -> dict[str, Any]:
+    """Every measurement of one trained model."""
+    n = cc.analysis_examples
+    rng = np.random.default_rng(seed)
+    tr = rng.choice(data.x_train.shape[0], min(n, data.x_train.shape[0]), replace=False)
+    te = rng.choice(data.x_test.shape[0], min(n, data.x_test.shape[0]), replace=False)
+    x_tr, y_tr = np.asarray(data.x_train[np.sort(tr)]), data.y_train[np.sort(tr)]
+    x_te, y_te = np.asarray(data.x_test[np.sort(te)]), data.y_test[np.sort(te)]
+    out: dict[str, Any] = {"curves": {}}
+    for kind, strengths in curves.items():
+        out["curves"][kind] = {"strengths": list(map(float, strengths)),
+                               "acc": robustness_curve(model, data.x_test, data.y_test, kind, strengths, seed=seed).tolist()}
+    ritz = hessian_lanczos(model, x_tr, y_tr, num_steps=cc.lanczos_steps, seed=seed)
+    trace, trace_se = hessian_trace(model, x_tr, y_tr, num_samples=cc.hutchinson_samples, seed=seed)
+    margins = output_margins(model, data.x_test, data.y_test)
+    dist, found = input_margins(model, x_te)
+    cfg = model.cfg
+    cert = certificate(cfg.replace(eps_add=0.0), model.recurrent_params())
+    lam, lam_se = lyapunov_exponent(cfg.replace(eps_add=0.0), model.recurrent_params(), t_max=cc.lyapunov_time, seed=seed)
+    lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), model.recurrent_params(),
+                                   t_max=cc.lyapunov_time, num_paths=2, seed=seed)
+    reg = explicit_regularizer(model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
+                               num_probes=8, key=__import__("jax").random.PRNGKey(seed))
+    out.update({
+        "hessian_ritz": ritz.tolist(), "hessian_top": float(ritz[-1]), "hessian_trace": trace,
+        "hessian_trace_se": trace_se,
+        "output_margins": margins.tolist(), "output_margin_median": float(np.median(margins)),
+        "deepfool_margins": dist[found].tolist(), "deepfool_margin_median": float(np.median(dist[found])) if found.any() else None,
+        "c1": cert.c1, "c2": cert.c2, "c3": cert.c3, "bound_mult_noise": cert.bound,
+        "lyapunov_mult_noise": lam, "lyapunov_mult_noise_se": lam_se, "lyapunov_deterministic": lam_det,
+        "reg_value": float(reg.value), "reg_Q": float(reg.Q), "reg_R": float(reg.R),
+    })
+    return out
+
+
+def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, Any]:
+    """Train and analyse all modes for all seeds; write the layout of the module docstring."""
+    if cc.dataset not in DEFAULTS:
+        raise ValueError(f"dataset={cc.dataset!r} has no comparison defaults: expected one of {sorted(DEFAULTS)}.")
+    spec = DEFAULTS[cc.dataset]
+    data = load_dataset(cc.dataset, cc.data_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **spec["model"])
+    train_kw = dict(spec["train"])
+    if cc.epochs is not None:
+        train_kw["epochs"] = cc.epochs
+    lambdas = tuple(cc.lambdas or spec["lambdas"])
+    curves = spec["curves"]
+    white_eval = tuple(s for s in curves.get("white", []) if s > 0)
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    t0 = time.perf_counter()
+    for seed in cc.seeds:
+        common = dict(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, eval_white_noise=white_eval, **train_kw)
+        for mode in ("deterministic", "implicit"):
+            mcfg = base if mode == "implicit" else base.replace(eps_add=0.0, eps_mult=0.0)
+            r = train_and_evaluate(mcfg, TrainConfig(mode=mode, **common), out / mode / f"seed{seed}", data=data,
+                                   progress=False, log=None, overwrite=True)
+            log(f"[{cc.dataset}] seed {seed} {mode}: test acc {r.summary['test_acc']:.4f}")
+            runs[mode].append({"seed": seed, "run_dir": str(out / mode / f"seed{seed}"), "summary": r.summary,
+                               "analysis": analyse(r.model, data, curves, cc, seed)})
+        candidates = []
+        for lam in lambdas:
+            run_dir = out / "explicit" / f"seed{seed}-lam{lam:g}"
+            r = train_and_evaluate(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir, data=data,
+                                   progress=False, log=None, overwrite=True)
+            score = _selection_score(r.model, data, spec["select_white"], seed)
+            log(f"[{cc.dataset}] seed {seed} explicit λ={lam:g}: test acc {r.summary['test_acc']:.4f}, "
+                f"validation score {score:.4f}")
+            candidates.append((score, lam, run_dir, r))
+        score, lam, run_dir, r = max(candidates, key=lambda c: c[0])
+        runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), "summary": r.summary, "lambda": lam,
+                                 "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
+                                 "analysis": analyse(r.model, data, curves, cc, seed)})
+    summary = {"settings": {**dataclasses.asdict(cc), "model": dataclasses.asdict(base), "train": train_kw,
+                            "lambdas": list(lambdas), "selection_white": spec["select_white"],
+                            "selection_rule": "max mean(clean val acc, val acc under white noise of each "
+                                              "selection strength)"},
+               "runs": runs, "aggregate": aggregate(runs), "time_s": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(results_table(summary))
+    plot_all(summary, out)
+    return summary
+
+
+SCALARS = ("hessian_top", "hessian_trace", "output_margin_median", "deepfool_margin_median", "c1",
+           "lyapunov_deterministic", "lyapunov_mult_noise", "reg_value", "reg_Q", "reg_R")
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict[str, Any]:
+    agg: dict[str, Any] = {}
+    for mode, rs in runs.items():
+        if not rs:
+            continue
+        a: dict[str, Any] = {"test_acc": _mean_std([r["summary"]["test_acc"] for r in rs])}
+        for key in SCALARS:
+            vals = [r["analysis"][key] for r in rs if r["analysis"].get(key) is not None]
+            if vals:
+                a[key] = _mean_std(vals)
+        a["curves"] = {}
+        for kind, c in rs[0]["analysis"]["curves"].items():
+            accs = np.asarray([r["analysis"]["curves"][kind]["acc"] for r in rs])
+            a["curves"][kind] = {"strengths": c["strengths"], "mean": accs.mean(0).tolist(),
+                                 "std": (accs.std(0, ddof=1) if len(rs) > 1 else np.zeros(accs.shape[1])).tolist()}
+        if mode == "explicit":
+            a["lambdas"] = [r["lambda"] for r in rs]
+        agg[mode] = a
+    return agg
+
+
+def results_table(summary: dict) -> str:
+    agg = summary["aggregate"]
+    fmt = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}" if d else ""
+    any_mode = next(iter(agg.values()))
+    curve_cols = [(k, s) for k, c in any_mode["curves"].items() for s in c["strengths"][1:]][:6]
+    head = ["mode", "clean test acc"] + [f"{k} {s:g}" for k, s in curve_cols] + [
+        "Hessian top eig", "Hessian trace", "median output margin", "median DeepFool margin", "c1",
+        "Lyapunov (det.)", "explicit reg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, a in agg.items():
+        cells = [mode + (f" (λ = {', '.join(f'{l:g}' for l in a['lambdas'])})" if "lambdas" in a else ""),
+                 fmt(a["test_acc"])]
+        for k, s in curve_cols:
+            c = a["curves"][k]
+            i = c["strengths"].index(s)
+            cells.append(f"{c['mean'][i]:.4f} ± {c['std'][i]:.4f}")
+        for key in ("hessian_top", "hessian_trace", "output_margin_median", "deepfool_margin_median", "c1",
+                    "lyapunov_deterministic", "reg_value"):
+            cells.append(fmt(a.get(key)) if a.get(key) else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    s = summary["settings"]
+    lines += ["", f"Data set {s['dataset']}, seeds {list(s['seeds'])}, model {s['model']}, training {s['train']}, "
+                  f"explicit λ grid {s['lambdas']} (selection: {s['selection_rule']}, white strengths "
+                  f"{s['selection_white']})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_all(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg, runs = summary["aggregate"], summary["runs"]
+    colors = {"deterministic": "tab:gray", "implicit": "tab:blue", "explicit": "tab:red"}
+    kinds = list(next(iter(agg.values()))["curves"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for mode, a in agg.items():
+            c = a["curves"][kind]
+            m, s = np.asarray(c["mean"]), np.asarray(c["std"])
+            ax.plot(c["strengths"], m, "o-", color=colors[mode], label=mode)
+            ax.fill_between(c["strengths"], m - s, m + s, color=colors[mode], alpha=0.2)
+        ax.set_xlabel(f"{kind} strength")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"{summary['settings']['dataset']}: accuracy under perturbation (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "robustness.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (mode, rs) in enumerate(runs.items()):
+        for j, r in enumerate(rs):
+            ritz = np.asarray(r["analysis"]["hessian_ritz"])
+            ax.scatter(np.full(ritz.shape, i) + 0.08 * (j - 1), ritz, s=10, color=colors[mode])
+    ax.set_xticks(range(len(runs)), list(runs))
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylabel("Ritz values of the loss Hessian")
+    ax.set_title("Hessian spectrum (Lanczos), each seed")
+    fig.tight_layout()
+    fig.savefig(out / "hessian.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for mode, rs in runs.items():
+        om = np.concatenate([r["analysis"]["output_margins"] for r in rs])
+        axes[0].hist(om, bins=40, histtype="step", color=colors[mode], label=mode, density=True)
+        dm = np.concatenate([r["analysis"]["deepfool_margins"] for r in rs])
+        axes[1].hist(dm, bins=30, histtype="step", color=colors[mode], label=mode, density=True)
+    axes[0].set_xlabel("output margin (logit_y − max other)")
+    axes[1].set_xlabel("DeepFool input-space margin (L2)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "margins.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    names = list(agg)
+    for k, (key, label) in enumerate([("c1", "certificate c1 (bound, deterministic)"),
+                                      ("lyapunov_deterministic", "Lyapunov exponent (deterministic)"),
+                                      ("lyapunov_mult_noise", "Lyapunov exponent (with mult. noise)")]):
+        vals = [agg[m][key]["mean"] if key in agg[m] else np.nan for m in names]
+        errs = [agg[m][key]["std"] if key in agg[m] else 0 for m in names]
+        ax.bar(np.arange(len(names)) + 0.27 * (k - 1), vals, 0.27, yerr=errs, label=label)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.legend(fontsize=7)
+    ax.set_title("stability of h = 0 of the unforced dynamics")
+    fig.tight_layout()
+    fig.savefig(out / "stability.png", dpi=110)
+    plt.close(fig)
