@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from nrnn_jax import NoisyRNN, NRNNConfig, explicit_regularizer
+from nrnn_jax import NoisyRNN, NRNNConfig, antithetic_monte_carlo, explicit_regularizer
 from nrnn_jax.dynamics import drift, mean_step_map
 from nrnn_jax.losses import cross_entropy
 from nrnn_jax.regularizer import _trace_hessian_form
@@ -41,13 +41,6 @@ def _data():
     return x, jnp.arange(B) % C
 
 
-def _antithetic_mc(model, x, y, clean_loss, n, key):
-    """n antithetic samples of ½[ℓ(ξ) + ℓ(−ξ)] − ℓ(h̄), each averaged over the batch."""
-    xi = jax.random.normal(key, (n, B, T, model.cfg.noise_dim), jnp.float64)
-    loss = lambda noise: jnp.mean(cross_entropy(model(x, noise=noise), y))
-    return np.asarray(jax.jit(jax.vmap(lambda s: 0.5 * (loss(s) + loss(-s)) - clean_loss))(xi))
-
-
 @pytest.mark.parametrize("name", list(NOISES))
 def test_monte_carlo_agrees_and_error_shrinks(name):
     x, y = _data()
@@ -57,7 +50,7 @@ def test_monte_carlo_agrees_and_error_shrinks(name):
     for scale in scales:
         model = NoisyRNN(_cfg(NOISES[name], scale), rngs=nnx.Rngs(0))
         reg = explicit_regularizer(model, x, y, method="exact")
-        s = _antithetic_mc(model, x, y, reg.clean_loss, n, jax.random.PRNGKey(1))  # common random numbers
+        s = np.asarray(antithetic_monte_carlo(model, x, y, n, jax.random.PRNGKey(1), reg.clean_loss))  # common random numbers
         ratios.append(s.mean() / float(reg.value))
         ses.append(s.std(ddof=1) / np.sqrt(n) / float(reg.value))
         assert np.all(np.asarray(reg.R) >= 0.0)

@@ -13,8 +13,15 @@ The public API:
 from .config import NRNNConfig
 from .data import Dataset, load_dataset
 from .dynamics import RecurrentParams, diffusion, drift, lipschitz_matrix
-from .model import NoisyRNN
-from .regularizer import Regularizer, continuous_terms, exact_terms, explicit_regularizer, probe_terms
+from .model import NoisyRNN, with_noise
+from .regularizer import (
+    Regularizer,
+    antithetic_monte_carlo,
+    continuous_terms,
+    exact_terms,
+    explicit_regularizer,
+    probe_terms,
+)
 from .solvers import GridBrownianPath, GridIncrementPath, brownian_increments, solve
 from .train import (
     TrainConfig,
@@ -25,6 +32,7 @@ from .train import (
     load_run,
     make_optimizer,
     make_train_step,
+    predict_logits,
     train_and_evaluate,
 )
 
@@ -41,6 +49,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "TrainingDiverged",
+    "antithetic_monte_carlo",
     "brownian_increments",
     "continuous_terms",
     "diffusion",
@@ -54,7 +63,9 @@ __all__ = [
     "load_run",
     "make_optimizer",
     "make_train_step",
+    "predict_logits",
     "probe_terms",
     "solve",
     "train_and_evaluate",
+    "with_noise",
 ]

@@ -37,6 +37,7 @@ from .analysis import (
 )
 from .config import NRNNConfig
 from .data import Dataset, load_dataset
+from .model import with_noise
 from .regularizer import explicit_regularizer
 from .train import TrainConfig, evaluate, train_and_evaluate
 from .perturbations import white_noise
@@ -85,6 +86,8 @@ class CompareConfig:
     lanczos_steps: int = 20
     hutchinson_samples: int = 30
     lyapunov_time: float = 50.0
+    track_regularizer: bool = False  # record the explicit regularizer (probe) after every epoch
+    curve_examples: int | None = None  # test examples for the robustness curves (None: the whole test split)
 
 
 def _mean_std(values):
@@ -98,8 +101,10 @@ def _selection_score(model, data: Dataset, whites, seed) -> float:
     return float(np.mean(scores))
 
 
-def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int) -> dict[str, Any]:
-    """Every measurement of one trained model."""
+def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, noise: NRNNConfig) -> dict[str, Any]:
+    """Every measurement of one trained model. The explicit regularizer and the Lyapunov exponent with
+    multiplicative noise are measured at the comparison's noise levels (`noise.eps_add`, `noise.eps_mult`)
+    for every mode, so that the modes are compared on the same penalty."""
     n = cc.analysis_examples
     rng = np.random.default_rng(seed)
     tr = rng.choice(data.x_train.shape[0], min(n, data.x_train.shape[0]), replace=False)
@@ -107,19 +112,21 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int) ->
     x_tr, y_tr = np.asarray(data.x_train[np.sort(tr)]), data.y_train[np.sort(tr)]
     x_te, y_te = np.asarray(data.x_test[np.sort(te)]), data.y_test[np.sort(te)]
     out: dict[str, Any] = {"curves": {}}
+    m = data.x_test.shape[0] if cc.curve_examples is None else min(cc.curve_examples, data.x_test.shape[0])
     for kind, strengths in curves.items():
-        out["curves"][kind] = {"strengths": list(map(float, strengths)),
-                               "acc": robustness_curve(model, data.x_test, data.y_test, kind, strengths, seed=seed).tolist()}
+        acc = robustness_curve(model, data.x_test[:m], data.y_test[:m], kind, strengths, seed=seed)
+        out["curves"][kind] = {"strengths": list(map(float, strengths)), "acc": acc.tolist()}
     ritz = hessian_lanczos(model, x_tr, y_tr, num_steps=cc.lanczos_steps, seed=seed)
     trace, trace_se = hessian_trace(model, x_tr, y_tr, num_samples=cc.hutchinson_samples, seed=seed)
     margins = output_margins(model, data.x_test, data.y_test)
     dist, found = input_margins(model, x_te)
-    cfg = model.cfg
+    noisy_model = with_noise(model, noise.eps_add, noise.eps_mult)
+    cfg = noisy_model.cfg
     cert = certificate(cfg.replace(eps_add=0.0), model.recurrent_params())
     lam, lam_se = lyapunov_exponent(cfg.replace(eps_add=0.0), model.recurrent_params(), t_max=cc.lyapunov_time, seed=seed)
     lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), model.recurrent_params(),
                                    t_max=cc.lyapunov_time, num_paths=2, seed=seed)
-    reg = explicit_regularizer(model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
+    reg = explicit_regularizer(noisy_model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
                                num_probes=8, key=__import__("jax").random.PRNGKey(seed))
     out.update({
         "hessian_ritz": ritz.tolist(), "hessian_top": float(ritz[-1]), "hessian_trace": trace,
@@ -150,28 +157,41 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
     white_eval = tuple(s for s in curves.get("white", []) if s > 0)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     t0 = time.perf_counter()
+    track = None
+    if cc.track_regularizer:
+        import jax
+
+        n = min(cc.analysis_examples, data.x_val.shape[0])
+        x_v, y_v = np.asarray(data.x_val[:n]), data.y_val[:n]
+
+        def track(epoch, model):
+            noisy = with_noise(model, base.eps_add, base.eps_mult)
+            reg = explicit_regularizer(noisy, x_v, y_v, method="probe", num_probes=16, key=jax.random.PRNGKey(epoch))
+            return {"val_reg": float(reg.value)}
     for seed in cc.seeds:
         common = dict(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, eval_white_noise=white_eval, **train_kw)
         for mode in ("deterministic", "implicit"):
             mcfg = base if mode == "implicit" else base.replace(eps_add=0.0, eps_mult=0.0)
             r = train_and_evaluate(mcfg, TrainConfig(mode=mode, **common), out / mode / f"seed{seed}", data=data,
-                                   progress=False, log=None, overwrite=True)
+                                   progress=False, log=None, overwrite=True, on_epoch_end=track)
             log(f"[{cc.dataset}] seed {seed} {mode}: test acc {r.summary['test_acc']:.4f}")
             runs[mode].append({"seed": seed, "run_dir": str(out / mode / f"seed{seed}"), "summary": r.summary,
-                               "analysis": analyse(r.model, data, curves, cc, seed)})
+                               "history": r.history,
+                               "analysis": analyse(r.model, data, curves, cc, seed, base)})
         candidates = []
         for lam in lambdas:
             run_dir = out / "explicit" / f"seed{seed}-lam{lam:g}"
             r = train_and_evaluate(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir, data=data,
-                                   progress=False, log=None, overwrite=True)
+                                   progress=False, log=None, overwrite=True, on_epoch_end=track)
             score = _selection_score(r.model, data, spec["select_white"], seed)
             log(f"[{cc.dataset}] seed {seed} explicit λ={lam:g}: test acc {r.summary['test_acc']:.4f}, "
                 f"validation score {score:.4f}")
             candidates.append((score, lam, run_dir, r))
         score, lam, run_dir, r = max(candidates, key=lambda c: c[0])
         runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), "summary": r.summary, "lambda": lam,
+                                 "history": r.history,
                                  "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
-                                 "analysis": analyse(r.model, data, curves, cc, seed)})
+                                 "analysis": analyse(r.model, data, curves, cc, seed, base)})
     summary = {"settings": {**dataclasses.asdict(cc), "model": dataclasses.asdict(base), "train": train_kw,
                             "lambdas": list(lambdas), "selection_white": spec["select_white"],
                             "selection_rule": "max mean(clean val acc, val acc under white noise of each "

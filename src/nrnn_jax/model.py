@@ -101,3 +101,11 @@ class NoisyRNN(nnx.Module):
     def trajectory(self, x, *, noise=None, key=None) -> Float[Array, "batch T+1 hidden"]:
         """All hidden states h_0 = 0, h_1, …, h_T, shape (batch, T + 1, hidden)."""
         return self._solve(x, noise, key, "all")
+
+
+def with_noise(model: NoisyRNN, eps_add: float, eps_mult: float) -> NoisyRNN:
+    """A copy of `model` with the same parameters and other noise levels (e.g. to measure a deterministic
+    model's explicit regularizer at the noise levels of a comparison)."""
+    copy = NoisyRNN(model.cfg.replace(eps_add=eps_add, eps_mult=eps_mult), rngs=nnx.Rngs(0))
+    nnx.update(copy, nnx.state(model))
+    return copy

@@ -260,6 +260,7 @@ def train_and_evaluate(
     log: Callable[[str], None] | None = print,
     resume: bool = False,
     overwrite: bool = False,
+    on_epoch_end: Callable[[int, NoisyRNN], dict[str, float]] | None = None,
 ) -> RunResult:
     """Train a `NoisyRNN` and evaluate it; the one training loop of the library.
 
@@ -273,6 +274,8 @@ def train_and_evaluate(
     - `resume`: continue the run in `run_dir` from its latest checkpoint (same configuration required);
       the result equals that of an uninterrupted run.
     - `overwrite`: replace an existing run in `run_dir` (otherwise refused).
+    - `on_epoch_end(epoch, model)`: extra measurements merged into the epoch's record (e.g. the explicit
+      regularizer along training).
 
     Checkpoints (every `tcfg.checkpoint_every` steps and at each epoch end) hold the whole `TrainState`
     (parameters, optimizer state, step, PRNG key) and the running metric sums; the data order of an epoch
@@ -359,6 +362,8 @@ def train_and_evaluate(
         record = {"epoch": epoch, "step": int(state.step), "time_s": time.perf_counter() - t0,
                   **{f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()},
                   "val_loss": val["loss"], "val_acc": val["acc"]}
+        if on_epoch_end is not None:
+            record.update({k: float(v) for k, v in on_epoch_end(epoch, model).items()})
         sums = {k: jnp.zeros((), jnp.float32) for k in metric_names}
         if int(state.bad_step) < 0:
             history.append(record)

@@ -1,0 +1,199 @@
+"""Write notebooks/*.ipynb from the cell sources below (then execute them with `--execute` to store the
+outputs of a real run). The notebooks only call the library and plot."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / "notebooks"
+
+SETUP = '''import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+from IPython.display import Image, Markdown, display
+
+import nrnn_jax as nj
+
+QUICK = os.environ.get("NRNN_QUICK") == "1"  # `make test` runs the notebooks in this quick setting
+DATA = Path(os.environ.get("NRNN_SHARED_DATA", "../../shared/data"))
+print("quick setting" if QUICK else "full setting", "| real data:", DATA.exists())'''
+
+NOTEBOOKS = {
+    "01_implicit_vs_explicit.ipynb": [
+        ("md", "# Implicit vs explicit regularization\n\nNoise injected into the hidden states of an RNN "
+               "regularizes implicitly; in the small-noise limit its effect on the expected loss is an explicit "
+               "penalty, `E[noisy loss] ≈ clean loss + reg` with `reg = (Q + R)/2` (math.md §2). This notebook "
+               "(1) makes the expansion visible against Monte Carlo, (2) trains deterministic, implicit and "
+               "explicit models and compares them."),
+        ("code", SETUP),
+        ("md", "## 1. The small-noise expansion against Monte Carlo\n\nAntithetic Monte Carlo "
+               "`½[ℓ(ξ) + ℓ(−ξ)] − ℓ(h̄)` against the exact regularizer as the noise shrinks: the relative error "
+               "falls like ε² (until it meets the Monte Carlo error)."),
+        ("code", '''scales = [1.6, 0.8, 0.4, 0.2, 0.1]
+n_mc = 2000 if QUICK else 20000
+rows = []
+with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 2), jnp.float64)
+    y = jnp.arange(4) % 3
+    for s in scales:
+        cfg = nj.NRNNConfig(input_dim=2, hidden=4, num_classes=3, dt=0.3, init_std=1.0, eps_add=s, eps_mult=s,
+                            backend="scan", dtype="float64")
+        model = nj.NoisyRNN(cfg, rngs=nnx.Rngs(0))
+        reg = nj.explicit_regularizer(model, x, y, method="exact")
+        probe = nj.explicit_regularizer(model, x, y, method="probe", num_probes=500, key=jax.random.PRNGKey(3))
+        mc = np.asarray(nj.antithetic_monte_carlo(model, x, y, n_mc, jax.random.PRNGKey(1), reg.clean_loss))
+        rows.append(dict(eps=s, exact=float(reg.value), probe=float(probe.value), probe_se=float(probe.std_err),
+                         mc=mc.mean(), mc_se=mc.std(ddof=1) / np.sqrt(n_mc)))
+for r in rows:
+    print(f"eps {r['eps']:.2f}: exact {r['exact']:.3e}  probe {r['probe']:.3e} ± {r['probe_se']:.1e}  "
+          f"MC {r['mc']:.3e} ± {r['mc_se']:.1e}  MC/exact {r['mc'] / r['exact']:.4f}")
+eps = np.array([r["eps"] for r in rows])
+rel = np.array([abs(r["mc"] / r["exact"] - 1) for r in rows])
+rel_se = np.array([r["mc_se"] / r["exact"] for r in rows])
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+ax[0].loglog(eps, [r["exact"] for r in rows], "o-", label="exact reg")
+ax[0].loglog(eps, [r["mc"] for r in rows], "x--", label="Monte Carlo")
+ax[0].set_xlabel("noise scale ε"); ax[0].set_ylabel("E[noisy loss] − clean loss"); ax[0].legend()
+ax[1].loglog(eps, rel, "o-", label="|MC / exact − 1|")
+ax[1].loglog(eps, 2 * rel_se, ":", label="2 Monte Carlo standard errors")
+ax[1].loglog(eps, rel[0] * (eps / eps[0]) ** 2, "k--", lw=0.8, label="slope 2")
+ax[1].set_xlabel("noise scale ε"); ax[1].legend()
+plt.tight_layout()'''),
+        ("md", "## 2. Deterministic, implicit and explicit training\n\nOn ECG5000 when the data is present "
+               "(else, and in the quick setting, the embedded digits). Explicit's λ is chosen on the validation split; the explicit "
+               "regularizer is tracked on validation data after every epoch, at the same noise levels for all "
+               "three modes."),
+        ("code", '''from nrnn_jax.compare import CompareConfig, run_compare
+
+dataset = "ecg5000" if (DATA / "ecg5000").exists() and not QUICK else "digits"  # quick: the embedded digits
+cc = CompareConfig(dataset=dataset, data_dir=str(DATA) if dataset == "ecg5000" else None, seeds=(0,),
+                   epochs=3 if QUICK else 20, lambdas=(1.0,) if QUICK else (0.5, 1.0, 2.0),
+                   analysis_examples=64 if QUICK else 256, lanczos_steps=10 if QUICK else 20,
+                   hutchinson_samples=10 if QUICK else 30, lyapunov_time=10.0 if QUICK else 50.0,
+                   curve_examples=300 if QUICK else None, track_regularizer=True)
+out = Path("../runs/notebook-compare-quick" if QUICK else "../runs/notebook-compare")
+summary = run_compare(cc, out, log=print)
+display(Markdown((out / "results.md").read_text()))'''),
+        ("code", '''fig, ax = plt.subplots(figsize=(6, 3.5))
+for mode, runs in summary["runs"].items():
+    hist = runs[0]["history"]
+    ax.plot([h["epoch"] for h in hist], [h["val_reg"] for h in hist], "o-", label=mode)
+ax.set_xlabel("epoch"); ax.set_ylabel("explicit regularizer on validation data"); ax.set_yscale("log")
+ax.legend(); ax.set_title("the penalty along training (same noise levels for all modes)")
+plt.tight_layout()'''),
+        ("md", "## 3. Robustness, flatness, margins, stability"),
+        ("code", '''for name in ["robustness.png", "hessian.png", "margins.png", "stability.png"]:
+    display(Image(filename=str(out / name)))'''),
+    ],
+    "02_stochastic_stabilization.ipynb": [
+        ("md", "# Stochastic stabilization\n\nThe unforced dynamics dh = f(h) dt + σ(h) dB with f(h) = a h "
+               "(c₁ = a > 0: unstable without noise) and scalar multiplicative noise ε h dβ: the certificate of "
+               "math.md §4 bounds the top Lyapunov exponent by c₁ − ε²/2, so enough noise makes h = 0 almost "
+               "surely stable. Diagonal noise ε diag(h) dB stabilises much less (c₃ = ε²/d)."),
+        ("code", SETUP),
+        ("code", '''from nrnn_jax.analysis import certificate, lyapunov_exponent, stabilization_demo
+
+eps_values = np.linspace(0, 2, 5 if QUICK else 9)
+rows = stabilization_demo(a=0.5, eps_values=eps_values, dt=0.01, t_max=20.0 if QUICK else 100.0)
+for r in rows:
+    print(f"eps {r['eps']:.2f}: bound {r['bound']:+.3f}, measured exponent {r['exponent']:+.3f} ± {r['exponent_se']:.3f}")
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(eps_values, [r["bound"] for r in rows], "k-", label="certificate bound c₁ − ε²/2")
+ax.errorbar(eps_values, [r["exponent"] for r in rows], yerr=[2 * r["exponent_se"] for r in rows], fmt="o",
+            label="measured top Lyapunov exponent")
+ax.axhline(0, color="gray", lw=0.8); ax.set_xlabel("multiplicative noise ε"); ax.legend()
+plt.tight_layout()'''),
+        ("md", "## Sample paths\n\nlog |h_t| for three noise levels, scalar noise, from h₀ = (1, …, 1)."),
+        ("code", '''d, dt, T = 4, 0.01, 2000 if QUICK else 5000
+p = nj.RecurrentParams(A=0.5 * jnp.eye(d), W=jnp.zeros((d, d)))
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for eps, color in [(0.0, "tab:gray"), (1.0, "tab:blue"), (2.0, "tab:red")]:
+    cfg = nj.NRNNConfig(hidden=d, dt=dt, eps_mult=eps, noise_kind="scalar", backend="scan")
+    for k in range(3):
+        xi = jax.random.normal(jax.random.PRNGKey(k), (T, cfg.noise_dim))
+        hs = nj.solve(cfg, p, jnp.zeros((T, d)), xi, h0=jnp.ones(d), save="all")
+        ax.plot(dt * np.arange(T + 1), np.log(np.linalg.norm(np.asarray(hs), axis=1)), color=color, lw=0.8,
+                label=f"ε = {eps}" if k == 0 else None)
+ax.set_xlabel("t"); ax.set_ylabel("log |h_t|"); ax.legend(); plt.tight_layout()'''),
+        ("md", "## Diagonal against scalar noise on a random Lipschitz drift"),
+        ("code", '''key = jax.random.PRNGKey(0)
+M = jax.random.normal(key, (8, 8))
+p = nj.RecurrentParams(A=0.5 * (M - M.T) + 0.3 * jnp.eye(8), W=0.05 * jax.random.normal(jax.random.PRNGKey(1), (8, 8)))
+for kind in ("scalar", "diagonal"):
+    for eps in (0.5, 1.0, 1.5):
+        cfg = nj.NRNNConfig(hidden=8, dt=0.01, eps_mult=eps, noise_kind=kind, backend="scan")
+        cert = certificate(cfg, p)
+        lam, se = lyapunov_exponent(cfg, p, t_max=20.0 if QUICK else 100.0)
+        print(f"{kind:8s} eps {eps}: c1 {cert.c1:+.3f} c2 {cert.c2:.3f} c3 {cert.c3:.3f} bound {cert.bound:+.3f} "
+              f"measured {lam:+.3f} ± {se:.3f}")'''),
+    ],
+    "03_robustness.ipynb": [
+        ("md", "# Robustness of saved runs\n\nAccuracy against the strength of random and adversarial "
+               "input perturbations (math.md §5) for saved run directories: those of `nrnn-compare` when present "
+               "(`runs/compare-ecg5000`), otherwise three quick runs on the embedded digits."),
+        ("code", SETUP),
+        ("code", '''saved = Path("../runs/compare-ecg5000")
+if saved.exists() and not QUICK:
+    run_dirs = {m: sorted((saved / m).iterdir())[0] for m in ("deterministic", "implicit", "explicit")}
+else:
+    data = nj.load_dataset("digits")
+    base = nj.NRNNConfig(input_dim=8, num_classes=10, hidden=32, dt=0.5, eps_add=0.3, eps_mult=0.3, backend="scan")
+    run_dirs = {}
+    for mode in ("deterministic", "implicit", "explicit"):
+        mcfg = base.replace(eps_add=0.0, eps_mult=0.0) if mode == "deterministic" else base
+        run_dirs[mode] = Path(f"../runs/notebook-robustness/{mode}")
+        nj.train_and_evaluate(mcfg, nj.TrainConfig(mode=mode, epochs=3 if QUICK else 10, batch_size=32),
+                              run_dirs[mode], data=data, progress=False, log=None, overwrite=True)
+print({m: str(r) for m, r in run_dirs.items()})'''),
+        ("code", '''from nrnn_jax.analysis import robustness_curve
+from nrnn_jax.train import read_run_config
+
+kinds = {"white": [0, 0.25, 0.5, 1.0], "multiplicative": [0, 0.5, 1.0, 2.0], "salt_pepper": [0, 0.05, 0.1, 0.2],
+         "fgsm_linf": [0, 0.02, 0.05, 0.1], "pgd_linf": [0, 0.02, 0.05, 0.1], "pgd_l2": [0, 0.25, 0.5, 1.0]}
+fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2))
+for (kind, strengths), ax in zip(kinds.items(), axes):
+    for mode, run_dir in run_dirs.items():
+        _, tcfg = read_run_config(run_dir)
+        x, y = nj.load_dataset(tcfg.dataset, tcfg.data_dir).split("test")
+        n = 500 if QUICK else len(y)
+        acc = robustness_curve(nj.load_run(run_dir), x[:n], y[:n], kind, strengths)
+        ax.plot(strengths, acc, "o-", label=mode)
+    ax.set_title(kind); ax.set_xlabel("strength"); ax.grid(alpha=0.3)
+axes[0].set_ylabel("test accuracy"); axes[0].legend(); plt.tight_layout()'''),
+    ],
+}
+
+
+def build() -> None:
+    NB.mkdir(exist_ok=True)
+    for name, cells in NOTEBOOKS.items():
+        nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, NB / name)
+
+
+def execute(names=None, timeout: int = 900) -> None:
+    from nbclient import NotebookClient
+
+    for name in names or NOTEBOOKS:
+        nb = nbformat.read(NB / name, as_version=4)
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NB)}}).execute()
+        nbformat.write(nb, NB / name)
+        print("executed", name)
+
+
+if __name__ == "__main__":
+    build()
+    if "--execute" in sys.argv:
+        execute([a for a in sys.argv[1:] if a.endswith(".ipynb")] or None)
