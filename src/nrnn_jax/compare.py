@@ -142,6 +142,7 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
 
 def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, Any]:
     """Train and analyse all modes for all seeds; write the layout of the module docstring."""
+    log = log or (lambda message: None)
     if cc.dataset not in DEFAULTS:
         raise ValueError(f"dataset={cc.dataset!r} has no comparison defaults: expected one of {sorted(DEFAULTS)}.")
     spec = DEFAULTS[cc.dataset]
