@@ -14,9 +14,6 @@ from .config import NRNNConfig
 from .data import load_dataset
 from .train import TrainConfig, read_run_config, train_and_evaluate
 
-_AUTO_FROM_DATA = ("input_dim", "num_classes")
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -85,16 +82,16 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         if args.resume is not None:
             mcfg, tcfg = read_run_config(args.resume)
+            data = load_dataset(tcfg.dataset, tcfg.data_dir)
             run_dir = args.resume
         else:
             tcfg = TrainConfig(**_collect(args, TrainConfig))
-            model_kw = _collect(args, NRNNConfig)
             data = load_dataset(tcfg.dataset, tcfg.data_dir)
+            model_kw = _collect(args, NRNNConfig)
             for name, value in (("input_dim", data.input_dim), ("num_classes", data.num_classes)):
                 model_kw.setdefault(name, value)
             mcfg = NRNNConfig(**model_kw)
             run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        data = load_dataset(tcfg.dataset, tcfg.data_dir)
         result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=not args.no_progress,
                                     resume=args.resume is not None, overwrite=args.overwrite)
     except (ValueError, TypeError, FileNotFoundError) as e:
