@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from nrnn_jax.data import DataFileError, batches, epoch_order, load_dataset
+from nrnn_jax.data import DataFileError, batches, epoch_order, load_dataset, prefetch
 from nrnn_jax.data.ecg5000 import KNOWN_SHA256, read_ucr_arff, read_ucr_text
 
 
@@ -121,3 +121,17 @@ def test_batches_fixed_shape_and_mask():
     np.testing.assert_array_equal(part[0].y, epoch_order(10, 0, 1)[4:8])
     with pytest.raises(ValueError, match="batch_size=0"):
         list(batches(x, y, 0))
+
+
+def test_prefetch_yields_the_same_batches_on_device():
+    import jax
+
+    x = np.arange(40, dtype=np.float32).reshape(10, 2, 2)
+    y = np.arange(10, dtype=np.int32)
+    plain = list(batches(x, y, 3))
+    ahead = list(prefetch(batches(x, y, 3), size=2))
+    assert len(ahead) == len(plain) == 4
+    for a, b in zip(ahead, plain):
+        assert isinstance(a.x, jax.Array)
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.mask, b.mask)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from . import checkpoint
 from .config import ConfigMixin, NRNNConfig
-from .data import Dataset, batches, epoch_order, load_dataset
+from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .losses import correct, cross_entropy, masked_mean
 from .model import NoisyRNN
 from .perturbations import Perturbation, white_noise
@@ -345,7 +345,8 @@ def train_and_evaluate(
         t0 = time.perf_counter()
         order = epoch_order(n_train, tcfg.seed, epoch)
         skip = offset if epoch == first_epoch + 1 else 0
-        it = batches(data.x_train, data.y_train, batch_size, order=order[skip * batch_size:], drop_remainder=True)
+        it = prefetch(batches(data.x_train, data.y_train, batch_size, order=order[skip * batch_size:],
+                              drop_remainder=True))
         if progress:
             from tqdm.auto import tqdm
 

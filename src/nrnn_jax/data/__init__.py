@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import Batch, Dataset, PaddedSequences, batches, default_data_dir, epoch_order
+from .base import Batch, Dataset, PaddedSequences, batches, default_data_dir, epoch_order, prefetch
 from .cifar10 import load_cifar10
 from .digits import load_digits
 from .ecg5000 import load_ecg5000
@@ -34,5 +34,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
 
 
 __all__ = ["Batch", "DataFileError", "Dataset", "LOADERS", "PaddedSequences", "batches", "default_data_dir",
-           "epoch_order", "load_cifar10", "load_dataset", "load_digits", "load_ecg5000", "load_mnist",
+           "epoch_order", "load_cifar10", "prefetch", "load_dataset", "load_digits", "load_ecg5000", "load_mnist",
            "load_mnist1d"]

@@ -115,6 +115,27 @@ def batches(
         yield Batch(x[take], y[take], mask)
 
 
+def prefetch(iterator: Iterator[Batch], size: int = 2, sharding=None) -> Iterator[Batch]:
+    """Move batches to the device `size` steps ahead of their use (`jax.device_put` is asynchronous, so the
+    copy overlaps the running step). `sharding` (a `jax.sharding.Sharding`, e.g. a mesh split over the
+    batch axis) places each batch across devices for data-parallel training."""
+    import collections
+
+    import jax
+
+    queue: collections.deque = collections.deque()
+
+    def put(b: Batch) -> Batch:
+        return Batch(*(jax.device_put(a, sharding) if sharding is not None else jax.device_put(a) for a in b))
+
+    for b in iterator:
+        queue.append(put(b))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
 def default_data_dir() -> Path:
     """Where data lives when no directory is given: $NRNN_DATA, else ~/.cache/nrnn_jax."""
     env = os.environ.get("NRNN_DATA")
