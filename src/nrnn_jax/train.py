@@ -340,7 +340,8 @@ def train_and_evaluate(
             last_saved[0] = int(state.step)
 
     t_start = time.perf_counter()
-    first_epoch, offset = divmod(int(state.step), steps_per_epoch)
+    host_step = int(state.step)
+    first_epoch, offset = divmod(host_step, steps_per_epoch)
     for epoch in range(first_epoch + 1, tcfg.epochs + 1):
         t0 = time.perf_counter()
         order = epoch_order(n_train, tcfg.seed, epoch)
@@ -354,9 +355,9 @@ def train_and_evaluate(
         for b in it:
             state, m = train_step(state, b.x, b.y, b.mask)
             sums = {k: sums[k] + m[k] for k in metric_names}
-            step_now = int(state.step)
+            host_step += 1  # counted on the host: reading state.step would wait for the device every step
             # The last step of an epoch is saved below, after the epoch's record is written.
-            if tcfg.checkpoint_every and step_now % tcfg.checkpoint_every == 0 and step_now % steps_per_epoch:
+            if tcfg.checkpoint_every and host_step % tcfg.checkpoint_every == 0 and host_step % steps_per_epoch:
                 save(state, sums)
         model = nnx.merge(graphdef, state.params)
         val = evaluate(model, data.x_val, data.y_val, tcfg.eval_batch_size)
@@ -390,10 +391,11 @@ def _resume(run_dir: Path, config: dict, state: TrainState, sums: dict):
     if not path.exists():
         raise ValueError(f"Cannot resume {str(run_dir)!r}: it holds no run ({path} is missing).")
     saved = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(config))  # as it would be written (tuples become lists)
     for part in ("model", "train"):
-        if saved.get(part) != json.loads(json.dumps(config[part])):
-            diff = sorted(k for k in set(saved.get(part, {})) | set(config[part])
-                          if saved.get(part, {}).get(k) != json.loads(json.dumps(config[part])).get(k))
+        old, new = saved.get(part, {}), wanted[part]
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"Cannot resume {str(run_dir)!r}: it was made with a different {part} "
                              f"configuration (fields differing: {diff}). Use the same settings or a new run_dir.")
     if checkpoint.latest_step(run_dir / "checkpoints") is None:
