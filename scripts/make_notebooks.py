@@ -1,5 +1,6 @@
 """Write notebooks/*.ipynb from the cell sources below (then execute them with `--execute` to store the
-outputs of a real run). The notebooks only call the library and plot."""
+outputs of a real run): `python scripts/make_notebooks.py [NAME.ipynb ...] [--execute]`. The notebooks only
+call the library and plot."""
 
 from __future__ import annotations
 
@@ -157,15 +158,14 @@ else:
                               run_dirs[mode], data=data, progress=False, log=None, overwrite=True)
 print({m: str(r) for m, r in run_dirs.items()})'''),
         ("code", '''from nrnn_jax.analysis import robustness_curve
-from nrnn_jax.train import read_run_config
 
+data_of = {m: nj.load_run_dataset(r) for m, r in run_dirs.items()}
 kinds = {"white": [0, 0.25, 0.5, 1.0], "multiplicative": [0, 0.5, 1.0, 2.0], "salt_pepper": [0, 0.05, 0.1, 0.2],
          "fgsm_linf": [0, 0.02, 0.05, 0.1], "pgd_linf": [0, 0.02, 0.05, 0.1], "pgd_l2": [0, 0.25, 0.5, 1.0]}
 fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2))
 for (kind, strengths), ax in zip(kinds.items(), axes):
     for mode, run_dir in run_dirs.items():
-        _, tcfg = read_run_config(run_dir)
-        x, y = nj.load_dataset(tcfg.dataset, tcfg.data_dir).split("test")
+        x, y = data_of[mode].split("test")
         n = 500 if QUICK else len(y)
         acc = robustness_curve(nj.load_run(run_dir), x[:n], y[:n], kind, strengths)
         ax.plot(strengths, acc, "o-", label=mode)
@@ -175,9 +175,10 @@ axes[0].set_ylabel("test accuracy"); axes[0].legend(); plt.tight_layout()'''),
 }
 
 
-def build() -> None:
+def build(names=None) -> None:
     NB.mkdir(exist_ok=True)
-    for name, cells in NOTEBOOKS.items():
+    for name in names or NOTEBOOKS:
+        cells = NOTEBOOKS[name]
         nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(nb, NB / name)
@@ -194,6 +195,9 @@ def execute(names=None, timeout: int = 900) -> None:
 
 
 if __name__ == "__main__":
-    build()
+    # `make_notebooks.py [NAME.ipynb ...] [--execute]`: rebuild (and execute) only the named notebooks,
+    # all of them when none is named; the others keep their stored outputs.
+    names = [a for a in sys.argv[1:] if a.endswith(".ipynb")] or None
+    build(names)
     if "--execute" in sys.argv:
-        execute([a for a in sys.argv[1:] if a.endswith(".ipynb")] or None)
+        execute(names)

@@ -142,7 +142,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 def robustness_main(argv: list[str] | None = None) -> int:
     """`nrnn-robustness RUN_DIR ...`: test accuracy of saved runs under a perturbation of several strengths."""
     from .analysis import KINDS, robustness_curve
-    from .train import load_run
+    from .train import load_run, load_run_dataset
 
     parser = argparse.ArgumentParser(prog="nrnn-robustness",
                                      description="Accuracy of saved runs against perturbation strength (math.md §5).")
@@ -157,7 +157,7 @@ def robustness_main(argv: list[str] | None = None) -> int:
     try:
         for run_dir in args.run_dirs:
             mcfg, tcfg = read_run_config(run_dir)
-            x, y = load_dataset(tcfg.dataset, tcfg.data_dir).split(args.split)
+            x, y = load_run_dataset(run_dir).split(args.split)
             accs = robustness_curve(load_run(run_dir), x, y, args.kind, args.strengths, seed=args.seed)
             rows.append({"run": str(run_dir), "mode": tcfg.mode, **{f"{args.kind} {s:g}": float(a)
                                                                   for s, a in zip(args.strengths, accs)}})

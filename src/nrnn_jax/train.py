@@ -436,6 +436,20 @@ def read_run_config(run_dir: str | Path) -> tuple[NRNNConfig, TrainConfig]:
     return NRNNConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"])
 
 
+def load_run_dataset(run_dir: str | Path) -> Dataset:
+    """The data set a run was trained on. A relative `data_dir` is taken as given if it exists from here,
+    else relative to the run directory's ancestors (where the run was started), so that a run directory
+    can be evaluated from another working directory."""
+    _, tcfg = read_run_config(run_dir)
+    data_dir = tcfg.data_dir
+    if data_dir is not None and not Path(data_dir).is_absolute() and not Path(data_dir).exists():
+        for parent in Path(run_dir).resolve().parents:
+            if (parent / data_dir).exists():
+                data_dir = str(parent / data_dir)
+                break
+    return load_dataset(tcfg.dataset, data_dir)
+
+
 def load_run(run_dir: str | Path) -> NoisyRNN:
     """The trained model of a run directory written by `train_and_evaluate` / `nrnn-train`."""
     mcfg, tcfg = read_run_config(run_dir)
