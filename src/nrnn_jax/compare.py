@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from .analysis import (
@@ -127,7 +128,7 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
     lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), model.recurrent_params(),
                                    t_max=cc.lyapunov_time, num_paths=2, seed=seed)
     reg = explicit_regularizer(noisy_model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
-                               num_probes=8, key=__import__("jax").random.PRNGKey(seed))
+                               num_probes=8, key=jax.random.PRNGKey(seed))
     out.update({
         "hessian_ritz": ritz.tolist(), "hessian_top": float(ritz[-1]), "hessian_trace": trace,
         "hessian_trace_se": trace_se,
@@ -160,8 +161,6 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
     t0 = time.perf_counter()
     track = None
     if cc.track_regularizer:
-        import jax
-
         n = min(cc.analysis_examples, data.x_val.shape[0])
         x_v, y_v = np.asarray(data.x_val[:n]), data.y_val[:n]
 
