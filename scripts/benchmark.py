@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, TrainState, make_optimizer, make_train_step
+from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, init_train_state, make_optimizer, make_train_step
 
 SHAPES = {
     "paper": dict(T=784, hidden=128, batch=128, input_dim=1, num_classes=10, dt=0.03),
@@ -41,7 +41,7 @@ def time_jax(shape: dict, backend: str, mode: str, repeats: int, reg_method: str
     model = NoisyRNN(mcfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(tcfg, 100)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1), jnp.full((), -1, jnp.int32))
+    state = init_train_state(params, tx, seed=0)
     step = make_train_step(graphdef, tx, tcfg)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape["batch"], shape["T"], shape["input_dim"])).astype(np.float32)

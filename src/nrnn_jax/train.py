@@ -112,6 +112,20 @@ class TrainState(NamedTuple):
     bad_step: jax.Array
 
 
+def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """The state before the first step: optimizer initialised, step 0, key from `seed`, no bad step."""
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed + 1),
+                      jnp.full((), -1, jnp.int32))
+
+
+def _metric_names(tcfg: "TrainConfig") -> list[str]:
+    return ["loss", "acc", "grad_norm"] + (["reg"] if tcfg.mode == "explicit" else [])
+
+
+def _zero_sums(names: list[str]) -> dict[str, jax.Array]:
+    return {k: jnp.zeros((), jnp.float32) for k in names}
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradients became NaN or Inf; the message names the step and the last good checkpoint."""
 
@@ -298,10 +312,9 @@ def train_and_evaluate(
     model = NoisyRNN(mcfg, rngs=nnx.Rngs(tcfg.seed))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(tcfg, steps_per_epoch)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(tcfg.seed + 1),
-                       jnp.full((), -1, jnp.int32))
-    metric_names = ["loss", "acc", "grad_norm"] + (["reg"] if tcfg.mode == "explicit" else [])
-    sums = {k: jnp.zeros((), jnp.float32) for k in metric_names}
+    state = init_train_state(params, tx, tcfg.seed)
+    metric_names = _metric_names(tcfg)
+    sums = _zero_sums(metric_names)
     history: list[dict[str, Any]] = []
     ckpt_dir = None if run_dir is None else Path(run_dir) / "checkpoints"
 
@@ -366,7 +379,7 @@ def train_and_evaluate(
                   "val_loss": val["loss"], "val_acc": val["acc"]}
         if on_epoch_end is not None:
             record.update({k: float(v) for k, v in on_epoch_end(epoch, model).items()})
-        sums = {k: jnp.zeros((), jnp.float32) for k in metric_names}
+        sums = _zero_sums(metric_names)
         if int(state.bad_step) < 0:
             history.append(record)
             if run_dir is not None:
@@ -456,8 +469,7 @@ def load_run(run_dir: str | Path) -> NoisyRNN:
     model = NoisyRNN(mcfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(tcfg, 1)
-    target = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0),
-                        jnp.zeros((), jnp.int32))
-    sums = {k: jnp.zeros((), jnp.float32) for k in ["loss", "acc", "grad_norm"] + (["reg"] if tcfg.mode == "explicit" else [])}
+    target = init_train_state(params, tx, tcfg.seed)  # the structure, shapes and dtypes to restore into
+    sums = _zero_sums(_metric_names(tcfg))
     restored, _ = checkpoint.restore_checkpoint(Path(run_dir) / "checkpoints", {"state": target, "sums": sums})
-    return nnx.merge(graphdef, restored["state"][0])
+    return nnx.merge(graphdef, restored["state"].params)

@@ -31,9 +31,11 @@ def check_inputs(x, input_dim: int, *, name: str = "x") -> None:
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{name} has dtype {dtype}; expected a real (float or integer) array.")
     # Lazy containers (data.PaddedSequences) check finiteness at construction; arrays are checked here.
-    if isinstance(x, (np.ndarray, jax.Array)) and not _is_tracer(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        bad = int(np.size(x) - np.isfinite(np.asarray(x)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or Inf value(s); inputs must be finite.")
+    if isinstance(x, (np.ndarray, jax.Array)) and not _is_tracer(x):
+        finite = np.isfinite(np.asarray(x))
+        if not finite.all():
+            raise ValueError(f"{name} contains {finite.size - int(finite.sum())} NaN or Inf value(s); "
+                             "inputs must be finite.")
 
 
 def check_noise(xi, batch: int, steps: int, noise_dim: int, *, name: str = "noise") -> None:
