@@ -3,10 +3,11 @@
 The public API:
 
 - `NRNNConfig`, `NoisyRNN`: the model (math.md §1).
-- `solve`, `brownian_increments`, `GridBrownianPath`: the solvers (diffrax and scan backends).
+- `solve`, `solve_batch`, `brownian_increments`, `GridBrownianPath`: the solvers (diffrax and scan backends).
 - `explicit_regularizer` (and the general `exact_terms`, `probe_terms`, `continuous_terms`): the
   small-noise explicit regularizer (math.md §2).
-- `TrainConfig`, `train_and_evaluate`, `make_train_step`, `eval_step`, `evaluate`, `load_run`: training.
+- `TrainConfig`, `train_and_evaluate`, `make_train_step`, `eval_step`, `evaluate`, `load_run`: training;
+  `Sweep` (several seeds / noise levels in one vmapped step) and `data_parallel_sharding` (several devices).
 - `load_dataset`, `Dataset`: data.
 """
 
@@ -22,13 +23,16 @@ from .regularizer import (
     explicit_regularizer,
     probe_terms,
 )
-from .solvers import GridBrownianPath, GridIncrementPath, brownian_increments, solve
+from .solvers import GridBrownianPath, GridIncrementPath, brownian_increments, solve, solve_batch
 from .train import (
+    Sweep,
     TrainConfig,
     TrainingDiverged,
     TrainState,
     eval_step,
     evaluate,
+    data_parallel_sharding,
+    init_sweep_states,
     init_train_state,
     load_run,
     load_run_dataset,
@@ -61,6 +65,9 @@ __all__ = [
     "exact_terms",
     "explicit_regularizer",
     "init_train_state",
+    "init_sweep_states",
+    "data_parallel_sharding",
+    "Sweep",
     "lipschitz_matrix",
     "load_dataset",
     "load_run",
@@ -70,6 +77,7 @@ __all__ = [
     "predict_logits",
     "probe_terms",
     "solve",
+    "solve_batch",
     "train_and_evaluate",
     "with_noise",
 ]

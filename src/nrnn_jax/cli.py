@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .config import NRNNConfig
 from .data import load_dataset
-from .train import TrainConfig, read_run_config, train_and_evaluate
+from .train import Sweep, TrainConfig, read_run_config, read_run_sweep, train_and_evaluate
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -75,16 +76,36 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="continue the run in RUN_DIR from its latest checkpoint, with its own config")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    par = parser.add_argument_group("sweeps and devices")
+    par.add_argument("--sweep-seeds", type=_parse_tuple(int), default=None, metavar="S1,S2,...",
+                     help="train these seeds at once (one vmapped step); --seed then sets only the data order")
+    par.add_argument("--sweep-eps-add", type=_parse_tuple(float), default=None, metavar="E1,E2,...",
+                     help="additive noise level of each sweep member")
+    par.add_argument("--sweep-eps-mult", type=_parse_tuple(float), default=None, metavar="E1,E2,...",
+                     help="multiplicative noise level of each sweep member")
+    par.add_argument("--devices", type=int, default=None,
+                     help="data-parallel over this many devices (the batch is split across them)")
+    par.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
+                          "environment variables or launcher)")
     _add_dataclass_flags(parser, TrainConfig, "training")
     _add_dataclass_flags(parser, NRNNConfig, "model (input_dim and num_classes default to the data set's)")
     args = parser.parse_args(argv)
 
     try:
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize()
         if args.resume is not None:
             mcfg, tcfg = read_run_config(args.resume)
+            sweep = read_run_sweep(args.resume)
             data = load_dataset(tcfg.dataset, tcfg.data_dir)
             run_dir = args.resume
         else:
+            sweep = None
+            if any(v is not None for v in (args.sweep_seeds, args.sweep_eps_add, args.sweep_eps_mult)):
+                sweep = Sweep(seeds=args.sweep_seeds or (0,), eps_add=args.sweep_eps_add, eps_mult=args.sweep_eps_mult)
             tcfg = TrainConfig(**_collect(args, TrainConfig))
             data = load_dataset(tcfg.dataset, tcfg.data_dir)
             model_kw = _collect(args, NRNNConfig)
@@ -93,13 +114,17 @@ def train_main(argv: list[str] | None = None) -> int:
             mcfg = NRNNConfig(**model_kw)
             run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=not args.no_progress,
-                                    resume=args.resume is not None, overwrite=args.overwrite)
+                                    resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
+                                    devices=args.devices)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nrnn-train: error: {e}", file=sys.stderr)
         return 2
     s = result.summary
-    cols = ["mode", "test_acc"] + [k for k in s if k.startswith("test_acc_white")] + ["val_acc", "train_time_s"]
-    print(format_table([s], cols))
+    rows = [s] if "members" not in s else [{"mode": s["mode"], **m} for m in s["members"]]
+    cols = (["mode"] + (["seed", "eps_add", "eps_mult"] if "members" in s else []) + ["test_acc"]
+            + [k for k in rows[0] if k.startswith("test_acc_white")] + ["val_acc"])
+    print(format_table(rows, cols))
+    print(f"training time: {s['train_time_s']:.1f} s")
     print(f"run directory: {run_dir}")
     return 0
 

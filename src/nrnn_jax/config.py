@@ -14,6 +14,7 @@ CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar")
 SOLVERS = ("euler", "euler_heun", "milstein")
 BACKENDS = ("diffrax", "scan")
+GRADIENTS = ("adjoint", "autodiff")
 DTYPES = ("float32", "float64")
 
 
@@ -90,6 +91,10 @@ class NRNNConfig(ConfigMixin):
       noise). Under `"reference"` only `"euler"` is defined.
     - `backend`: `"diffrax"` (default; `diffrax.diffeqsolve` on the step grid) or `"scan"` (a `lax.scan`
       fast path giving the same numbers).
+    - `gradient`: `"adjoint"` (default; the exact discrete adjoint of `nrnn_jax.recurrence`: a reverse
+      scan of the hidden-state cotangent, the matrix gradients as one product after the loop — the same
+      gradients, faster, reverse mode only) or `"autodiff"` (JAX differentiates the backend's loop; use it
+      to take `jax.jvp` / `jax.jacfwd` through the model).
     - `dtype`: `"float32"` or `"float64"` for parameters and states (float64 needs `jax_enable_x64`).
     """
 
@@ -108,6 +113,7 @@ class NRNNConfig(ConfigMixin):
     noise_kind: Literal["diagonal", "scalar"] = "diagonal"
     solver: Literal["euler", "euler_heun", "milstein"] = "euler"
     backend: Literal["diffrax", "scan"] = "diffrax"
+    gradient: Literal["adjoint", "autodiff"] = "adjoint"
     dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self) -> None:
@@ -126,6 +132,7 @@ class NRNNConfig(ConfigMixin):
         _check_choice("noise_kind", self.noise_kind, NOISE_KINDS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("gradient", self.gradient, GRADIENTS)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.convention == "reference":
             if self.eps_mult > 1.0:
@@ -157,3 +164,34 @@ class NRNNConfig(ConfigMixin):
     @property
     def is_noisy(self) -> bool:
         return self.eps_add > 0 or self.eps_mult > 0
+
+    @property
+    def has_additive_noise(self) -> bool:
+        return self.eps_add > 0
+
+    def with_traced_noise(self, eps_add, eps_mult) -> "NRNNConfig":
+        """A copy whose noise levels are JAX values (e.g. one per member of a vmapped sweep), for use
+        inside a traced function only. It is not validated and counts as noisy: the noise terms are always
+        built, and are exactly zero for a member whose level is 0."""
+        new = object.__new__(_TracedNoiseConfig)
+        for f in dataclasses.fields(self):
+            object.__setattr__(new, f.name, getattr(self, f.name))
+        object.__setattr__(new, "eps_add", eps_add)
+        object.__setattr__(new, "eps_mult", eps_mult)
+        return new
+
+
+class _TracedNoiseConfig(NRNNConfig):
+    """`NRNNConfig.with_traced_noise`: noise levels that may be tracers, so every static question about
+    them has the answer "present"."""
+
+    @property
+    def is_noisy(self) -> bool:
+        return True
+
+    @property
+    def has_additive_noise(self) -> bool:
+        return True
+
+    def __hash__(self):  # tracers are not hashable; the traced copy is never a static argument
+        return id(self)

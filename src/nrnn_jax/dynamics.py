@@ -38,7 +38,18 @@ def lipschitz_matrix(m: Float[Array, "d d"], beta: float, gamma: float) -> Float
 
 def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"]) -> Float[Array, " d"]:
     """f(h, x) = α A h + tanh(W h + U x + b), with z = U x + b   (math.md §1)."""
-    return cfg.alpha * (p.A @ h) + jnp.tanh(p.W @ h + z)
+    return drift_from_products(cfg, p.A @ h, p.W @ h, z)
+
+
+def drift_from_products(cfg: NRNNConfig, ah, wh, z):
+    """The drift given the matrix products a = A h and w = W h: α a + tanh(w + z). The parameters A, W
+    enter the recurrence only through these products, which is what `nrnn_jax.recurrence` exploits."""
+    return cfg.alpha * ah + jnp.tanh(wh + z)
+
+
+def products_matrix(p: RecurrentParams) -> Float[Array, "2d d"]:
+    """M = [A; W], so that M h = (A h, W h) in one matrix product."""
+    return jnp.concatenate([p.A, p.W], axis=0)
 
 
 def diffusion(cfg: NRNNConfig, h: Float[Array, " d"]) -> lx.AbstractLinearOperator:
@@ -80,8 +91,13 @@ def sde_step(
     - milstein (Itô, commutative noise):  Euler–Maruyama + ½ Σ_j (L^j σ_j)(ΔW_j² − δ), written in
       closed form for the two noise kinds (diffrax's `ItoMilstein` computes it by autodiff instead).
     """
+    return sde_step_given_drift(cfg, h, drift(cfg, p, h, z), dw)
+
+
+def sde_step_given_drift(cfg: NRNNConfig, h, f, dw):
+    """`sde_step` with the drift f(h, x_k) already evaluated (every scheme evaluates it once, at h)."""
     dt = cfg.dt
-    h_det = h + dt * drift(cfg, p, h, z)
+    h_det = h + dt * f
     if dw is None or not cfg.is_noisy:
         return h_det
     noise = diffusion_mv(cfg, h, dw)
@@ -109,19 +125,28 @@ def reference_step(
     `xi` of shape (2 hidden,) holds ξ then ζ (u = 1 − ε_mult + ε_mult Φ(ζ)); None means test time
     (u ≡ 1, ξ ≡ 0).
     """
-    f = drift(cfg, p, h, z)
+    return reference_step_given_drift(cfg, h, drift(cfg, p, h, z), xi, p.step)
+
+
+def reference_step_given_drift(cfg: NRNNConfig, h, f, xi, step_size):
+    """`reference_step` with the drift f(h, x_k) already evaluated and the per-unit step s."""
     if xi is None:
-        return h + p.step * f
+        return h + step_size * f
     d = h.shape[0]
-    return h + p.step * reference_multiplier(cfg, xi[d:]) * f + cfg.eps_add * xi[:d]
+    return h + step_size * reference_multiplier(cfg, xi[d:]) * f + cfg.eps_add * xi[:d]
 
 
 def step(cfg: NRNNConfig, p: RecurrentParams, h, z, noise):
     """One recurrence step under the configured convention. `noise` is the scaled Brownian increment
     ΔW = √δ ξ (convention "sde") or the raw standard normals ξ (convention "reference"), or None."""
+    return step_given_drift(cfg, h, drift(cfg, p, h, z), noise, p.step)
+
+
+def step_given_drift(cfg: NRNNConfig, h, f, noise, step_size=None):
+    """`step` with the drift already evaluated; `step_size` is s (reference convention only)."""
     if cfg.convention == "reference":
-        return reference_step(cfg, p, h, z, noise)
-    return sde_step(cfg, p, h, z, noise)
+        return reference_step_given_drift(cfg, h, f, noise, step_size)
+    return sde_step_given_drift(cfg, h, f, noise)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -134,9 +159,14 @@ def mean_step_map(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z:
     "sde": the Euler step h + δ f(h, x_k). "reference": the mean step h + s (1 − ε_mult/2) ⊙ f(h, x_k),
     since E u = 1 − ε_mult/2 (math.md §2); note that this is not the test-time step (u ≡ 1).
     """
+    return mean_step_given_drift(cfg, h, drift(cfg, p, h, z), p.step)
+
+
+def mean_step_given_drift(cfg: NRNNConfig, h, f, step_size=None):
+    """`mean_step_map` with the drift f(h, x_k) already evaluated; `step_size` is s (reference only)."""
     if cfg.convention == "reference":
-        return h + p.step * (1.0 - 0.5 * cfg.eps_mult) * drift(cfg, p, h, z)
-    return h + cfg.dt * drift(cfg, p, h, z)
+        return h + step_size * (1.0 - 0.5 * cfg.eps_mult) * f
+    return h + cfg.dt * f
 
 
 def noise_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"]) -> lx.AbstractLinearOperator:
@@ -153,6 +183,16 @@ def noise_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: 
     if cfg.noise_kind == "diagonal":
         return lx.DiagonalLinearOperator(sqrt_dt * (cfg.eps_add + cfg.eps_mult * h))
     return lx.MatrixLinearOperator(sqrt_dt * diffusion(cfg, h).as_matrix())
+
+
+def noise_factor_mv(cfg: NRNNConfig, h, f, eta, step_size=None):
+    """G_k η for one η of shape (noise_dim,) without forming G_k (elementwise; the same G_k as
+    `noise_factor`, whose covariance is C_k). `f` is the drift f(h, x_k), used by the reference
+    convention only."""
+    d = h.shape[0]
+    if cfg.convention == "reference":
+        return step_size * f * (cfg.eps_mult / jnp.sqrt(12.0)) * eta[:d] + cfg.eps_add * eta[d:]
+    return jnp.sqrt(jnp.asarray(cfg.dt, h.dtype)) * diffusion_mv(cfg, h, eta)
 
 
 def stratonovich_shift(cfg: NRNNConfig, h: Float[Array, " d"], dt: float | Array) -> Float[Array, " d"]:

@@ -1,7 +1,7 @@
 """`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (math.md §1).
 
-The module is only the edge that holds parameters; the recursion itself is the pure `solvers.solve`,
-vmapped over the batch. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
+The module is only the edge that holds parameters; the recursion itself is the pure
+`solvers.solve_batch`. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
 """
 
 from __future__ import annotations
@@ -86,10 +86,7 @@ class NoisyRNN(nnx.Module):
         xi = self._noise(x, noise, key)
         p = self.recurrent_params()
         z = self.encode(x)
-        solve = lambda z_i, xi_i: solvers.solve(self.cfg, p, z_i, xi_i, save=save)
-        if xi is None:
-            return jax.vmap(lambda z_i: solve(z_i, None))(z)
-        return jax.vmap(solve)(z, xi)
+        return solvers.solve_batch(self.cfg, p, z, xi, save=save)
 
     def __call__(self, x, *, noise=None, key=None) -> Float[Array, "batch classes"]:
         return self.decode(self._solve(x, noise, key, "final"))

@@ -34,7 +34,7 @@ import lineax as lx
 from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
-from . import dynamics
+from . import dynamics, recurrence
 from .losses import cross_entropy, masked_mean
 from .validation import check_inputs, check_labels
 
@@ -176,11 +176,68 @@ def probe_terms(
     S = probes.shape[1]
     zeros = jnp.zeros((S, h0.shape[0]), h0.dtype)
     (h, U, V), _ = jax.lax.scan(body, (h0, zeros, zeros), (inputs, probes))
+    return _probe_loss_terms(loss, h, U, V)
+
+
+def _probe_loss_terms(loss: LossFn, h, U, V) -> Terms:
+    """ℓ(h), Q = 2 ∇ℓᵀ v and R = uᵀ ∇²ℓ u for each probe's (u, v) (rows of U, V)."""
     value, grad = jax.value_and_grad(loss)(h)
     hvp = lambda a: jax.jvp(jax.grad(loss), (h,), (a,))[1]
     Q = 2.0 * V @ grad
     R = jnp.sum(U * jax.vmap(hvp)(U), axis=-1)
     return Terms(value, Q, R, h)
+
+
+def _probe_cell(cfg, num_probes: int, shift: bool):
+    """The probe recursion of `probe_terms` for the Lipschitz model as a `nrnn_jax.recurrence` cell.
+
+    State rows: h̄, then U (S rows), then V (S rows); products rows M s = (A s, W s). With
+    F(h) = h + c (α A h + tanh(W h + z)) (c = δ, or s(1 − ε_mult/2) under the reference convention) and
+    r = W h̄ + z, in closed form (math.md §2):
+
+        J u = u + c (α A u + tanh'(r) ⊙ W u),
+        J v + ½ ∂²F[u, u] = v + c (α A v + tanh'(r) ⊙ W v + ½ tanh''(r) ⊙ (W u)²),
+
+    elementwise given the products, so the matrices enter only through M s. Tests check this cell against
+    the general Taylor-mode `probe_terms` (equal to rounding, values and gradients).
+    """
+    d, S = cfg.hidden, num_probes
+
+    def cell(state, prods, x_k, step_size):
+        z_k, eta = x_k  # eta: (S, noise_dim)
+        a, w = prods[:, :d], prods[:, d:]
+        h, U, V = state[0], state[1:1 + S], state[1 + S:]
+        t = jnp.tanh(w[0] + z_k)
+        f = cfg.alpha * a[0] + t
+        d1 = 1.0 - t * t  # tanh'
+        d2 = -2.0 * t * d1  # tanh''
+        c = cfg.dt if cfg.convention == "sde" else (step_size * (1.0 - 0.5 * cfg.eps_mult))[None, :]
+        h_next = dynamics.mean_step_given_drift(cfg, h, f, step_size)
+        JU = U + c * (cfg.alpha * a[1:1 + S] + d1[None, :] * w[1:1 + S])
+        noise = jax.vmap(lambda e: dynamics.noise_factor_mv(cfg, h, f, e, step_size))(eta)
+        V_next = V + c * (cfg.alpha * a[1 + S:] + d1[None, :] * w[1 + S:] + 0.5 * d2[None, :] * w[1:1 + S] ** 2)
+        if shift:
+            V_next = V_next + dynamics.stratonovich_shift(cfg, h, cfg.dt)[None, :]
+        return jnp.concatenate([h_next[None], JU + noise, V_next], axis=0)
+
+    return cell
+
+
+def _model_probe_terms(cfg, p, decode, z, y, probes) -> Terms:
+    """`probe_terms` for a whole batch of the Lipschitz model, run by `nrnn_jax.recurrence` (one batched
+    recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim)."""
+    B, T, d = z.shape
+    S = probes.shape[2]
+    shift = cfg.convention == "sde" and cfg.solver == "euler_heun"
+    state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
+    xs = (jnp.swapaxes(z, 0, 1), jnp.swapaxes(probes, 0, 1))
+    final = recurrence.recurrence(_probe_cell(cfg, S, shift), dynamics.products_matrix(p), p.step, state0, xs)
+
+    def per_example(s, y_i):
+        loss = lambda h: cross_entropy(decode(h), y_i)
+        return _probe_loss_terms(loss, s[0], s[1:1 + S], s[1 + S:])
+
+    return jax.vmap(per_example)(final, y)
 
 
 def continuous_terms(
@@ -314,7 +371,10 @@ def explicit_regularizer(
     B, T = x.shape[0], x.shape[1]
     if method == "probe":
         probes = draw_probes(key, (B, T, num_probes, cfg.noise_dim), probe, dtype)
-        terms = jax.vmap(per_example)(z, y, probes)
+        if cfg.gradient == "adjoint":
+            terms = _model_probe_terms(cfg, p, decode, z, y, probes)
+        else:
+            terms = jax.vmap(per_example)(z, y, probes)
         samples = terms.value  # (B, S)
         per_ex_Q, per_ex_R = terms.Q.mean(-1), terms.R.mean(-1)
     else:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
-from . import dynamics
+from . import dynamics, recurrence
 from .config import NRNNConfig
 from .dynamics import RecurrentParams
 
@@ -88,52 +88,65 @@ class GridBrownianPath(_OnGrid, diffrax.AbstractBrownianPath):
         return inc
 
 
-def _sde_drift_vf(cfg: NRNNConfig):
-    def vf(t, h, args):
-        p, z = args
-        return dynamics.drift(cfg, p, h, z[_grid_index(t, cfg.dt, z.shape[0])])
+def _drift_vf(cfg: NRNNConfig, batch: int, grid_dt: float, as_operator: bool):
+    """The drift on the flat state y = vec(h) of shape (B·d,), reading the input of the step t is in."""
+
+    def vf(t, y, args):
+        M, z = args  # z time-major (T, B, d)
+        h = y.reshape(batch, -1)
+        prods = h @ M.T
+        d = h.shape[-1]
+        f = dynamics.drift_from_products(cfg, prods[:, :d], prods[:, d:], z[_grid_index(t, grid_dt, z.shape[0])])
+        return lx.DiagonalLinearOperator(f.reshape(-1)) if as_operator else f.reshape(-1)
 
     return vf
 
 
-def _reference_drift_vf(cfg: NRNNConfig):
-    def vf(t, h, args):
-        p, z = args
-        return lx.DiagonalLinearOperator(dynamics.drift(cfg, p, h, z[_grid_index(t, 1.0, z.shape[0])]))
-
-    return vf
+def _diffusion_vf(cfg: NRNNConfig, batch: int):
+    """σ(h) on the flat state as a lineax operator from the flat noise (B·noise_dim,) to (B·d,)."""
+    if cfg.noise_kind == "diagonal":
+        return lambda t, y, args: lx.DiagonalLinearOperator(cfg.eps_add + cfg.eps_mult * y)
+    if batch != 1:
+        raise ValueError("scalar noise couples the d components of one example: solve one example at a time.")
+    return lambda t, y, args: dynamics.diffusion(cfg, y)  # [ε_add I | ε_mult h], (d, d + 1)
 
 
 _SDE_SOLVERS = {"euler": diffrax.Euler, "euler_heun": diffrax.EulerHeun, "milstein": diffrax.ItoMilstein}
 
 
-def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save):
-    T = z.shape[0]
+def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"], xi, h0: Float[Array, "B d"],
+                  save: Save) -> Array:
+    """The whole batch as ONE `diffrax.diffeqsolve` on the flat state vec(h) of shape (B·d,) (a batched
+    while loop, no vmap). Time-major: z (T, B, d), xi (T, B, noise_dim) or None; returns (B, d) or, with
+    `save="all"`, (T + 1, B, d)."""
+    T, B, d = z.shape
+    if B > 1 and xi is not None and cfg.convention == "sde" and cfg.noise_kind == "scalar" and cfg.is_noisy:
+        # One multiplicative Brownian motion per example: a dense σ over the flat batch would be
+        # (B d) x (B (d + 1)), so the examples are solved one by one (vmapped).
+        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save)
+        out = jax.vmap(one, in_axes=(1, 1, 0), out_axes=0 if save == "final" else 1)(z, xi, h0)
+        return out[:, 0] if save == "final" else out[:, :, 0]
     dtype = z.dtype
+    flat = lambda a: a.reshape(a.shape[0], -1)
     if cfg.convention == "reference":
         grid_dt = 1.0
-        d = h0.shape[0]
         if xi is None:
-            clock = jnp.broadcast_to(p.step, (T, d))
+            clock = jnp.broadcast_to(p.step, (T, B, d))
         else:
-            clock = p.step[None, :] * dynamics.reference_multiplier(cfg, xi[:, d:])
-        terms = diffrax.ControlTerm(_reference_drift_vf(cfg), GridIncrementPath(clock, grid_dt))
-        if xi is not None and cfg.eps_add > 0:
-            additive = diffrax.ControlTerm(
-                lambda t, h, args: lx.DiagonalLinearOperator(jnp.full_like(h, cfg.eps_add)),
-                GridBrownianPath(xi[:, :d], grid_dt),
-            )
+            clock = p.step[None, None, :] * dynamics.reference_multiplier(cfg, xi[..., d:])
+        terms = diffrax.ControlTerm(_drift_vf(cfg, B, grid_dt, True), GridIncrementPath(flat(clock), grid_dt))
+        if xi is not None and cfg.has_additive_noise:
+            additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(y, cfg.eps_add)),
+                                           GridBrownianPath(flat(xi[..., :d]), grid_dt))
             terms = diffrax.MultiTerm(terms, additive)
         solver = diffrax.Euler()
     else:
         grid_dt = cfg.dt
-        terms = diffrax.ODETerm(_sde_drift_vf(cfg))
+        terms = diffrax.ODETerm(_drift_vf(cfg, B, grid_dt, False))
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
             dw = jnp.sqrt(jnp.asarray(cfg.dt, dtype)) * xi
-            noise_term = diffrax.ControlTerm(lambda t, h, args: dynamics.diffusion(cfg, h),
-                                             GridBrownianPath(dw, grid_dt))
-            terms = diffrax.MultiTerm(terms, noise_term)
+            terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, B), GridBrownianPath(flat(dw), grid_dt)))
             solver = _SDE_SOLVERS[cfg.solver]()
     ts = grid_dt * jnp.arange(T + 1, dtype=dtype)
     saveat = diffrax.SaveAt(t1=True) if save == "final" else diffrax.SaveAt(t0=True, steps=True)
@@ -143,14 +156,14 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], x
         t0=ts[0],
         t1=ts[-1],
         dt0=None,
-        y0=h0,
-        args=(p, z),
+        y0=h0.reshape(-1),
+        args=(dynamics.products_matrix(p), z),
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts),
         adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
         max_steps=T,
     )
-    return sol.ys[-1] if save == "final" else sol.ys
+    return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
 
 
 def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save):
@@ -172,6 +185,70 @@ def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, 
     return jnp.concatenate([h0[None], hs], axis=0)
 
 
+def _cell(cfg: NRNNConfig):
+    """One step of the configured scheme for `nrnn_jax.recurrence`: the state is (1, hidden), the products
+    are M h = (A h, W h), the inputs are (z_k, ξ_k) with raw standard normals ξ_k (or None)."""
+    d = cfg.hidden
+
+    def cell(s, prods, x_k, step_size):
+        z_k, xi_k = x_k
+        h = s[0]
+        f = dynamics.drift_from_products(cfg, prods[0, :d], prods[0, d:], z_k)
+        noise = xi_k
+        if xi_k is not None and cfg.convention == "sde":
+            noise = jnp.sqrt(jnp.asarray(cfg.dt, h.dtype)) * xi_k
+        return dynamics.step_given_drift(cfg, h, f, noise, step_size)[None]
+
+    return cell
+
+
+def _diffrax_forward(cfg: NRNNConfig):
+    """The forward states of the adjoint recurrence computed by `diffrax.diffeqsolve` (no autodiff through
+    the solve: the recurrence's adjoint differentiates it)."""
+
+    def forward(cell, M, step_size, state0, xs):
+        z, xi = xs
+        d = cfg.hidden
+        p = RecurrentParams(A=M[:d], W=M[d:], step=step_size)
+        hs = solve_diffrax(cfg, p, z, xi, state0[:, 0], "all")[:, :, None, :]  # (T + 1, B, 1, d)
+        return hs[:-1], hs[-1], None
+
+    return forward
+
+
+def solve_batch(
+    cfg: NRNNConfig,
+    p: RecurrentParams,
+    z: Float[Array, "B T d"],
+    xi: Float[Array, "B T m"] | None = None,
+    *,
+    h0: Float[Array, "B d"] | None = None,
+    save: Save = "final",
+) -> Array:
+    """`solve` for a batch: z (B, T, hidden), xi (B, T, noise_dim) or None, h0 (B, hidden).
+
+    Returns (B, hidden) or, with `save="all"`, (B, T + 1, hidden). Under `cfg.gradient="adjoint"` the
+    backward pass is the discrete adjoint of `nrnn_jax.recurrence` whichever backend computed the forward
+    states; under `"autodiff"` JAX differentiates the backend's loop (`lax.scan`, or `diffeqsolve` with
+    `RecursiveCheckpointAdjoint`).
+    """
+    if save not in ("final", "all"):
+        raise ValueError(f"save={save!r} is invalid: expected 'final' or 'all'.")
+    if h0 is None:
+        h0 = jnp.zeros((z.shape[0], z.shape[-1]), z.dtype)
+    if cfg.gradient == "autodiff" and cfg.backend == "scan":
+        one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save)
+        return jax.vmap(one, in_axes=(0, None if xi is None else 0, 0))(z, xi, h0)
+    xs = (jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1))
+    if cfg.gradient == "autodiff":  # diffrax, differentiated by diffrax's RecursiveCheckpointAdjoint
+        out = solve_diffrax(cfg, p, *xs, h0, save)
+        return out if save == "final" else jnp.swapaxes(out, 0, 1)
+    forward = _diffrax_forward(cfg) if cfg.backend == "diffrax" else recurrence.scan_forward
+    out = recurrence.recurrence(_cell(cfg), dynamics.products_matrix(p), p.step, h0[:, None, :], xs,
+                                forward=forward, save=save)
+    return out[:, 0] if save == "final" else jnp.swapaxes(out[:, :, 0], 0, 1)
+
+
 def solve(
     cfg: NRNNConfig,
     p: RecurrentParams,
@@ -185,16 +262,15 @@ def solve(
 
     **Arguments:**
 
-    - `cfg`: the model configuration (convention, solver, backend, noise levels, δ).
+    - `cfg`: the model configuration (convention, solver, backend, gradient, noise levels, δ).
     - `p`: the recurrent parameters.
     - `z`: the input drive U x_k + b for k = 0..T−1, shape (T, hidden).
     - `xi`: standard normals of shape (T, cfg.noise_dim), or None for the deterministic recursion.
     - `h0`: the initial state (default zeros).
     - `save`: `"final"` for h_T of shape (hidden,), `"all"` for (h_0, …, h_T) of shape (T + 1, hidden).
 
-    **Returns:** the final state or the whole trajectory.
+    **Returns:** the final state or the whole trajectory. `solve_batch` runs a batch.
     """
     if h0 is None:
         h0 = jnp.zeros(z.shape[-1], z.dtype)
-    backend = solve_diffrax if cfg.backend == "diffrax" else solve_scan
-    return backend(cfg, p, z, xi, h0, save)
+    return solve_batch(cfg, p, z[None], None if xi is None else xi[None], h0=h0[None], save=save)[0]

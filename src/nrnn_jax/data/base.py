@@ -125,8 +125,15 @@ def prefetch(iterator: Iterator[Batch], size: int = 2, sharding=None) -> Iterato
 
     queue: collections.deque = collections.deque()
 
+    def place(a):
+        if sharding is None:
+            return jax.device_put(a)
+        # Every process holds the same global batch (the data order is a pure function of seed and epoch);
+        # each places only the shards of its own devices, which is also what several hosts need.
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
     def put(b: Batch) -> Batch:
-        return Batch(*(jax.device_put(a, sharding) if sharding is not None else jax.device_put(a) for a in b))
+        return Batch(*(place(a) for a in b))
 
     for b in iterator:
         queue.append(put(b))

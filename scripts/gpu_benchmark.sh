@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The train-step benchmark on an accelerator, prepared to run in a few minutes (issue "Fast"):
+# the paper's pixel-MNIST shape and the ECG5000 shape, every variant, JSON figures under ${OUT:-.}.
+#   bash scripts/gpu_benchmark.sh            # uses the active environment (jax[cuda], optional torch)
+set -euo pipefail
+OUT="${OUT:-.}"
+python -c "import jax; print('devices:', jax.devices())"
+python scripts/benchmark.py --shape paper --repeats 11 --json "$OUT/benchmark_paper.json"
+python scripts/benchmark.py --shape ecg --repeats 21 --variants torch,scan,scan-autodiff,diffrax,diffrax-autodiff,probe,sweep --json "$OUT/benchmark_ecg.json"
