@@ -158,6 +158,8 @@ def main(argv=None) -> int:
                              "deterministic,probe,exact,sweep")
     parser.add_argument("--sweep-size", type=int, default=4,
                         help="models in the sweep variant (seeds and noise levels, one vmapped implicit step)")
+    parser.add_argument("--sweep-backend", choices=("scan", "diffrax"), default="scan",
+                        help="backend of the sweep variant, compared with the same backend's single model")
     parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "philox4x32"],
                         help="TrainConfig.prng of the JAX variants")
     parser.add_argument("--json", default=None)
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
                                                               prng=args.prng)
     sweep_name = f"sweep of {args.sweep_size} (implicit, one vmapped step)"
     if "sweep" in wanted:
-        runners[sweep_name], mems[sweep_name] = build_jax(shape, "diffrax", "implicit", prng=args.prng,
+        runners[sweep_name], mems[sweep_name] = build_jax(shape, args.sweep_backend, "implicit", prng=args.prng,
                                                           sweep=args.sweep_size)
     for name, t in time_interleaved(runners, args.repeats).items():
         rows[name] = (t, mems[name])
@@ -213,10 +215,10 @@ def main(argv=None) -> int:
         out["rows"][name] = {"median_s": t, "temp_mib": mem}
     if sweep_name in rows:
         t_sweep = rows[sweep_name][0]
-        single = rows.get("diffrax (implicit)", (None,))[0]
+        single = rows.get(f"{args.sweep_backend} (implicit)", (None,))[0]
         line = f"sweep: {t_sweep / args.sweep_size:.4f} s per model per step"
         if single:
-            line += (f" against {single:.4f} s for one model alone (diffrax, implicit): throughput per model "
+            line += (f" against {single:.4f} s for one model alone ({args.sweep_backend}, implicit): throughput per model "
                      f"{single * args.sweep_size / t_sweep:.2f}x")
         print(line)
         out["sweep"] = {"size": args.sweep_size, "per_model_s": t_sweep / args.sweep_size, "single_s": single}

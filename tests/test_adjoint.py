@@ -91,7 +91,7 @@ def test_recurrence_against_a_plain_scan_with_state_rows_and_params():
     M = 0.3 * jax.random.normal(keys[0], (p, d), jnp.float64)
     theta = jax.random.normal(keys[1], (d,), jnp.float64)
     s0 = jax.random.normal(keys[2], (B, K, d), jnp.float64)
-    xs = jax.random.normal(keys[3], (T, B, d), jnp.float64)
+    xs = jax.random.normal(keys[3], (B, T, d), jnp.float64)
 
     def cell(s, prods, x, th):
         mix = jnp.tanh(prods[:, :d] + x[None]) * th[None] + jnp.sin(prods[:, d:d + 2]).sum(-1, keepdims=True)
@@ -101,7 +101,7 @@ def test_recurrence_against_a_plain_scan_with_state_rows_and_params():
         def body(s, x):
             s = jax.vmap(cell, (0, 0, 0, None))(s, s @ M.T, x, th)
             return s, s
-        _, ss = jax.lax.scan(body, s0, xs)
+        _, ss = jax.lax.scan(body, s0, jnp.swapaxes(xs, 0, 1))
         return jnp.concatenate([s0[None], ss])
 
     loss_plain = lambda *a: jnp.sum(jnp.cos(plain(*a)))
@@ -118,4 +118,4 @@ def test_recurrence_against_a_plain_scan_with_state_rows_and_params():
 
 def test_recurrence_rejects_a_bad_save():
     with pytest.raises(ValueError, match="save='every'"):
-        recurrence(lambda s, p, x, th: s, jnp.eye(2), None, jnp.zeros((1, 1, 2)), jnp.zeros((3, 1, 2)), save="every")
+        recurrence(lambda s, p, x, th: s, jnp.eye(2), None, jnp.zeros((1, 1, 2)), jnp.zeros((1, 3, 2)), save="every")

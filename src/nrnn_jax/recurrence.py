@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, PyTree
 
 # g(state (K, d), products (K, p), x_k (pytree, one example), params) -> state (K, d)
 Cell = Callable[[Array, Array, PyTree, Any], Array]
-# forward(cell, M, params, state0 (B, K, d), xs (leaves (T, B, ...)))
+# forward(cell, M, params, state0 (B, K, d), xs (leaves (B, T, ...)))
 #   -> (states_in (T, B, K, d), final (B, K, d), products (T, B, K, p) or None)
 Forward = Callable[..., tuple[Array, Array, Array | None]]
 
@@ -53,16 +53,25 @@ def _batched(cell: Cell):
     return jax.vmap(cell, in_axes=(0, 0, 0, None))
 
 
+def _at_step(xs, k):
+    """Step k of batch-major inputs (leaves (B, T, ...)): read in place, no transposed copy of the inputs."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False), xs)
+
+
+def num_steps(xs) -> int:
+    return jax.tree.leaves(xs)[0].shape[1]
+
+
 def scan_forward(cell: Cell, M, params, state0, xs):
     """The forward recursion as a `lax.scan` over time; returns the state entering every step, the final
     state and the products of every step (kept for the backward pass)."""
     step = _batched(cell)
 
-    def body(s, x_k):
+    def body(s, k):
         prods = _products(s, M)
-        return step(s, prods, x_k, params), (s, prods)
+        return step(s, prods, _at_step(xs, k), params), (s, prods)
 
-    final, (states_in, prods) = jax.lax.scan(body, state0, xs)
+    final, (states_in, prods) = jax.lax.scan(body, state0, jnp.arange(num_steps(xs)))
     return states_in, final, prods
 
 
@@ -90,8 +99,8 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
 
     def body(carry, inputs):
         lam, dparams = carry
-        s, prod, x_k, g_k = inputs
-        _, vjp = jax.vjp(step, s, prod, x_k, params)
+        k, s, prod, g_k = inputs
+        _, vjp = jax.vjp(step, s, prod, _at_step(xs, k), params)
         ds, dprod, dx, dtheta = vjp(lam)
         lam_prev = ds + (dprod.reshape(-1, M.shape[0]) @ M).reshape(ds.shape)
         if g_k is not None:
@@ -100,10 +109,11 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
         return (lam_prev, dparams), (dprod, dx)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (lam0, dparams), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros), (states_in, prods, xs, g_steps),
+    steps = jnp.arange(states_in.shape[0])
+    (lam0, dparams), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros), (steps, states_in, prods, g_steps),
                                                   reverse=True)
     dM = _outer_sum(dprods, states_in)  # one product over all steps and examples
-    return dM, dparams, lam0, dxs
+    return dM, dparams, lam0, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), dxs)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -127,7 +137,8 @@ def recurrence(
       this example's slice of `xs` at step k. It must read `M` only through `prods` (pass every other
       array through `params` or `xs`: a closed-over array would get no gradient).
     - `M`: the (p, d) matrix; `params`: a pytree of parameters shared by the batch (may be None).
-    - `state0`: (B, K, d) initial states; `xs`: a pytree whose leaves have shape (T, B, ...) (time-major).
+    - `state0`: (B, K, d) initial states; `xs`: a pytree whose leaves have shape (B, T, ...) (batch-major,
+      as the data come; step k is read in place).
     - `forward`: how the forward states are computed (default `scan_forward`); it returns the states
       entering each step, the final state and the products (or None: they are then computed after the
       loop in one matrix product). The backward pass is the adjoint above whatever computed them.

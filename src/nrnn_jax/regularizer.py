@@ -230,7 +230,7 @@ def _model_probe_terms(cfg, p, decode, z, y, probes) -> Terms:
     S = probes.shape[2]
     shift = cfg.convention == "sde" and cfg.solver == "euler_heun"
     state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
-    xs = (jnp.swapaxes(z, 0, 1), jnp.swapaxes(probes, 0, 1))
+    xs = (z, probes)
     final = recurrence.recurrence(_probe_cell(cfg, S, shift), dynamics.products_matrix(p), p.step, state0, xs)
 
     def per_example(s, y_i):

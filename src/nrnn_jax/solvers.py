@@ -207,7 +207,7 @@ def _diffrax_forward(cfg: NRNNConfig):
     the solve: the recurrence's adjoint differentiates it)."""
 
     def forward(cell, M, step_size, state0, xs):
-        z, xi = xs
+        z, xi = (None if a is None else jnp.swapaxes(a, 0, 1) for a in xs)  # time-major for the solve
         d = cfg.hidden
         p = RecurrentParams(A=M[:d], W=M[d:], step=step_size)
         hs = solve_diffrax(cfg, p, z, xi, state0[:, 0], "all")[:, :, None, :]  # (T + 1, B, 1, d)
@@ -239,12 +239,11 @@ def solve_batch(
     if cfg.gradient == "autodiff" and cfg.backend == "scan":
         one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save)
         return jax.vmap(one, in_axes=(0, None if xi is None else 0, 0))(z, xi, h0)
-    xs = (jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1))
     if cfg.gradient == "autodiff":  # diffrax, differentiated by diffrax's RecursiveCheckpointAdjoint
-        out = solve_diffrax(cfg, p, *xs, h0, save)
+        out = solve_diffrax(cfg, p, jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1), h0, save)
         return out if save == "final" else jnp.swapaxes(out, 0, 1)
     forward = _diffrax_forward(cfg) if cfg.backend == "diffrax" else recurrence.scan_forward
-    out = recurrence.recurrence(_cell(cfg), dynamics.products_matrix(p), p.step, h0[:, None, :], xs,
+    out = recurrence.recurrence(_cell(cfg), dynamics.products_matrix(p), p.step, h0[:, None, :], (z, xi),
                                 forward=forward, save=save)
     return out[:, 0] if save == "final" else jnp.swapaxes(out[:, :, 0], 0, 1)
 
