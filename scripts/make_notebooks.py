@@ -42,7 +42,7 @@ NOTEBOOKS = {
                "`½[ℓ(ξ) + ℓ(−ξ)] − ℓ(h̄)` against the exact regularizer as the noise shrinks: the relative error "
                "falls like ε² (until it meets the Monte Carlo error)."),
         ("code", '''scales = [1.6, 0.8, 0.4, 0.2, 0.1]
-n_mc = 2000 if QUICK else 20000
+n_mc = 1000 if QUICK else 20000
 rows = []
 with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 2), jnp.float64)
@@ -79,10 +79,10 @@ plt.tight_layout()'''),
 
 dataset = "ecg5000" if (DATA / "ecg5000").exists() and not QUICK else "digits"  # quick: the embedded digits
 cc = CompareConfig(dataset=dataset, data_dir=str(DATA) if dataset == "ecg5000" else None, seeds=(0,),
-                   epochs=3 if QUICK else 20, lambdas=(1.0,) if QUICK else (0.5, 1.0, 2.0),
-                   analysis_examples=64 if QUICK else 256, lanczos_steps=10 if QUICK else 20,
-                   hutchinson_samples=10 if QUICK else 30, lyapunov_time=10.0 if QUICK else 50.0,
-                   curve_examples=300 if QUICK else None, track_regularizer=True)
+                   epochs=2 if QUICK else 20, lambdas=(1.0,) if QUICK else (0.5, 1.0, 2.0),
+                   analysis_examples=32 if QUICK else 256, lanczos_steps=6 if QUICK else 20,
+                   hutchinson_samples=5 if QUICK else 30, lyapunov_time=5.0 if QUICK else 50.0,
+                   curve_examples=150 if QUICK else None, track_regularizer=True)
 out = Path("../runs/notebook-compare-quick" if QUICK else "../runs/notebook-compare")
 summary = run_compare(cc, out, log=print)
 display(Markdown((out / "results.md").read_text()))'''),

@@ -25,7 +25,7 @@ def test_sweep_members_equal_single_runs(digits, tmp_path):
     """Each member of a sweep trains exactly as the single run with its seed and noise levels (the same data
     order); members differing in the seed or the noise differ."""
     mcfg = NRNNConfig(**TINY)
-    tcfg = TrainConfig(mode="implicit", epochs=2, batch_size=64, eval_white_noise=(0.5,))
+    tcfg = TrainConfig(mode="implicit", epochs=1, batch_size=64, eval_white_noise=(0.5,))
     sweep = Sweep(seeds=(0, 0, 1), eps_add=(0.1, 0.3, 0.1), eps_mult=(0.1, 0.0, 0.1))
     r = train_and_evaluate(mcfg, tcfg, tmp_path / "sweep", data=digits, progress=False, log=None, sweep=sweep)
     assert len(r.models) == 3 and len(r.summary["members"]) == 3
@@ -121,3 +121,15 @@ def test_data_parallel_equals_one_device():
     assert out["all_reduce"]
     assert "devices=5 is invalid" in out["{'devices': 5}"]
     assert "batch_size=64 is invalid for devices=3" in out["{'devices': 3}"]
+
+
+def test_prng_choice(digits):
+    """Philox draws other noise than threefry (so another trajectory), with the same key layout."""
+    mcfg = NRNNConfig(**TINY)
+    runs = [train_and_evaluate(mcfg, TrainConfig(mode="implicit", epochs=1, batch_size=128, eval_white_noise=(),
+                                                 prng=prng), data=digits, progress=False, log=None)
+            for prng in ("threefry2x32", "philox4x32")]
+    assert runs[0].history[0]["train_loss"] != runs[1].history[0]["train_loss"]
+    assert abs(runs[0].history[0]["train_loss"] - runs[1].history[0]["train_loss"]) < 0.5
+    with pytest.raises(ValueError, match="TrainConfig.prng='mt19937'"):
+        TrainConfig(prng="mt19937")
