@@ -133,3 +133,14 @@ def test_prng_choice(digits):
     assert abs(runs[0].history[0]["train_loss"] - runs[1].history[0]["train_loss"]) < 0.5
     with pytest.raises(ValueError, match="TrainConfig.prng='mt19937'"):
         TrainConfig(prng="mt19937")
+
+
+def test_explicit_sweep_over_noise_levels_equals_single_runs(digits):
+    """The traced noise levels reach the explicit regularizer: each member's penalty is the single run's."""
+    mcfg = NRNNConfig(**{**TINY, "hidden": 8})
+    tcfg = TrainConfig(mode="explicit", reg_method="probe", epochs=1, batch_size=128, eval_white_noise=())
+    sweep = Sweep(eps_add=(0.1, 0.3), eps_mult=(0.1, 0.0))
+    r = train_and_evaluate(mcfg, tcfg, data=digits, progress=False, log=None, sweep=sweep)
+    single = train_and_evaluate(sweep.member_config(mcfg, 1), tcfg, data=digits, progress=False, log=None)
+    np.testing.assert_allclose(r.history[0]["train_reg"][1], single.history[0]["train_reg"], rtol=1e-5)
+    assert r.history[0]["train_reg"][0] < r.history[0]["train_reg"][1]  # less noise, smaller penalty
