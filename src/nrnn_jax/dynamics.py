@@ -136,6 +136,14 @@ def reference_step_given_drift(cfg: NRNNConfig, h, f, xi, step_size):
     return h + step_size * reference_multiplier(cfg, xi[d:]) * f + cfg.eps_add * xi[:d]
 
 
+def step_noise(cfg: NRNNConfig, xi):
+    """What a step consumes from the standard normals ξ: the Brownian increment ΔW = √δ ξ (convention
+    "sde") or ξ itself (convention "reference"); None stays None."""
+    if xi is None or cfg.convention == "reference":
+        return xi
+    return jnp.sqrt(jnp.asarray(cfg.dt, xi.dtype)) * xi
+
+
 def step(cfg: NRNNConfig, p: RecurrentParams, h, z, noise):
     """One recurrence step under the configured convention. `noise` is the scaled Brownian increment
     ΔW = √δ ξ (convention "sde") or the raw standard normals ξ (convention "reference"), or None."""
@@ -164,9 +172,14 @@ def mean_step_map(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z:
 
 def mean_step_given_drift(cfg: NRNNConfig, h, f, step_size=None):
     """`mean_step_map` with the drift f(h, x_k) already evaluated; `step_size` is s (reference only)."""
+    return h + mean_step_size(cfg, step_size) * f
+
+
+def mean_step_size(cfg: NRNNConfig, step_size=None):
+    """c in F_k(h) = h + c f(h, x_k): δ ("sde"), or s (1 − ε_mult/2) per unit ("reference")."""
     if cfg.convention == "reference":
-        return h + step_size * (1.0 - 0.5 * cfg.eps_mult) * f
-    return h + cfg.dt * f
+        return step_size * (1.0 - 0.5 * cfg.eps_mult)
+    return cfg.dt
 
 
 def noise_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"]) -> lx.AbstractLinearOperator:

@@ -75,18 +75,21 @@ def scan_forward(cell: Cell, M, params, state0, xs):
     return states_in, final, prods
 
 
+def _output(states_in, final, save_all: bool):
+    return jnp.concatenate([states_in, final[None]]) if save_all else final
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _recurrence(cell, forward, save_all, M, params, state0, xs):
     states_in, final, _ = forward(cell, M, params, state0, xs)
-    return jnp.concatenate([states_in, final[None]]) if save_all else final
+    return _output(states_in, final, save_all)
 
 
 def _recurrence_fwd(cell, forward, save_all, M, params, state0, xs):
     states_in, final, prods = forward(cell, M, params, state0, xs)
     if prods is None:
         prods = _products(states_in, M)  # one product over all steps and examples
-    out = jnp.concatenate([states_in, final[None]]) if save_all else final
-    return out, (M, params, states_in, prods, xs)
+    return _output(states_in, final, save_all), (M, params, states_in, prods, xs)
 
 
 def _recurrence_bwd(cell, forward, save_all, residuals, g):
@@ -102,7 +105,7 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
         k, s, prod, g_k = inputs
         _, vjp = jax.vjp(step, s, prod, _at_step(xs, k), params)
         ds, dprod, dx, dtheta = vjp(lam)
-        lam_prev = ds + (dprod.reshape(-1, M.shape[0]) @ M).reshape(ds.shape)
+        lam_prev = ds + _products(dprod, M.T)  # + Mᵀ μ_k
         if g_k is not None:
             lam_prev = lam_prev + g_k
         dparams = jax.tree.map(jnp.add, dparams, dtheta)

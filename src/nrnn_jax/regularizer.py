@@ -188,7 +188,7 @@ def _probe_loss_terms(loss: LossFn, h, U, V) -> Terms:
     return Terms(value, Q, R, h)
 
 
-def _probe_cell(cfg, num_probes: int, shift: bool):
+def _probe_cell(cfg, num_probes: int, shift: ShiftFn | None):
     """The probe recursion of `probe_terms` for the Lipschitz model as a `nrnn_jax.recurrence` cell.
 
     State rows: h̄, then U (S rows), then V (S rows); products rows M s = (A s, W s). With
@@ -211,24 +211,25 @@ def _probe_cell(cfg, num_probes: int, shift: bool):
         f = cfg.alpha * a[0] + t
         d1 = 1.0 - t * t  # tanh'
         d2 = -2.0 * t * d1  # tanh''
-        c = cfg.dt if cfg.convention == "sde" else (step_size * (1.0 - 0.5 * cfg.eps_mult))[None, :]
+        c = dynamics.mean_step_size(cfg, step_size)
+        c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
         h_next = dynamics.mean_step_given_drift(cfg, h, f, step_size)
         JU = U + c * (cfg.alpha * a[1:1 + S] + d1[None, :] * w[1:1 + S])
         noise = jax.vmap(lambda e: dynamics.noise_factor_mv(cfg, h, f, e, step_size))(eta)
         V_next = V + c * (cfg.alpha * a[1 + S:] + d1[None, :] * w[1 + S:] + 0.5 * d2[None, :] * w[1:1 + S] ** 2)
-        if shift:
-            V_next = V_next + dynamics.stratonovich_shift(cfg, h, cfg.dt)[None, :]
+        if shift is not None:
+            V_next = V_next + shift(h, z_k)[None, :]
         return jnp.concatenate([h_next[None], JU + noise, V_next], axis=0)
 
     return cell
 
 
-def _model_probe_terms(cfg, p, decode, z, y, probes) -> Terms:
+def _model_probe_terms(cfg, p, shift, decode, z, y, probes) -> Terms:
     """`probe_terms` for a whole batch of the Lipschitz model, run by `nrnn_jax.recurrence` (one batched
-    recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim)."""
-    B, T, d = z.shape
+    recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim); `shift` as in
+    `_model_pieces`."""
+    B, _, d = z.shape
     S = probes.shape[2]
-    shift = cfg.convention == "sde" and cfg.solver == "euler_heun"
     state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
     xs = (z, probes)
     final = recurrence.recurrence(_probe_cell(cfg, S, shift), dynamics.products_matrix(p), p.step, state0, xs)
@@ -372,7 +373,7 @@ def explicit_regularizer(
     if method == "probe":
         probes = draw_probes(key, (B, T, num_probes, cfg.noise_dim), probe, dtype)
         if cfg.gradient == "adjoint":
-            terms = _model_probe_terms(cfg, p, decode, z, y, probes)
+            terms = _model_probe_terms(cfg, p, shift, decode, z, y, probes)
         else:
             terms = jax.vmap(per_example)(z, y, probes)
         samples = terms.value  # (B, S)

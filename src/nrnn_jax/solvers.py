@@ -145,7 +145,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         terms = diffrax.ODETerm(_drift_vf(cfg, B, grid_dt, False))
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
-            dw = jnp.sqrt(jnp.asarray(cfg.dt, dtype)) * xi
+            dw = dynamics.step_noise(cfg, xi)
             terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, B), GridBrownianPath(flat(dw), grid_dt)))
             solver = _SDE_SOLVERS[cfg.solver]()
     ts = grid_dt * jnp.arange(T + 1, dtype=dtype)
@@ -167,12 +167,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
 
 
 def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save):
-    if xi is None:
-        noise = None
-    elif cfg.convention == "sde":
-        noise = jnp.sqrt(jnp.asarray(cfg.dt, z.dtype)) * xi
-    else:
-        noise = xi
+    noise = dynamics.step_noise(cfg, xi)
 
     def body(h, inputs):
         z_k, n_k = inputs
@@ -194,10 +189,7 @@ def _cell(cfg: NRNNConfig):
         z_k, xi_k = x_k
         h = s[0]
         f = dynamics.drift_from_products(cfg, prods[0, :d], prods[0, d:], z_k)
-        noise = xi_k
-        if xi_k is not None and cfg.convention == "sde":
-            noise = jnp.sqrt(jnp.asarray(cfg.dt, h.dtype)) * xi_k
-        return dynamics.step_given_drift(cfg, h, f, noise, step_size)[None]
+        return dynamics.step_given_drift(cfg, h, f, dynamics.step_noise(cfg, xi_k), step_size)[None]
 
     return cell
 

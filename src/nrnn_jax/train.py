@@ -162,15 +162,19 @@ class Sweep(ConfigMixin):
     def size(self) -> int:
         return max(len(v) for v in (self.seeds, self.eps_add, self.eps_mult) if v is not None)
 
+    def _per_member(self, values, default=None) -> list:
+        """A field broadcast to one value per member (None: `default` for every member)."""
+        if values is None:
+            return [default] * self.size
+        return list(values) * self.size if len(values) == 1 else list(values)
+
     def member_seeds(self) -> list[int]:
-        return [self.seeds[i] if len(self.seeds) > 1 else self.seeds[0] for i in range(self.size)]
+        return self._per_member(self.seeds)
 
     def noise_levels(self, mcfg: NRNNConfig) -> np.ndarray:
         """(size, 2) array of each member's (eps_add, eps_mult)."""
-        def full(v, default):
-            return [default] * self.size if v is None else (list(v) * self.size if len(v) == 1 else list(v))
-
-        return np.array([full(self.eps_add, mcfg.eps_add), full(self.eps_mult, mcfg.eps_mult)]).T
+        return np.array([self._per_member(self.eps_add, mcfg.eps_add),
+                         self._per_member(self.eps_mult, mcfg.eps_mult)]).T
 
     def member_config(self, mcfg: NRNNConfig, i: int) -> NRNNConfig:
         levels = self.noise_levels(mcfg)[i]
@@ -287,14 +291,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfi
     return jax.jit(train_step, donate_argnums=0)
 
 
+def _init_model_state(mcfg: NRNNConfig, tx: optax.GradientTransformation, seed: int):
+    """(graphdef, TrainState) of a fresh `NoisyRNN(mcfg, rngs=nnx.Rngs(seed))` with its noise key from seed."""
+    graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(seed)))
+    return graphdef, init_train_state(params, tx, seed)
+
+
 def init_sweep_states(mcfg: NRNNConfig, tx: optax.GradientTransformation, sweep: Sweep):
-    """(graphdef, stacked TrainState): member i initialised with `NoisyRNN(mcfg, rngs=nnx.Rngs(seed_i))`
-    and noise key from seed_i, exactly as a single run with `TrainConfig.seed = seed_i`."""
-    graphdef, states = None, []
-    for seed in sweep.member_seeds():
-        graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(seed)))
-        states.append(init_train_state(params, tx, seed))
-    return graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states)
+    """(graphdef, stacked TrainState): member i initialised exactly as a single run with
+    `TrainConfig.seed = seed_i`."""
+    graphdef, states = zip(*(_init_model_state(mcfg, tx, seed) for seed in sweep.member_seeds()))
+    return graphdef[0], jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 
 def unstack(tree, n: int) -> list:
@@ -465,8 +472,7 @@ def train_and_evaluate(
     tx = make_optimizer(tcfg, steps_per_epoch)
     n_members = None if sweep is None else sweep.size
     if sweep is None:
-        graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(tcfg.seed)))
-        state = init_train_state(params, tx, tcfg.seed)
+        graphdef, state = _init_model_state(mcfg, tx, tcfg.seed)
         step_args = ()
     else:
         graphdef, state = init_sweep_states(mcfg, tx, sweep)
@@ -662,8 +668,7 @@ def load_run(run_dir: str | Path, member: int | None = None) -> NoisyRNN:
     if sweep is None:
         if member is not None:
             raise ValueError(f"member={member!r} is invalid: {run_dir} holds a single model, not a sweep.")
-        graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
-        target = init_train_state(params, tx, tcfg.seed)  # the structure, shapes and dtypes to restore into
+        graphdef, target = _init_model_state(mcfg, tx, tcfg.seed)  # the structure, shapes and dtypes to restore into
     else:
         if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < sweep.size:
             raise ValueError(f"member={member!r} is invalid: {run_dir} holds a sweep of {sweep.size} models; "
