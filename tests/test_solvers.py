@@ -176,7 +176,7 @@ def test_reference_convention_matches_the_public_update_rule():
                      eps_mult=0.2, dt=0.03, alpha=0.7, beta=0.6, gamma_a=0.01, gamma_w=0.02,
                      init_std=3.0, backend="scan", dtype="float64")
     model = NoisyRNN(cfg, rngs=nnx.Rngs(1))
-    model.step[...] = jnp.linspace(0.02, 0.05, d)  # a learned, non-uniform step
+    model.step_size[...] = jnp.linspace(0.02, 0.05, d)  # a learned, non-uniform step
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (B, T, n), jnp.float64))
     xi = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (B, T, 2 * d), jnp.float64))
 
@@ -187,7 +187,7 @@ def test_reference_convention_matches_the_public_update_rule():
     W = cfg.beta * (Ct - Ct.T) + (1 - cfg.beta) * (Ct + Ct.T) - cfg.gamma_w * eye
     E_w, E_b = np.asarray(model.encoder.kernel[...]), np.asarray(model.encoder.bias[...])
     D_w, D_b = np.asarray(model.decoder.kernel[...]), np.asarray(model.decoder.bias[...])
-    s = np.asarray(model.step[...])
+    s = np.asarray(model.step_size[...])
 
     def torch_like(train):
         h = np.zeros((B, d))
@@ -204,5 +204,5 @@ def test_reference_convention_matches_the_public_update_rule():
     np.testing.assert_allclose(model(x, noise=xi), torch_like(True), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(model(x), torch_like(False), rtol=1e-12, atol=1e-12)
     on_diffrax = NoisyRNN(cfg.replace(backend="diffrax"), rngs=nnx.Rngs(1))
-    on_diffrax.step[...] = model.step[...]
+    on_diffrax.step_size[...] = model.step_size[...]
     np.testing.assert_allclose(on_diffrax(x, noise=xi), torch_like(True), rtol=1e-12, atol=1e-12)

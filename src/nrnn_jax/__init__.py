@@ -1,83 +1,59 @@
 """nrnn_jax: Noisy Recurrent Neural Networks (Lim, Erichson, Hodgkinson, Mahoney, NeurIPS 2021) in JAX.
 
-The public API:
+The public API (the theory is in the repository's docs/theory.md):
 
-- `NRNNConfig`, `NoisyRNN`: the model (math.md §1).
-- `solve`, `solve_batch`, `brownian_increments`, `GridBrownianPath`: the solvers (diffrax and scan backends).
-- `explicit_regularizer` (and the general `exact_terms`, `probe_terms`, `continuous_terms`): the
-  small-noise explicit regularizer (math.md §2).
-- `TrainConfig`, `train_and_evaluate`, `make_train_step`, `eval_step`, `evaluate`, `load_run`: training;
-  `Sweep` (several seeds / noise levels in one vmapped step) and `data_parallel_sharding` (several devices).
-- `load_dataset`, `Dataset`: data.
+- The model: `NRNNConfig`, `NoisyRNN`, `with_noise`, `RecurrentParams`; the solvers `solve`, `solve_batch`,
+  `brownian_increments`, `GridBrownianPath`, `GridIncrementPath`.
+- The explicit regularizer: `explicit_regularizer` → `Regularizer`; `antithetic_monte_carlo` to check it.
+  The general pure functions (`exact_terms`, `probe_terms`, `continuous_terms`) are in `nrnn_jax.regularizer`.
+- Training: `TrainConfig`, `Sweep`, `train_and_evaluate` → `RunResult`, `TrainingDiverged`; the pieces of a
+  hand-written loop: `make_optimizer`, `init_train_state`, `init_sweep_states`, `make_train_step`,
+  `TrainState`, `data_parallel_sharding`.
+- Evaluation and run directories: `evaluate`, `predict_logits`, `load_run`, `read_run_config`,
+  `load_run_dataset`.
+- Data: `load_dataset`, `Dataset`.
+- Analyses: the `nrnn_jax.analysis` package.
+
+Everything else stays importable from its module (`nrnn_jax.dynamics`, `nrnn_jax.recurrence`, …).
 """
 
-from .config import NRNNConfig
-from .data import Dataset, load_dataset
-from .dynamics import RecurrentParams, diffusion, drift, lipschitz_matrix
-from .model import NoisyRNN, with_noise
-from .regularizer import (
-    Regularizer,
-    antithetic_monte_carlo,
-    continuous_terms,
-    exact_terms,
-    explicit_regularizer,
-    probe_terms,
-)
-from .solvers import GridBrownianPath, GridIncrementPath, brownian_increments, solve, solve_batch
-from .train import (
-    Sweep,
-    TrainConfig,
-    TrainingDiverged,
-    TrainState,
-    eval_step,
-    evaluate,
-    data_parallel_sharding,
-    init_sweep_states,
-    init_train_state,
-    load_run,
-    load_run_dataset,
-    make_optimizer,
-    make_train_step,
-    predict_logits,
-    train_and_evaluate,
-)
+from .config import NRNNConfig as NRNNConfig
+from .config import Sweep as Sweep
+from .config import TrainConfig as TrainConfig
+from .data import Dataset as Dataset
+from .data import load_dataset as load_dataset
+from .dynamics import RecurrentParams as RecurrentParams
+from .evaluate import evaluate as evaluate
+from .evaluate import predict_logits as predict_logits
+from .model import NoisyRNN as NoisyRNN
+from .model import with_noise as with_noise
+from .regularizer import Regularizer as Regularizer
+from .regularizer import antithetic_monte_carlo as antithetic_monte_carlo
+from .regularizer import explicit_regularizer as explicit_regularizer
+from .runs import load_run as load_run
+from .runs import load_run_dataset as load_run_dataset
+from .runs import read_run_config as read_run_config
+from .solvers import GridBrownianPath as GridBrownianPath
+from .solvers import GridIncrementPath as GridIncrementPath
+from .solvers import brownian_increments as brownian_increments
+from .solvers import solve as solve
+from .solvers import solve_batch as solve_batch
+from .state import TrainState as TrainState
+from .state import init_sweep_states as init_sweep_states
+from .state import init_train_state as init_train_state
+from .state import make_optimizer as make_optimizer
+from .train import RunResult as RunResult
+from .train import TrainingDiverged as TrainingDiverged
+from .train import data_parallel_sharding as data_parallel_sharding
+from .train import make_train_step as make_train_step
+from .train import train_and_evaluate as train_and_evaluate
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Dataset",
-    "GridBrownianPath",
-    "GridIncrementPath",
-    "NRNNConfig",
-    "NoisyRNN",
-    "RecurrentParams",
-    "Regularizer",
-    "TrainConfig",
-    "TrainState",
-    "TrainingDiverged",
-    "antithetic_monte_carlo",
-    "brownian_increments",
-    "continuous_terms",
-    "diffusion",
-    "drift",
-    "eval_step",
-    "evaluate",
-    "exact_terms",
-    "explicit_regularizer",
-    "init_train_state",
-    "init_sweep_states",
-    "data_parallel_sharding",
-    "Sweep",
-    "lipschitz_matrix",
-    "load_dataset",
-    "load_run",
-    "load_run_dataset",
-    "make_optimizer",
-    "make_train_step",
-    "predict_logits",
-    "probe_terms",
-    "solve",
-    "solve_batch",
-    "train_and_evaluate",
-    "with_noise",
-]
+__all__ = sorted([
+    "Dataset", "GridBrownianPath", "GridIncrementPath", "NRNNConfig", "NoisyRNN", "RecurrentParams", "Regularizer",
+    "RunResult", "Sweep", "TrainConfig", "TrainState", "TrainingDiverged", "antithetic_monte_carlo",
+    "brownian_increments", "data_parallel_sharding", "evaluate", "explicit_regularizer", "init_sweep_states",
+    "init_train_state", "load_dataset", "load_run", "load_run_dataset", "make_optimizer", "make_train_step",
+    "predict_logits", "read_run_config", "solve", "solve_batch", "train_and_evaluate", "with_noise",
+])

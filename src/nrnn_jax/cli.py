@@ -10,9 +10,11 @@ import time
 import typing
 from pathlib import Path
 
-from .config import NRNNConfig
+from .config import NRNNConfig, Sweep, TrainConfig
 from .data import load_dataset
-from .train import Sweep, TrainConfig, read_run_config, read_run_sweep, train_and_evaluate
+from .runs import read_run_config, read_run_sweep
+from .tables import format_table
+from .train import train_and_evaluate
 
 
 def _flag(name: str) -> str:
@@ -53,14 +55,6 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=
 def _collect(args, cls) -> dict:
     prefix = cls.__name__ + "."
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table of `rows` (floats shown with 4 decimals)."""
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -167,7 +161,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 def robustness_main(argv: list[str] | None = None) -> int:
     """`nrnn-robustness RUN_DIR ...`: test accuracy of saved runs under a perturbation of several strengths."""
     from .analysis import KINDS, robustness_curve
-    from .train import load_run, load_run_dataset
+    from .runs import load_run, load_run_dataset
 
     parser = argparse.ArgumentParser(prog="nrnn-robustness",
                                      description="Accuracy of saved runs against perturbation strength (math.md §5).")

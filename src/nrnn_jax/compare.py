@@ -36,14 +36,14 @@ from .analysis import (
     output_margins,
     robustness_curve,
 )
-from .config import NRNNConfig
+from .config import MODES, NRNNConfig, TrainConfig
 from .data import Dataset, load_dataset
+from .evaluate import evaluate
 from .model import with_noise
-from .regularizer import explicit_regularizer
-from .train import TrainConfig, evaluate, train_and_evaluate
 from .perturbations import white_noise
-
-MODES = ("deterministic", "implicit", "explicit")
+from .regularizer import explicit_regularizer
+from .tables import format_table
+from .train import train_and_evaluate
 
 # Paper-like defaults per data set (math.md §6 and the ECG5000 results of the README).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -229,30 +229,31 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, Any]:
 
 
 def results_table(summary: dict) -> str:
+    """results.md: one row per mode, mean ± std over seeds, then a line with the settings."""
     agg = summary["aggregate"]
     fmt = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}" if d else ""
     any_mode = next(iter(agg.values()))
     curve_cols = [(k, s) for k, c in any_mode["curves"].items() for s in c["strengths"][1:]][:6]
-    head = ["mode", "clean test acc"] + [f"{k} {s:g}" for k, s in curve_cols] + [
-        "Hessian top eig", "Hessian trace", "median output margin", "median DeepFool margin", "c1",
-        "Lyapunov (det.)", "explicit reg"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    scalar_cols = [("hessian_top", "Hessian top eig"), ("hessian_trace", "Hessian trace"),
+                   ("output_margin_median", "median output margin"),
+                   ("deepfool_margin_median", "median DeepFool margin"), ("c1", "c1"),
+                   ("lyapunov_deterministic", "Lyapunov (det.)"), ("reg_value", "explicit reg")]
+    columns = ["mode", "clean test acc"] + [f"{k} {s:g}" for k, s in curve_cols] + [label for _, label in scalar_cols]
+    rows = []
     for mode, a in agg.items():
-        cells = [mode + (f" (λ = {', '.join(f'{l:g}' for l in a['lambdas'])})" if "lambdas" in a else ""),
-                 fmt(a["test_acc"])]
+        row = {"mode": mode + (f" (λ = {', '.join(f'{l:g}' for l in a['lambdas'])})" if "lambdas" in a else ""),
+               "clean test acc": fmt(a["test_acc"])}
         for k, s in curve_cols:
             c = a["curves"][k]
             i = c["strengths"].index(s)
-            cells.append(f"{c['mean'][i]:.4f} ± {c['std'][i]:.4f}")
-        for key in ("hessian_top", "hessian_trace", "output_margin_median", "deepfool_margin_median", "c1",
-                    "lyapunov_deterministic", "reg_value"):
-            cells.append(fmt(a.get(key)) if a.get(key) else "")
-        lines.append("| " + " | ".join(cells) + " |")
+            row[f"{k} {s:g}"] = f"{c['mean'][i]:.4f} ± {c['std'][i]:.4f}"
+        row.update({label: fmt(a.get(key)) if a.get(key) else "" for key, label in scalar_cols})
+        rows.append(row)
     s = summary["settings"]
-    lines += ["", f"Data set {s['dataset']}, seeds {list(s['seeds'])}, model {s['model']}, training {s['train']}, "
-                  f"explicit λ grid {s['lambdas']} (selection: {s['selection_rule']}, white strengths "
-                  f"{s['selection_white']})."]
-    return "\n".join(lines) + "\n"
+    footer = (f"Data set {s['dataset']}, seeds {list(s['seeds'])}, model {s['model']}, training {s['train']}, "
+              f"explicit λ grid {s['lambdas']} (selection: {s['selection_rule']}, white strengths "
+              f"{s['selection_white']}).")
+    return format_table(rows, columns) + "\n\n" + footer + "\n"
 
 
 def plot_all(summary: dict, out: Path) -> None:

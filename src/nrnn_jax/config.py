@@ -1,14 +1,19 @@
-"""Model configuration: one frozen, self-validating object (math.md §1).
+"""Configurations: frozen, self-validating objects for the model (`NRNNConfig`), training (`TrainConfig`)
+and several models trained at once (`Sweep`).
 
-Every field is checked at construction; a bad value raises `ValueError` naming the field, the value and
-what is allowed, so that mistakes surface before any tracing or compilation happens.
+Every field is checked at construction by the helpers of `nrnn_jax.validation`; a bad value raises
+`ValueError` naming the field, the value and what is allowed, so that mistakes surface before any tracing
+or compilation happens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
+
+import numpy as np
+
+from .validation import (check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail)
 
 CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar")
@@ -16,30 +21,11 @@ SOLVERS = ("euler", "euler_heun", "milstein")
 BACKENDS = ("diffrax", "scan")
 GRADIENTS = ("adjoint", "autodiff")
 DTYPES = ("float32", "float64")
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"NRNNConfig.{field}={value!r} is invalid: {allowed}.")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(field, value, f"expected an integer >= {minimum}")
-
-
-def _check_real(field: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        right = "]" if math.isfinite(hi) else ")"
-        _fail(field, value, f"expected a finite real number in {left}{lo}, {hi}{right}")
-
-
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(field, value, "expected one of " + ", ".join(repr(c) for c in choices))
+MODES = ("deterministic", "implicit", "explicit")
+OPTIMIZERS = ("adam", "sgd")
+REG_METHODS = ("exact", "probe")
+# Counter-based generators whose keys are uint32[2] (so the state's key and checkpoints have one layout).
+PRNGS = ("threefry2x32", "philox4x32")
 
 
 class ConfigMixin:
@@ -117,35 +103,29 @@ class NRNNConfig(ConfigMixin):
     dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self) -> None:
-        _check_int("input_dim", self.input_dim, 1)
-        _check_int("hidden", self.hidden, 1)
-        _check_int("num_classes", self.num_classes, 2)
-        _check_real("dt", self.dt, 0.0, lo_open=True)
-        _check_real("alpha", self.alpha, -math.inf)
-        _check_real("beta", self.beta, 0.0, 1.0)
-        _check_real("gamma_a", self.gamma_a, 0.0)
-        _check_real("gamma_w", self.gamma_w, 0.0)
-        _check_real("eps_add", self.eps_add, 0.0)
-        _check_real("eps_mult", self.eps_mult, 0.0)
-        _check_real("init_std", self.init_std, 0.0)
-        _check_choice("convention", self.convention, CONVENTIONS)
-        _check_choice("noise_kind", self.noise_kind, NOISE_KINDS)
-        _check_choice("solver", self.solver, SOLVERS)
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("gradient", self.gradient, GRADIENTS)
-        _check_choice("dtype", self.dtype, DTYPES)
+        own = "NRNNConfig"
+        for name, minimum in (("input_dim", 1), ("hidden", 1), ("num_classes", 2)):
+            check_int(own, name, getattr(self, name), minimum)
+        check_real(own, "dt", self.dt, 0.0, lo_open=True)
+        check_real(own, "alpha", self.alpha)
+        check_real(own, "beta", self.beta, 0.0, 1.0)
+        for name in ("gamma_a", "gamma_w", "eps_add", "eps_mult", "init_std"):
+            check_real(own, name, getattr(self, name), 0.0)
+        for name, choices in (("convention", CONVENTIONS), ("noise_kind", NOISE_KINDS), ("solver", SOLVERS),
+                              ("backend", BACKENDS), ("gradient", GRADIENTS), ("dtype", DTYPES)):
+            check_choice(own, name, getattr(self, name), choices)
         if self.convention == "reference":
             if self.eps_mult > 1.0:
-                _fail("eps_mult", self.eps_mult, "the reference convention draws u ~ U[1 - eps_mult, 1], "
+                fail(own, "eps_mult", self.eps_mult, "the reference convention draws u ~ U[1 - eps_mult, 1], "
                       "so eps_mult must lie in [0, 1]")
             if self.noise_kind != "diagonal":
-                _fail("noise_kind", self.noise_kind, "the reference convention has no scalar noise; "
+                fail(own, "noise_kind", self.noise_kind, "the reference convention has no scalar noise; "
                       "use noise_kind='diagonal' or convention='sde'")
             if self.solver != "euler":
-                _fail("solver", self.solver, "the reference convention is a fixed update rule; "
+                fail(own, "solver", self.solver, "the reference convention is a fixed update rule; "
                       "use solver='euler' or convention='sde'")
         if self.solver == "milstein" and self.noise_kind == "scalar" and self.eps_add > 0:
-            _fail("solver", self.solver, "Milstein needs commutative noise, which scalar multiplicative "
+            fail(own, "solver", self.solver, "Milstein needs commutative noise, which scalar multiplicative "
                   "noise with eps_add > 0 is not; set eps_add=0, use noise_kind='diagonal', or pick "
                   "solver='euler' or 'euler_heun'")
 
@@ -169,29 +149,124 @@ class NRNNConfig(ConfigMixin):
     def has_additive_noise(self) -> bool:
         return self.eps_add > 0
 
-    def with_traced_noise(self, eps_add, eps_mult) -> "NRNNConfig":
-        """A copy whose noise levels are JAX values (e.g. one per member of a vmapped sweep), for use
-        inside a traced function only. It is not validated and counts as noisy: the noise terms are always
-        built, and are exactly zero for a member whose level is 0."""
-        new = object.__new__(_TracedNoiseConfig)
-        for f in dataclasses.fields(self):
-            object.__setattr__(new, f.name, getattr(self, f.name))
-        object.__setattr__(new, "eps_add", eps_add)
-        object.__setattr__(new, "eps_mult", eps_mult)
-        return new
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigMixin):
+    """Everything about training that is not the model (validated at construction).
+
+    - `dataset`, `data_dir`: the task (`nrnn_jax.load_dataset`) and where its files are.
+    - `mode`: "deterministic", "implicit" (noise injection) or "explicit" (penalty).
+    - `optimizer` "adam" or "sgd" (with `momentum`); `lr`; step decay: the learning rate is multiplied
+      by `lr_decay` at each epoch in `lr_decay_epochs` (the paper: × 0.1 at epoch 90); `grad_clip` > 0
+      clips the global gradient norm; `weight_decay` adds decoupled weight decay.
+    - `reg_weight` (λ), `reg_method` ("exact" or "probe"), `num_probes`: explicit mode only.
+    - `checkpoint_every`: also checkpoint every this many steps (0: only at the end of each epoch).
+    - `prng`: the generator of the injected noise and the probes: "threefry2x32" (JAX's default) or
+      "philox4x32" (Philox4x32-10, about 3x faster to draw on CPU: at the pixel-MNIST shape the noise is
+      12.8 M normals per step). Both give independent standard normals; they give different draws.
+    - `eval_white_noise`: standard deviations of white input noise at which the final model's test
+      accuracy is also reported (docs/theory.md §6).
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    mode: Literal["deterministic", "implicit", "explicit"] = "deterministic"
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_decay: float = 0.1
+    lr_decay_epochs: tuple[int, ...] = ()
+    grad_clip: float = 0.0
+    seed: int = 0
+    reg_weight: float = 1.0
+    reg_method: Literal["exact", "probe"] = "probe"
+    num_probes: int = 1
+    eval_white_noise: tuple[float, ...] = (1.0,)
+    checkpoint_every: int = 0
+    prng: Literal["threefry2x32", "philox4x32"] = "threefry2x32"
+
+    def __post_init__(self):
+        own = "TrainConfig"
+        for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("prng", PRNGS),
+                              ("reg_method", REG_METHODS)):
+            check_choice(own, name, getattr(self, name), choices)
+        for name, minimum in (("epochs", 0), ("batch_size", 1), ("eval_batch_size", 1), ("num_probes", 1),
+                              ("seed", 0), ("checkpoint_every", 0)):
+            check_int(own, name, getattr(self, name), minimum)
+        for name in ("lr", "lr_decay"):
+            check_real(own, name, getattr(self, name), 0.0, lo_open=True)
+        for name in ("momentum", "weight_decay", "grad_clip", "reg_weight"):
+            check_real(own, name, getattr(self, name), 0.0)
+        object.__setattr__(self, "lr_decay_epochs", check_int_tuple(own, "lr_decay_epochs", self.lr_decay_epochs, 1))
+        object.__setattr__(self, "eval_white_noise",
+                           check_real_tuple(own, "eval_white_noise", self.eval_white_noise, 0.0))
 
 
-class _TracedNoiseConfig(NRNNConfig):
-    """`NRNNConfig.with_traced_noise`: noise levels that may be tracers, so every static question about
-    them has the answer "present"."""
+@dataclasses.dataclass(frozen=True)
+class Sweep(ConfigMixin):
+    """Several models trained at once: member i has initialisation and noise seed `seeds[i]` and noise
+    levels (`eps_add[i]`, `eps_mult[i]`) (None: the model configuration's). Fields of length 1 are
+    broadcast to the others. All members see the same batches (data order from `TrainConfig.seed`); the
+    train step is the single-model step vmapped over the members, so a sweep of N costs one compilation.
+
+    `Sweep.grid(seeds=..., noise_levels=[(eps_add, eps_mult), ...])` builds every combination.
+    """
+
+    seeds: tuple[int, ...] = (0,)
+    eps_add: tuple[float, ...] | None = None
+    eps_mult: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        own = "Sweep"
+        object.__setattr__(self, "seeds", check_int_tuple(own, "seeds", self.seeds, 0, nonempty=True))
+        for name in ("eps_add", "eps_mult"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_real_tuple(own, name, getattr(self, name), 0.0, nonempty=True))
+        lengths = {len(v) for v in (self.seeds, self.eps_add, self.eps_mult) if v is not None} - {1}
+        if len(lengths) > 1:
+            fail(own, "seeds", self.seeds, f"seeds, eps_add and eps_mult must have one common length (or length 1); "
+                 f"got lengths {len(self.seeds)}, {None if self.eps_add is None else len(self.eps_add)}, "
+                 f"{None if self.eps_mult is None else len(self.eps_mult)}")
+
+    @classmethod
+    def grid(cls, seeds=(0,), noise_levels=None) -> "Sweep":
+        """Every (seed, noise level) combination; `noise_levels` is a sequence of (eps_add, eps_mult)."""
+        if noise_levels is None:
+            return cls(seeds=tuple(seeds))
+        pairs = [(s, a, m) for (a, m) in noise_levels for s in seeds]
+        return cls(seeds=tuple(p[0] for p in pairs), eps_add=tuple(p[1] for p in pairs),
+                   eps_mult=tuple(p[2] for p in pairs))
 
     @property
-    def is_noisy(self) -> bool:
-        return True
+    def size(self) -> int:
+        return max(len(v) for v in (self.seeds, self.eps_add, self.eps_mult) if v is not None)
 
-    @property
-    def has_additive_noise(self) -> bool:
-        return True
+    def _per_member(self, values, default=None) -> list:
+        """A field broadcast to one value per member (None: `default` for every member)."""
+        if values is None:
+            return [default] * self.size
+        return list(values) * self.size if len(values) == 1 else list(values)
 
-    def __hash__(self):  # tracers are not hashable; the traced copy is never a static argument
-        return id(self)
+    def member_seeds(self) -> list[int]:
+        return self._per_member(self.seeds)
+
+    def noise_levels(self, mcfg: NRNNConfig) -> np.ndarray:
+        """(size, 2) array of each member's (eps_add, eps_mult)."""
+        return np.array([self._per_member(self.eps_add, mcfg.eps_add),
+                         self._per_member(self.eps_mult, mcfg.eps_mult)], np.float64).T
+
+    def member_config(self, mcfg: NRNNConfig, i: int) -> NRNNConfig:
+        """Member i's model configuration (its own noise levels)."""
+        levels = self.noise_levels(mcfg)[i]
+        return mcfg.replace(eps_add=float(levels[0]), eps_mult=float(levels[1]))
+
+    def structure_config(self, mcfg: NRNNConfig) -> NRNNConfig:
+        """The configuration that fixes the shape of the vmapped step: each noise level the largest over the
+        members, so that a noise term exists whenever some member uses it (it is exactly zero for a member
+        whose level is 0). The members' own levels are passed to the step as arrays."""
+        levels = self.noise_levels(mcfg)
+        return mcfg.replace(eps_add=float(levels[:, 0].max()), eps_mult=float(levels[:, 1].max()))

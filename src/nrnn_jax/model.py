@@ -1,4 +1,4 @@
-"""`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (math.md §1).
+"""`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (docs/theory.md §1).
 
 The module is only the edge that holds parameters; the recursion itself is the pure
 `solvers.solve_batch`. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
@@ -18,7 +18,7 @@ from .validation import check_inputs, check_noise
 
 
 class NoisyRNN(nnx.Module):
-    """The noisy recurrent neural network of Lim et al. (2021), math.md §1.
+    """The noisy recurrent neural network of Lim et al. (2021), docs/theory.md §1–§2.
 
     **Arguments:**
 
@@ -32,6 +32,10 @@ class NoisyRNN(nnx.Module):
       configured scheme with ξ_k = xi[:, k] (for Euler–Maruyama, h_{k+1} = h_k + δ f + √δ σ(h_k) ξ_k).
     - `model(x, key=key)`: draws xi itself.
     - `model.trajectory(x, noise=None, key=None)`: hidden states (batch, T + 1, hidden).
+    - Each call also takes `noise_levels=(eps_add, eps_mult)` (numbers or JAX values) replacing the
+      configuration's levels, e.g. one pair per member of a vmapped sweep; the configuration still decides
+      which noise terms exist.
+    - `model.step_size`: the learnable per-unit step `s` of the reference convention (None under "sde").
     """
 
     def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs):
@@ -48,18 +52,23 @@ class NoisyRNN(nnx.Module):
         self.M_A = nnx.Param(std * jax.random.normal(rngs.params(), (d, d), dtype))
         self.M_W = nnx.Param(std * jax.random.normal(rngs.params(), (d, d), dtype))
         if cfg.convention == "reference":
-            self.step = nnx.Param(jnp.full((d,), cfg.dt, dtype))
+            self.step_size = nnx.Param(jnp.full((d,), cfg.dt, dtype))
         else:
-            self.step = None
+            self.step_size = None
         self.decoder = nnx.Linear(d, cfg.num_classes, rngs=rngs, dtype=dtype, param_dtype=dtype)
 
     # -- the pieces the pure functions need ------------------------------------------------------
-    def recurrent_params(self) -> RecurrentParams:
+    def recurrent_params(self, noise_levels: tuple | None = None) -> RecurrentParams:
+        """A, W (docs/theory.md (1.2)), the step size s and the noise levels (`noise_levels`, default the
+        configuration's)."""
         cfg = self.cfg
+        eps_add, eps_mult = (cfg.eps_add, cfg.eps_mult) if noise_levels is None else noise_levels
         return RecurrentParams(
             A=lipschitz_matrix(self.M_A[...], cfg.beta, cfg.gamma_a),
             W=lipschitz_matrix(self.M_W[...], cfg.beta, cfg.gamma_w),
-            step=None if self.step is None else self.step[...],
+            step_size=None if self.step_size is None else self.step_size[...],
+            eps_add=eps_add,
+            eps_mult=eps_mult,
         )
 
     def encode(self, x: Float[Array, "batch T n"]) -> Float[Array, "batch T d"]:
@@ -80,24 +89,24 @@ class NoisyRNN(nnx.Module):
             return jnp.asarray(noise, jnp.dtype(self.cfg.dtype))
         return None
 
-    def _solve(self, x, noise, key, save):
+    def _solve(self, x, noise, key, save, noise_levels):
         check_inputs(x, self.cfg.input_dim, name="x")
         x = jnp.asarray(x, jnp.dtype(self.cfg.dtype))
         xi = self._noise(x, noise, key)
-        p = self.recurrent_params()
+        p = self.recurrent_params(noise_levels)
         z = self.encode(x)
         return solvers.solve_batch(self.cfg, p, z, xi, save=save)
 
-    def __call__(self, x, *, noise=None, key=None) -> Float[Array, "batch classes"]:
-        return self.decode(self._solve(x, noise, key, "final"))
+    def __call__(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch classes"]:
+        return self.decode(self._solve(x, noise, key, "final", noise_levels))
 
-    def final_state(self, x, *, noise=None, key=None) -> Float[Array, "batch hidden"]:
+    def final_state(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch hidden"]:
         """h_T for each example, shape (batch, hidden)."""
-        return self._solve(x, noise, key, "final")
+        return self._solve(x, noise, key, "final", noise_levels)
 
-    def trajectory(self, x, *, noise=None, key=None) -> Float[Array, "batch T+1 hidden"]:
+    def trajectory(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch T+1 hidden"]:
         """All hidden states h_0 = 0, h_1, …, h_T, shape (batch, T + 1, hidden)."""
-        return self._solve(x, noise, key, "all")
+        return self._solve(x, noise, key, "all", noise_levels)
 
 
 def with_noise(model: NoisyRNN, eps_add: float, eps_mult: float) -> NoisyRNN:

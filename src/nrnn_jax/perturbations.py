@@ -1,4 +1,4 @@
-"""Test-time input perturbations (math.md §5), applied batch by batch.
+"""Test-time input perturbations (docs/theory.md §6), applied batch by batch.
 
 Each constructor returns `perturb(x_batch, y_batch, rng) -> x_batch'` for a NumPy generator `rng`, so
 that evaluation draws them lazily (no copy of a whole test set) and reproducibly from a seed. The labels
@@ -7,34 +7,30 @@ are used by the adversarial perturbations of `nrnn_jax.analysis.robustness` and 
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
 
+from .validation import check_real
+
 Perturbation = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
-
-
-def _check_strength(name: str, value: float, upper: float = math.inf) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= upper):
-        raise ValueError(f"{name}={value!r} is invalid: expected a finite number in [0, {upper}].")
 
 
 def white_noise(std: float) -> Perturbation:
     """x + std · N(0, 1)."""
-    _check_strength("std", std)
+    check_real("", "std", std, 0.0)
     return lambda x, y, rng: (x + std * rng.standard_normal(x.shape)).astype(x.dtype)
 
 
 def multiplicative_noise(std: float) -> Perturbation:
     """x ⊙ (1 + std · N(0, 1))."""
-    _check_strength("std", std)
+    check_real("", "std", std, 0.0)
     return lambda x, y, rng: (x * (1.0 + std * rng.standard_normal(x.shape))).astype(x.dtype)
 
 
 def salt_and_pepper(fraction: float, low: float, high: float) -> Perturbation:
     """A fraction of the entries set to `low` or `high` (the data's min and max) with equal chance."""
-    _check_strength("fraction", fraction, 1.0)
+    check_real("", "fraction", fraction, 0.0, 1.0)
 
     def perturb(x, y, rng):
         hit = rng.random(x.shape) < fraction
@@ -43,5 +39,3 @@ def salt_and_pepper(fraction: float, low: float, high: float) -> Perturbation:
 
     return perturb
 
-
-PERTURBATIONS = {"white": white_noise, "multiplicative": multiplicative_noise}

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from .validation import check_choice
+
 # g(state (K, d), products (K, p), x_k (pytree, one example), params) -> state (K, d)
 Cell = Callable[[Array, Array, PyTree, Any], Array]
 # forward(cell, M, params, state0 (B, K, d), xs (leaves (B, T, ...)))
@@ -151,5 +153,5 @@ def recurrence(
     `jax.jvp` of this function itself is not defined — use `gradient="autodiff"` in the model config.
     """
     if save not in ("final", "all"):
-        raise ValueError(f"save={save!r} is invalid: expected 'final' or 'all'.")
+        check_choice("", "save", save, ("final", "all"))
     return _recurrence(cell, forward, save == "all", M, params, state0, xs)

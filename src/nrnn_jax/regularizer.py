@@ -1,4 +1,4 @@
-"""The small-noise explicit regularizer of noise injection (math.md §2), by JAX autodiff.
+"""The small-noise explicit regularizer of noise injection (docs/theory.md §3), by JAX autodiff.
 
 For a noisy recursion h_{k+1} = F_k(h_k) + G_k(h_k) η_k (E η = 0, Cov η = I) and a per-example loss ℓ of
 the final state, the small-noise expansion around the deterministic path h̄ gives
@@ -36,10 +36,10 @@ from jaxtyping import Array, Float, PyTree
 
 from . import dynamics, recurrence
 from .losses import cross_entropy, masked_mean
-from .validation import check_inputs, check_labels
+from .validation import check_choice, check_inputs, check_int, check_labels
 
 StepFn = Callable[[Float[Array, " d"], PyTree], Float[Array, " d"]]
-NoiseFn = Callable[[Float[Array, " d"], PyTree], lx.AbstractLinearOperator]
+FactorFn = Callable[[Float[Array, " d"], PyTree], lx.AbstractLinearOperator]
 ShiftFn = Callable[[Float[Array, " d"], PyTree], Float[Array, " d"]]
 LossFn = Callable[[Float[Array, " d"]], Float[Array, ""]]
 
@@ -107,13 +107,13 @@ def _loss_terms(loss: LossFn, h, m, P) -> Terms:
     return Terms(value, 2.0 * jnp.dot(grad, m), jnp.trace(HP), h)
 
 
-def exact_terms(step: StepFn, noise: NoiseFn, loss: LossFn, h0, inputs: PyTree, shift: ShiftFn | None = None) -> Terms:
-    """The exact second-order terms for one example (math.md §2).
+def exact_terms(step: StepFn, factor: FactorFn, loss: LossFn, h0, inputs: PyTree, shift: ShiftFn | None = None) -> Terms:
+    """The exact second-order terms for one example (docs/theory.md §3).
 
     **Arguments:**
 
     - `step(h, u_k)`: the deterministic step map F_k.
-    - `noise(h, u_k)`: a `lineax` operator G_k with C_k = G_k G_kᵀ (evaluated on the deterministic path).
+    - `factor(h, u_k)`: a `lineax` operator G_k with C_k = G_k G_kᵀ (evaluated on the deterministic path).
     - `loss(h_M)`: the per-example loss of the final state.
     - `h0`: initial state (d,); `inputs`: a pytree whose leaves have leading axis M (one slice per step).
     - `shift(h, u_k)`: an optional O(ε²) deterministic mean shift added to m each step.
@@ -128,7 +128,7 @@ def exact_terms(step: StepFn, noise: NoiseFn, loss: LossFn, h0, inputs: PyTree, 
         h_next, jvp_fn = jax.linearize(F, h)
         J = jax.vmap(jvp_fn, out_axes=1)(jnp.eye(d, dtype=h.dtype))  # column i = J e_i
         q = _trace_hessian_form(F, h, P)
-        G = noise(h, u).as_matrix()
+        G = factor(h, u).as_matrix()
         m_next = J @ m + 0.5 * q
         if shift is not None:
             m_next = m_next + shift(h, u)
@@ -142,18 +142,17 @@ def exact_terms(step: StepFn, noise: NoiseFn, loss: LossFn, h0, inputs: PyTree, 
 
 def draw_probes(key, shape: tuple[int, ...], kind: str, dtype) -> Array:
     """Probe vectors with mean 0 and identity covariance: standard normal or Rademacher (±1)."""
-    if kind not in PROBES:
-        raise ValueError(f"probe={kind!r} is invalid: expected one of {PROBES}.")
+    check_choice("", "probe", kind, PROBES)
     if kind == "gaussian":
         return jax.random.normal(key, shape, dtype)
     return jax.random.rademacher(key, shape, dtype)
 
 
 def probe_terms(
-    step: StepFn, noise: NoiseFn, loss: LossFn, h0, inputs: PyTree, probes: Float[Array, "M S m"],
+    step: StepFn, factor: FactorFn, loss: LossFn, h0, inputs: PyTree, probes: Float[Array, "M S m"],
     shift: ShiftFn | None = None,
 ) -> Terms:
-    """The unbiased probe estimator for one example, one estimate per probe (math.md §2).
+    """The unbiased probe estimator for one example, one estimate per probe (docs/theory.md §3).
 
     `probes[k, s]` is probe s's z_k (mean 0, covariance I); the result's `Q` and `R` have shape (S,)
     and their means over probes are unbiased for the exact terms. `loss` is a scalar.
@@ -166,7 +165,7 @@ def probe_terms(
         # Taylor mode along the curve h + t a + t² b: one pass gives F(h), J a and 2 (J b + ½ ∂²F[a, a]).
         taylor = lambda a, b: jet.jet(F, (h,), ((a, 2.0 * b),))
         h_next, (JU, twice_V) = jax.vmap(taylor)(U, V)
-        G = noise(h, u)
+        G = factor(h, u)
         U_next = JU + jax.vmap(G.mv)(z)
         V_next = 0.5 * twice_V
         if shift is not None:
@@ -188,12 +187,12 @@ def _probe_loss_terms(loss: LossFn, h, U, V) -> Terms:
     return Terms(value, Q, R, h)
 
 
-def _probe_cell(cfg, num_probes: int, shift: ShiftFn | None):
+def _probe_cell(cfg, num_probes: int):
     """The probe recursion of `probe_terms` for the Lipschitz model as a `nrnn_jax.recurrence` cell.
 
     State rows: h̄, then U (S rows), then V (S rows); products rows M s = (A s, W s). With
     F(h) = h + c (α A h + tanh(W h + z)) (c = δ, or s(1 − ε_mult/2) under the reference convention) and
-    r = W h̄ + z, in closed form (math.md §2):
+    r = W h̄ + z, in closed form (docs/theory.md (3.9)):
 
         J u = u + c (α A u + tanh'(r) ⊙ W u),
         J v + ½ ∂²F[u, u] = v + c (α A v + tanh'(r) ⊙ W v + ½ tanh''(r) ⊙ (W u)²),
@@ -203,7 +202,7 @@ def _probe_cell(cfg, num_probes: int, shift: ShiftFn | None):
     """
     d, S = cfg.hidden, num_probes
 
-    def cell(state, prods, x_k, step_size):
+    def cell(state, prods, x_k, params):
         z_k, eta = x_k  # eta: (S, noise_dim)
         a, w = prods[:, :d], prods[:, d:]
         h, U, V = state[0], state[1:1 + S], state[1 + S:]
@@ -211,28 +210,28 @@ def _probe_cell(cfg, num_probes: int, shift: ShiftFn | None):
         f = cfg.alpha * a[0] + t
         d1 = 1.0 - t * t  # tanh'
         d2 = -2.0 * t * d1  # tanh''
-        c = dynamics.mean_step_size(cfg, step_size)
+        c = dynamics.mean_step_size(cfg, params)
         c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
-        h_next = dynamics.mean_step_given_drift(cfg, h, f, step_size)
+        h_next = dynamics.mean_step_map(cfg, params, h, z_k, f=f)
         JU = U + c * (cfg.alpha * a[1:1 + S] + d1[None, :] * w[1:1 + S])
-        noise = jax.vmap(lambda e: dynamics.noise_factor_mv(cfg, h, f, e, step_size))(eta)
+        G_eta = jax.vmap(lambda e: dynamics.perturbation_factor_mv(cfg, params, h, f, e))(eta)
         V_next = V + c * (cfg.alpha * a[1 + S:] + d1[None, :] * w[1 + S:] + 0.5 * d2[None, :] * w[1:1 + S] ** 2)
-        if shift is not None:
-            V_next = V_next + shift(h, z_k)[None, :]
-        return jnp.concatenate([h_next[None], JU + noise, V_next], axis=0)
+        if dynamics.has_mean_shift(cfg):
+            V_next = V_next + dynamics.stratonovich_shift(cfg, params, h, cfg.dt)[None, :]
+        return jnp.concatenate([h_next[None], JU + G_eta, V_next], axis=0)
 
     return cell
 
 
-def _model_probe_terms(cfg, p, shift, decode, z, y, probes) -> Terms:
+def _model_probe_terms(cfg, p, decode, z, y, probes) -> Terms:
     """`probe_terms` for a whole batch of the Lipschitz model, run by `nrnn_jax.recurrence` (one batched
-    recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim); `shift` as in
-    `_model_pieces`."""
+    recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim)."""
     B, _, d = z.shape
     S = probes.shape[2]
     state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
     xs = (z, probes)
-    final = recurrence.recurrence(_probe_cell(cfg, S, shift), dynamics.products_matrix(p), p.step, state0, xs)
+    final = recurrence.recurrence(_probe_cell(cfg, S), dynamics.products_matrix(p), dynamics.matrix_free(cfg, p, z.dtype),
+                                  state0, xs)
 
     def per_example(s, y_i):
         loss = lambda h: cross_entropy(decode(h), y_i)
@@ -243,7 +242,7 @@ def _model_probe_terms(cfg, p, shift, decode, z, y, probes) -> Terms:
 
 def continuous_terms(
     drift: StepFn,
-    diffusion: NoiseFn,
+    diffusion: FactorFn,
     loss: LossFn,
     h0,
     inputs: PyTree,
@@ -254,7 +253,7 @@ def continuous_terms(
     atol: float = 1e-8,
     max_steps_per_interval: int = 256,
 ) -> Terms:
-    """The continuous-time terms for one example: the moment ODE of the SDE dh = f dt + σ dB (math.md §2).
+    """The continuous-time terms for one example: the moment ODE of the SDE dh = f dt + σ dB (docs/theory.md §3).
 
     (h̄, P, m) solve dh̄/dt = f(h̄, x_k), dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ shift) with
     J = ∂f/∂h and q_a = tr(∇²f_a P). The input is constant on each interval [kδ, (k+1)δ); each interval is
@@ -296,16 +295,16 @@ def continuous_terms(
 # ------------------------------------------------------------------------------------------------------
 # The model-level entry point.
 # ------------------------------------------------------------------------------------------------------
-def _model_pieces(model):
-    """Per-example step map, noise factor and shift (discrete), and drift and diffusion (continuous)."""
+def _model_pieces(model, noise_levels):
+    """Per-example step map, perturbation factor and mean shift of the model's scheme (docs/theory.md §3)."""
     cfg = model.cfg
-    p = model.recurrent_params()
+    p = model.recurrent_params(noise_levels)
     step = lambda h, z: dynamics.mean_step_map(cfg, p, h, z)
-    noise = lambda h, z: dynamics.noise_factor(cfg, p, h, z)
+    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, z)
     shift = None
-    if cfg.convention == "sde" and cfg.solver == "euler_heun":
-        shift = lambda h, z: dynamics.stratonovich_shift(cfg, h, cfg.dt)
-    return cfg, p, step, noise, shift
+    if dynamics.has_mean_shift(cfg):
+        shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, cfg.dt)
+    return cfg, p, step, factor, shift
 
 
 def explicit_regularizer(
@@ -318,12 +317,16 @@ def explicit_regularizer(
     key: Array | None = None,
     probe: Literal["gaussian", "rademacher"] = "gaussian",
     mask: Array | None = None,
+    noise_levels: tuple | None = None,
 ) -> Regularizer:
-    """The explicit regularizer of noise injection for a batch, under the model's own configuration.
+    """The explicit regularizer of noise injection for a batch, under the model's own configuration
+    (docs/theory.md (3.5)–(3.9)).
 
     **Arguments:**
 
     - `model`: a `NoisyRNN`; its `eps_add`, `eps_mult`, `dt`, convention and solver set the noise.
+    - `noise_levels`: optional (ε_add, ε_mult) replacing the model's levels (numbers or JAX values, e.g.
+      one per member of a vmapped sweep).
     - `x`: inputs (batch, T, input_dim); `y`: integer labels (batch,). The loss is the cross-entropy of
       the decoded final state.
     - `method`: `"exact"` (the P, m recursion), `"probe"` (unbiased, `num_probes` probes per example,
@@ -335,15 +338,13 @@ def explicit_regularizer(
     `.R` with value = (Q + R)/2, batch means.
 
     Under the reference convention the expansion is around the mean-step path (step s(1 − ε_mult/2)),
-    so `.clean_loss` is the loss on that path, not the test-time forward pass (math.md §2).
+    so `.clean_loss` is the loss on that path, not the test-time forward pass (docs/theory.md (3.3));
+    explicit training uses the test-time forward pass for its clean loss (`nrnn_jax.train.loss_fn`).
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is invalid: expected one of {METHODS}.")
-    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes={num_probes!r} is invalid: expected an integer >= 1.")
-    if probe not in PROBES:
-        raise ValueError(f"probe={probe!r} is invalid: expected one of {PROBES}.")
-    cfg, p, step, noise, shift = _model_pieces(model)
+    check_choice("", "method", method, METHODS)
+    check_int("", "num_probes", num_probes, 1)
+    check_choice("", "probe", probe, PROBES)
+    cfg, p, step, factor, shift = _model_pieces(model, noise_levels)
     check_inputs(x, cfg.input_dim)
     check_labels(y, x.shape[0], cfg.num_classes)
     if method == "probe" and key is None:
@@ -360,20 +361,19 @@ def explicit_regularizer(
     def per_example(z_i, y_i, extra):
         loss = lambda h: cross_entropy(decode(h), y_i)
         if method == "exact":
-            return exact_terms(step, noise, loss, h0, z_i, shift)
+            return exact_terms(step, factor, loss, h0, z_i, shift)
         if method == "probe":
-            t = probe_terms(step, noise, loss, h0, z_i, extra, shift)
-            return t
+            return probe_terms(step, factor, loss, h0, z_i, extra, shift)
         drift = lambda h, u: dynamics.drift(cfg, p, h, u)
-        sigma = lambda h, u: dynamics.diffusion(cfg, h)
-        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, h, 1.0))
+        sigma = lambda h, u: dynamics.diffusion(cfg, p, h)
+        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, 1.0))
         return continuous_terms(drift, sigma, loss, h0, z_i, cfg.dt, rate_shift)
 
     B, T = x.shape[0], x.shape[1]
     if method == "probe":
         probes = draw_probes(key, (B, T, num_probes, cfg.noise_dim), probe, dtype)
         if cfg.gradient == "adjoint":
-            terms = _model_probe_terms(cfg, p, shift, decode, z, y, probes)
+            terms = _model_probe_terms(cfg, p, decode, z, y, probes)
         else:
             terms = jax.vmap(per_example)(z, y, probes)
         samples = terms.value  # (B, S)
@@ -406,7 +406,7 @@ def explicit_regularizer(
 
 
 def antithetic_monte_carlo(model, x, y, num_samples: int, key: Array, clean_loss: Array | None = None) -> Array:
-    """Monte Carlo samples of E[noisy loss] − clean loss with antithetic pairs (math.md §2, "How to check"):
+    """Monte Carlo samples of E[noisy loss] − clean loss with antithetic pairs (docs/theory.md (3.10)):
     ½[ℓ(h(ξ)) + ℓ(h(−ξ))] − ℓ(h̄), each averaged over the batch; shape (num_samples,).
 
     `clean_loss` defaults to the loss on the path the expansion is taken around (`explicit_regularizer`'s

@@ -1,4 +1,4 @@
-"""Solving the input-driven recurrence: a diffrax backend and a `lax.scan` fast path (math.md §1).
+"""Solving the input-driven recurrence: a diffrax backend and a `lax.scan` fast path (docs/theory.md §1–§2).
 
 Both backends take the same pre-sampled standard normals ξ (T, noise_dim) and produce the same numbers:
 the diffrax backend drives `diffrax.diffeqsolve` with fixed steps on the exact grid t_k = k δ, a Brownian
@@ -24,6 +24,7 @@ from jaxtyping import Array, Float
 from . import dynamics, recurrence
 from .config import NRNNConfig
 from .dynamics import RecurrentParams
+from .validation import check_choice
 
 Save = Literal["final", "all"]
 
@@ -92,11 +93,9 @@ def _drift_vf(cfg: NRNNConfig, batch: int, grid_dt: float, as_operator: bool):
     """The drift on the flat state y = vec(h) of shape (B·d,), reading the input of the step t is in."""
 
     def vf(t, y, args):
-        M, z = args  # z time-major (T, B, d)
+        M, z, p = args  # z time-major (T, B, d)
         h = y.reshape(batch, -1)
-        prods = h @ M.T
-        d = h.shape[-1]
-        f = dynamics.drift_from_products(cfg, prods[:, :d], prods[:, d:], z[_grid_index(t, grid_dt, z.shape[0])])
+        f = dynamics.drift(cfg, p, h, z[_grid_index(t, grid_dt, z.shape[0])], products=h @ M.T)
         return lx.DiagonalLinearOperator(f.reshape(-1)) if as_operator else f.reshape(-1)
 
     return vf
@@ -105,10 +104,10 @@ def _drift_vf(cfg: NRNNConfig, batch: int, grid_dt: float, as_operator: bool):
 def _diffusion_vf(cfg: NRNNConfig, batch: int):
     """σ(h) on the flat state as a lineax operator from the flat noise (B·noise_dim,) to (B·d,)."""
     if cfg.noise_kind == "diagonal":
-        return lambda t, y, args: lx.DiagonalLinearOperator(cfg.eps_add + cfg.eps_mult * y)
+        return lambda t, y, args: dynamics.diffusion(cfg, args[2], y)  # diagonal: acts elementwise
     if batch != 1:
         raise ValueError("scalar noise couples the d components of one example: solve one example at a time.")
-    return lambda t, y, args: dynamics.diffusion(cfg, y)  # [ε_add I | ε_mult h], (d, d + 1)
+    return lambda t, y, args: dynamics.diffusion(cfg, args[2], y)  # [ε_add I | ε_mult h], (d, d + 1)
 
 
 _SDE_SOLVERS = {"euler": diffrax.Euler, "euler_heun": diffrax.EulerHeun, "milstein": diffrax.ItoMilstein}
@@ -131,12 +130,13 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
     if cfg.convention == "reference":
         grid_dt = 1.0
         if xi is None:
-            clock = jnp.broadcast_to(p.step, (T, B, d))
+            clock = jnp.broadcast_to(p.step_size, (T, B, d))
         else:
-            clock = p.step[None, None, :] * dynamics.reference_multiplier(cfg, xi[..., d:])
+            clock = p.step_size[None, None, :] * dynamics.reference_multiplier(cfg, p, xi[..., d:])
         terms = diffrax.ControlTerm(_drift_vf(cfg, B, grid_dt, True), GridIncrementPath(flat(clock), grid_dt))
         if xi is not None and cfg.has_additive_noise:
-            additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(y, cfg.eps_add)),
+            eps_add = dynamics.noise_levels(cfg, p)[0]
+            additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(y, eps_add)),
                                            GridBrownianPath(flat(xi[..., :d]), grid_dt))
             terms = diffrax.MultiTerm(terms, additive)
         solver = diffrax.Euler()
@@ -145,7 +145,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         terms = diffrax.ODETerm(_drift_vf(cfg, B, grid_dt, False))
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
-            dw = dynamics.step_noise(cfg, xi)
+            dw = dynamics.increments(cfg, xi)
             terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, B), GridBrownianPath(flat(dw), grid_dt)))
             solver = _SDE_SOLVERS[cfg.solver]()
     ts = grid_dt * jnp.arange(T + 1, dtype=dtype)
@@ -157,7 +157,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         t1=ts[-1],
         dt0=None,
         y0=h0.reshape(-1),
-        args=(dynamics.products_matrix(p), z),
+        args=(dynamics.products_matrix(p), z, p),
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts),
         adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
@@ -167,14 +167,14 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
 
 
 def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save):
-    noise = dynamics.step_noise(cfg, xi)
+    """The plain per-example `lax.scan` of `dynamics.step` (JAX differentiates it; `gradient="autodiff"`)."""
 
     def body(h, inputs):
-        z_k, n_k = inputs
-        h_next = dynamics.step(cfg, p, h, z_k, n_k)
+        z_k, xi_k = inputs
+        h_next = dynamics.step(cfg, p, h, z_k, xi_k)
         return h_next, (h_next if save == "all" else None)
 
-    h_final, hs = jax.lax.scan(body, h0, (z, noise))
+    h_final, hs = jax.lax.scan(body, h0, (z, xi))
     if save == "final":
         return h_final
     return jnp.concatenate([h0[None], hs], axis=0)
@@ -182,14 +182,14 @@ def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, 
 
 def _cell(cfg: NRNNConfig):
     """One step of the configured scheme for `nrnn_jax.recurrence`: the state is (1, hidden), the products
-    are M h = (A h, W h), the inputs are (z_k, ξ_k) with raw standard normals ξ_k (or None)."""
-    d = cfg.hidden
+    are M h = (A h, W h), the inputs are (z_k, ξ_k) with raw standard normals ξ_k (or None); the
+    parameters are the `RecurrentParams` without the matrices (the step size and the noise levels)."""
 
-    def cell(s, prods, x_k, step_size):
+    def cell(s, prods, x_k, params):
         z_k, xi_k = x_k
         h = s[0]
-        f = dynamics.drift_from_products(cfg, prods[0, :d], prods[0, d:], z_k)
-        return dynamics.step_given_drift(cfg, h, f, dynamics.step_noise(cfg, xi_k), step_size)[None]
+        f = dynamics.drift(cfg, params, h, z_k, products=prods[0])
+        return dynamics.step(cfg, params, h, z_k, xi_k, f=f)[None]
 
     return cell
 
@@ -198,10 +198,10 @@ def _diffrax_forward(cfg: NRNNConfig):
     """The forward states of the adjoint recurrence computed by `diffrax.diffeqsolve` (no autodiff through
     the solve: the recurrence's adjoint differentiates it)."""
 
-    def forward(cell, M, step_size, state0, xs):
+    def forward(cell, M, params, state0, xs):
         z, xi = (None if a is None else jnp.swapaxes(a, 0, 1) for a in xs)  # time-major for the solve
         d = cfg.hidden
-        p = RecurrentParams(A=M[:d], W=M[d:], step=step_size)
+        p = params._replace(A=M[:d], W=M[d:])
         hs = solve_diffrax(cfg, p, z, xi, state0[:, 0], "all")[:, :, None, :]  # (T + 1, B, 1, d)
         return hs[:-1], hs[-1], None
 
@@ -225,7 +225,7 @@ def solve_batch(
     `RecursiveCheckpointAdjoint`).
     """
     if save not in ("final", "all"):
-        raise ValueError(f"save={save!r} is invalid: expected 'final' or 'all'.")
+        check_choice("", "save", save, ("final", "all"))
     if h0 is None:
         h0 = jnp.zeros((z.shape[0], z.shape[-1]), z.dtype)
     if cfg.gradient == "autodiff" and cfg.backend == "scan":
@@ -235,8 +235,8 @@ def solve_batch(
         out = solve_diffrax(cfg, p, jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1), h0, save)
         return out if save == "final" else jnp.swapaxes(out, 0, 1)
     forward = _diffrax_forward(cfg) if cfg.backend == "diffrax" else recurrence.scan_forward
-    out = recurrence.recurrence(_cell(cfg), dynamics.products_matrix(p), p.step, h0[:, None, :], (z, xi),
-                                forward=forward, save=save)
+    out = recurrence.recurrence(_cell(cfg), dynamics.products_matrix(p), dynamics.matrix_free(cfg, p, z.dtype),
+                                h0[:, None, :], (z, xi), forward=forward, save=save)
     return out[:, 0] if save == "final" else jnp.swapaxes(out[:, :, 0], 0, 1)
 
 

@@ -1,13 +1,85 @@
-"""Input checks shared by every public entry point: each failure is a ValueError or TypeError naming the
-field, the value and what is allowed (never an XLA shape error)."""
+"""The one validation idiom of the library.
+
+Every check raises a `ValueError` (or `TypeError` for a wrong array dtype) whose message names the field,
+the value and what is allowed, e.g. ``NRNNConfig.hidden=0 is invalid: expected an integer >= 1.`` — never an
+XLA shape error. `owner` is the class whose field is checked (``"NRNNConfig"``), or ``""`` for a plain
+function argument. Configuration objects call the scalar checks in `__post_init__`; public entry points
+call the array checks before tracing.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from typing import Any, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
+def fail(owner: str, field: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError("{owner}.{field}={value!r} is invalid: {allowed}.")``."""
+    prefix = f"{owner}." if owner else ""
+    raise ValueError(f"{prefix}{field}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
+def check_int(owner: str, field: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """An integer in [minimum, maximum] (no bools); returns it as a Python int."""
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        fail(owner, field, value, f"expected an integer >= {minimum}{upper}")
+    return int(value)
+
+
+def check_real(owner: str, field: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *,
+               lo_open: bool = False) -> float:
+    """A finite real number in [lo, hi] (or (lo, hi] with `lo_open`); returns it as a Python float."""
+    ok = _is_real(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        left = "(" if lo_open or not math.isfinite(lo) else "["
+        right = "]" if math.isfinite(hi) else ")"
+        fail(owner, field, value, f"expected a finite real number in {left}{lo}, {hi}{right}")
+    return float(value)
+
+
+def check_choice(owner: str, field: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        fail(owner, field, value, "expected one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_int_tuple(owner: str, field: str, value: Any, minimum: int, *, nonempty: bool = False) -> tuple[int, ...]:
+    """A sequence of integers >= minimum; returns a tuple."""
+    ok = isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty) and all(
+        _is_int(v) and v >= minimum for v in value)
+    if not ok:
+        what = "a non-empty sequence" if nonempty else "a sequence"
+        fail(owner, field, value, f"expected {what} of integers >= {minimum}")
+    return tuple(int(v) for v in value)
+
+
+def check_real_tuple(owner: str, field: str, value: Any, lo: float = -math.inf, *,
+                     nonempty: bool = False) -> tuple[float, ...]:
+    """A sequence of finite real numbers >= lo; returns a tuple of floats."""
+    ok = isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty) and all(
+        _is_real(v) and v >= lo for v in value)
+    if not ok:
+        what = "a non-empty sequence" if nonempty else "a sequence"
+        fail(owner, field, value, f"expected {what} of finite real numbers >= {lo}")
+    return tuple(float(v) for v in value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arrays given to public entry points.
+# ------------------------------------------------------------------------------------------------------
 def _shape_of(a):
     return tuple(getattr(a, "shape", np.shape(a)))
 

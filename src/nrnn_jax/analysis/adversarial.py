@@ -13,15 +13,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..losses import cross_entropy
+from ..validation import check_choice, check_real
 
 NORMS = ("linf", "l2")
 
 
 def _check(norm: str, eps: float) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is invalid: expected one of {NORMS}.")
-    if not (eps >= 0 and jnp.isfinite(eps)):
-        raise ValueError(f"eps={eps!r} is invalid: expected a finite budget >= 0.")
+    check_choice("", "norm", norm, NORMS)
+    check_real("", "eps", eps, 0.0)
 
 
 def _per_example_norm(v):

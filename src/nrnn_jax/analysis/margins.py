@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ..train import predict_logits
+from ..evaluate import predict_logits
 from .adversarial import deepfool
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import perturbations
-from ..train import evaluate
+from ..evaluate import evaluate
+from ..validation import check_choice
 from .adversarial import fgsm, pgd
 
 KINDS = ("white", "multiplicative", "salt_pepper", "fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2")
@@ -17,8 +18,7 @@ KINDS = ("white", "multiplicative", "salt_pepper", "fgsm_linf", "fgsm_l2", "pgd_
 
 def make_perturbation(kind: str, strength: float, *, model=None, data_range=(0.0, 1.0), pgd_steps: int = 10):
     """The batch perturbation `perturb(x, y, rng)` of `kind` at `strength` (std, fraction or budget)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is invalid: expected one of {KINDS}.")
+    check_choice("", "kind", kind, KINDS)
     if kind == "white":
         return perturbations.white_noise(strength)
     if kind == "multiplicative":

@@ -65,8 +65,7 @@ def lyapunov_exponent(cfg: NRNNConfig, p: RecurrentParams, *, t_max: float = 200
         xi = jax.random.normal(k1, (steps, cfg.noise_dim), p.A.dtype)
 
         def body(h, xi_k):
-            dw = jnp.sqrt(jnp.asarray(cfg.dt, h.dtype)) * xi_k
-            h1 = dynamics.sde_step(noiseless, p, h, z, dw)
+            h1 = dynamics.step(noiseless, p, h, z, xi_k)
             n = jnp.linalg.norm(h1)
             return radius * h1 / n, jnp.log(n / radius)
 

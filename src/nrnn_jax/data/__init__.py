@@ -12,6 +12,7 @@ from .ecg5000 import load_ecg5000
 from .files import DataFileError
 from .mnist import load_mnist
 from .mnist1d import load_mnist1d
+from ..validation import check_choice
 
 LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": lambda data_dir=None, **kw: load_digits(**kw),
@@ -29,7 +30,7 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> Dataset:
     """Load a named task. Names: see `LOADERS` ("digits" is embedded and needs no files)."""
     if name not in LOADERS:
-        raise ValueError(f"dataset={name!r} is invalid: expected one of {sorted(LOADERS)}.")
+        check_choice("", "dataset", name, sorted(LOADERS))
     return LOADERS[name](data_dir, **options)
 
 

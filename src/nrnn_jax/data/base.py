@@ -9,6 +9,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ..validation import check_choice, check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -41,7 +43,7 @@ class Dataset:
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in ("train", "val", "test"):
-            raise ValueError(f"split={name!r} is invalid: expected 'train', 'val' or 'test'.")
+            check_choice("", "split", name, ("train", "val", "test"))
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
 
@@ -98,8 +100,7 @@ def batches(
     epochs because the order changes); evaluation pads it with copies of the first example and masks
     them out, so that every batch has the same shape and one compiled step serves all.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+    check_int("", "batch_size", batch_size, 1)
     idx = np.arange(x.shape[0]) if order is None else np.asarray(order)
     n = idx.shape[0]
     stop = (n // batch_size) * batch_size if drop_remainder else n

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from .base import Dataset, PaddedSequences
+from ..validation import check_choice
 from .files import DataFileError, default_data_dir
 from .mnist import N_VALIDATION, VALIDATION_SEED
 
@@ -68,7 +69,7 @@ def load_cifar10(
     noise_seed: int = 0,
 ) -> Dataset:
     if view not in ("pixel", "rows", "noise_padded"):
-        raise ValueError(f"view={view!r} is invalid: expected 'pixel', 'rows' or 'noise_padded'.")
+        check_choice("", "view", view, ("pixel", "rows", "noise_padded"))
     directory = _directory(data_dir)
     parts = [read_batch(directory / name) for name in TRAIN_FILES]
     x_tr = np.concatenate([p[0] for p in parts])

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 
 from .base import Dataset
+from ..validation import check_choice
 from .files import DataFileError, file_digest, resolve_dir
 
 SEQ_LEN = 140
@@ -145,9 +146,9 @@ def load_ecg5000(
     **Returns:** a `Dataset` with inputs (N, 140, 1) float32.
     """
     if labels not in ("binary", "multiclass"):
-        raise ValueError(f"labels={labels!r} is invalid: expected 'binary' or 'multiclass'.")
+        check_choice("", "labels", labels, ("binary", "multiclass"))
     if val_rows not in ("shuffled", "first"):
-        raise ValueError(f"val_rows={val_rows!r} is invalid: expected 'shuffled' or 'first'.")
+        check_choice("", "val_rows", val_rows, ("shuffled", "first"))
     directory = resolve_dir(data_dir, "ecg5000", _PROBE)
     train = _read_split(directory, "TRAIN")
     if train is None:

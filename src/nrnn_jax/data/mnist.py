@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from .base import Dataset
+from ..validation import check_choice
 from .files import DataFileError, download, resolve_dir, verify_file
 
 FILES = {
@@ -115,7 +116,7 @@ def load_mnist(
     """MNIST as sequences. `view`: "pixel" (784 × 1), "permuted" (784 × 1, fixed permutation) or "rows"
     (28 × 28). `download=True` fetches missing files from public mirrors and checks their md5."""
     if view not in ("pixel", "permuted", "rows"):
-        raise ValueError(f"view={view!r} is invalid: expected 'pixel', 'permuted' or 'rows'.")
+        check_choice("", "view", view, ("pixel", "permuted", "rows"))
     x_tr, y_tr, x_te, y_te = load_mnist_arrays(data_dir, verify=verify, download_missing=download)
 
     def as_seq(images):

@@ -1,0 +1,81 @@
+"""The state of training: parameters, optimizer state, step, PRNG key; the optimizer; how a fresh state (one
+model, or the members of a sweep) is built. `nrnn_jax.train` steps it; `nrnn_jax.runs` saves and restores it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .config import NRNNConfig, Sweep, TrainConfig
+from .model import NoisyRNN
+
+
+class TrainState(NamedTuple):
+    """The whole state of training: parameters, optimizer state, step counter, PRNG key (uint32[2]) and
+    `bad_step`, the first step whose loss or gradients were not finite (−1 if none)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    bad_step: jax.Array
+
+
+def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """The state before the first step: optimizer initialised, step 0, key from `seed`, no bad step."""
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed + 1),
+                      jnp.full((), -1, jnp.int32))
+
+
+def metric_names(tcfg: TrainConfig) -> list[str]:
+    """The per-step metrics summed over an epoch (and checkpointed with the state)."""
+    return ["loss", "acc", "grad_norm"] + (["reg"] if tcfg.mode == "explicit" else [])
+
+
+def zero_sums(names: list[str], members: int | None = None) -> dict[str, jax.Array]:
+    """Zeroed metric sums (one per sweep member when `members` is given)."""
+    shape = () if members is None else (members,)
+    return {k: jnp.zeros(shape, jnp.float32) for k in names}
+
+
+def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (or AdamW) or SGD with momentum, the step-decay schedule of `tcfg` and optional clipping."""
+    boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
+    schedule = optax.piecewise_constant_schedule(tcfg.lr, boundaries)
+    parts = []
+    if tcfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
+    if tcfg.optimizer == "adam":
+        parts.append(optax.adamw(schedule, weight_decay=tcfg.weight_decay) if tcfg.weight_decay > 0
+                     else optax.adam(schedule))
+    else:
+        if tcfg.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(tcfg.weight_decay))
+        parts.append(optax.sgd(schedule, momentum=tcfg.momentum or None))
+    return optax.chain(*parts)
+
+
+def init_model_state(mcfg: NRNNConfig, tx: optax.GradientTransformation, seed: int):
+    """(graphdef, TrainState) of a fresh `NoisyRNN(mcfg, rngs=nnx.Rngs(seed))` with its noise key from seed."""
+    graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(seed)))
+    return graphdef, init_train_state(params, tx, seed)
+
+
+def init_sweep_states(mcfg: NRNNConfig, tx: optax.GradientTransformation, sweep: Sweep):
+    """(graphdef, stacked TrainState): member i initialised exactly as a single run with
+    `TrainConfig.seed = seed_i`. The graph holds `sweep.structure_config(mcfg)` (every noise term any member
+    uses); the members' own levels are passed to the step (the initialisation does not depend on them)."""
+    structure = sweep.structure_config(mcfg)
+    graphdef, states = zip(*(init_model_state(structure, tx, seed) for seed in sweep.member_seeds()))
+    return graphdef[0], jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+
+def unstack(tree, n: int) -> list:
+    """The n members of a pytree stacked on its leading axis."""
+    return [jax.tree.map(lambda a: a[i], tree) for i in range(n)]
+
+
