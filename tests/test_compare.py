@@ -1,10 +1,56 @@
-"""`nrnn-compare`: the output layout is a public contract; every run loads with load_run."""
+"""`nrnn-compare`: the output layout is a public contract; every run loads with load_run, and summary.json and
+results.md hold what the saved runs give when measured again."""
 
+import copy
 import json
 
-from nrnn_jax import load_run
+import numpy as np
+
+from nrnn_jax import evaluate, explicit_regularizer, load_dataset, load_run, predict_logits, with_noise
+from nrnn_jax.analysis import certificate
 from nrnn_jax.cli import compare_main, robustness_main
-from nrnn_jax.compare import CompareConfig, run_compare
+from nrnn_jax.compare import CompareConfig, aggregate, run_compare
+from nrnn_jax.perturbations import white_noise
+
+MODES = ("deterministic", "implicit", "explicit")
+
+
+def _recheck_run(r, data, settings, out):
+    """Measure the saved run `r` (an entry of summary.json's runs) again from its run directory."""
+    a, seed = r["analysis"], r["seed"]
+    model = load_run(r["run_dir"])
+    noisy = with_noise(model, settings["model"]["eps_add"], settings["model"]["eps_mult"])
+    # the same float32 parameters and the same computation: equal up to ~8 ulp of reassociation (measured: equal)
+    close = dict(rtol=1e-6, atol=1e-7)
+    assert evaluate(model, data.x_test, data.y_test)["acc"] == r["summary"]["test_acc"]
+    # output margins on the whole test split, computed here from the logits in float64; the saved ones subtract in
+    # float32 (half an ulp of |logits| ≲ 10 is < 1e-6; measured 1.2e-7)
+    logits = np.asarray(predict_logits(model, data.x_test), np.float64)
+    y = data.y_test
+    margins = logits[np.arange(len(y)), y] - np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits).max(1)
+    np.testing.assert_allclose(a["output_margins"], margins, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a["output_margin_median"], np.median(margins), rtol=0, atol=1e-6)
+    # the certificate of the unforced dynamics at the comparison's multiplicative noise
+    cert = certificate(noisy.cfg.replace(eps_add=0.0), model.recurrent_params())
+    np.testing.assert_allclose(a["c1"], cert.c1, **close)
+    # c1 bounds hᵀf(h)/|h|², so the deterministic Lyapunov exponent is below it (measured 0.03 / 0.0001 / 0.007
+    # against c1 = 0.65 / 0.58 / 0.59)
+    assert a["lyapunov_deterministic"] < a["c1"]
+    # the explicit regularizer (exact method) on the test examples `analyse` draws: train indices first, then test
+    rng = np.random.default_rng(seed)
+    n = settings["analysis_examples"]
+    rng.choice(data.x_train.shape[0], min(n, data.x_train.shape[0]), replace=False)
+    te = np.sort(rng.choice(data.x_test.shape[0], min(n, data.x_test.shape[0]), replace=False))
+    reg = explicit_regularizer(noisy, np.asarray(data.x_test[te]), data.y_test[te], method="exact")
+    np.testing.assert_allclose([a["reg_value"], a["reg_Q"], a["reg_R"]], [reg.value, reg.Q, reg.R], **close)
+    assert a["reg_R"] > 0  # tr(∇²ℓ P) with a convex loss and P ≠ 0 (noise on)
+    # every robustness curve starts at strength 0: the clean accuracy on the first curve_examples test images
+    m = settings["curve_examples"]
+    clean = evaluate(model, data.x_test[:m], data.y_test[:m])["acc"]
+    for kind, c in a["curves"].items():
+        assert c["strengths"][0] == 0 and c["acc"][0] == clean, kind
+    assert a["hessian_top"] == max(a["hessian_ritz"])
+    assert np.isfinite(a["hessian_trace"]) and a["hessian_trace_se"] > 0
 
 
 def test_compare_layout_and_contents(tmp_path, capsys):
@@ -18,17 +64,64 @@ def test_compare_layout_and_contents(tmp_path, capsys):
     for name in ("summary.json", "results.md", "robustness.png", "hessian.png", "margins.png", "stability.png"):
         assert (out / name).stat().st_size > 0
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["runs"]["explicit"][0]["lambda"] in (0.5, 1.0)
-    assert set(saved["runs"]["explicit"][0]["lambda_scores"]) == {"0.5", "1"}
-    a = saved["runs"]["implicit"][0]["analysis"]
-    for key in ("hessian_top", "hessian_trace", "output_margin_median", "c1", "lyapunov_deterministic", "reg_value"):
-        assert isinstance(a[key], float)
-    assert a["curves"]["white"]["acc"][0] == saved["runs"]["implicit"][0]["analysis"]["curves"]["pgd_linf"]["acc"][0]
+    settings = saved["settings"]
+    data = load_dataset("digits")
+    for mode in MODES:
+        _recheck_run(saved["runs"][mode][0], data, settings, out)
+
+    # the chosen λ maximises the recorded validation scores, and each score is measured again: the mean of the clean
+    # validation accuracy and those under white noise of the selection strengths
+    ex = saved["runs"]["explicit"][0]
+    scores = ex["lambda_scores"]
+    assert set(scores) == {"0.5", "1"}
+    assert ex["lambda"] == float(max(scores, key=scores.get))
+    assert ex["run_dir"] == str(out / "explicit" / f"seed0-lam{ex['lambda']:g}")
+    for lam, score in scores.items():
+        model = load_run(out / "explicit" / f"seed0-lam{lam}")
+        accs = [evaluate(model, data.x_val, data.y_val)["acc"]]
+        accs += [evaluate(model, data.x_val, data.y_val, perturb=white_noise(s), seed=0)["acc"]
+                 for s in settings["selection_white"]]
+        assert score == np.mean(accs), lam
+    assert summary["aggregate"]["explicit"]["lambdas"] == [ex["lambda"]]
+
     assert all("val_reg" in h for h in saved["runs"]["deterministic"][0]["history"])
     # the deterministic model's penalty is measured at the comparison's noise levels, so it is not zero
     assert saved["runs"]["deterministic"][0]["analysis"]["reg_value"] > 0
-    assert "| deterministic |" in (out / "results.md").read_text()
-    assert summary["aggregate"]["explicit"]["lambdas"] == [saved["runs"]["explicit"][0]["lambda"]]
+
+    # results.md: a row per mode holding the aggregate's numbers as printed (mean ± std, 4 decimals)
+    rows = {line.split("|")[1].strip().split(" (")[0]: line for line in (out / "results.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")}
+    assert set(rows) == set(MODES)
+    assert f"| explicit (λ = {ex['lambda']:g}) |" in rows["explicit"]
+    for mode in MODES:
+        agg = saved["aggregate"][mode]
+        for key in ("test_acc", "hessian_top", "hessian_trace", "output_margin_median", "c1",
+                    "lyapunov_deterministic", "reg_value"):
+            assert f"| {agg[key]['mean']:.4f} ± {agg[key]['std']:.4f} |" in rows[mode], (mode, key)
+        # one seed: the aggregate is that seed's value, with std 0
+        run = saved["runs"][mode][0]
+        assert agg["test_acc"] == {"mean": run["summary"]["test_acc"], "std": 0.0}
+        assert agg["c1"] == {"mean": run["analysis"]["c1"], "std": 0.0}
+
+    # several seeds: the aggregate is numpy's mean and sample std (ddof=1) of the per-seed values
+    runs = {}
+    for mode in MODES:
+        runs[mode] = []
+        for k in range(3):
+            r = copy.deepcopy(saved["runs"][mode][0])
+            r["summary"]["test_acc"] += 0.1 * k
+            r["analysis"]["c1"] *= 1 + k
+            r["analysis"]["curves"]["white"]["acc"] = [v - 0.05 * k ** 2 for v in r["analysis"]["curves"]["white"]["acc"]]
+            runs[mode].append(r)
+    agg = aggregate(runs)
+    for mode in MODES:
+        for key, values in (("test_acc", [r["summary"]["test_acc"] for r in runs[mode]]),
+                            ("c1", [r["analysis"]["c1"] for r in runs[mode]])):
+            np.testing.assert_allclose([agg[mode][key]["mean"], agg[mode][key]["std"]],
+                                       [np.mean(values), np.std(values, ddof=1)], rtol=1e-12)
+        accs = np.array([r["analysis"]["curves"]["white"]["acc"] for r in runs[mode]])
+        np.testing.assert_allclose(agg[mode]["curves"]["white"]["mean"], accs.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(agg[mode]["curves"]["white"]["std"], accs.std(0, ddof=1), rtol=1e-12)
 
     assert robustness_main([str(out / "implicit/seed0"), "--kind", "white", "--strengths", "0,0.5"]) == 0
     assert "white 0.5" in capsys.readouterr().out

@@ -59,10 +59,10 @@ class NoisyRNN(nnx.Module):
 
     # -- the pieces the pure functions need ------------------------------------------------------
     def recurrent_params(self, noise_levels: tuple | None = None) -> RecurrentParams:
-        """A, W (docs/theory.md (1.2)), the step size s and the noise levels (`noise_levels`, default the
-        configuration's)."""
+        """A, W (docs/theory.md (1.2)), the step size s, and `noise_levels` = (ε_add, ε_mult) when given
+        (None: the configuration's levels apply)."""
         cfg = self.cfg
-        eps_add, eps_mult = (cfg.eps_add, cfg.eps_mult) if noise_levels is None else noise_levels
+        eps_add, eps_mult = (None, None) if noise_levels is None else noise_levels
         return RecurrentParams(
             A=lipschitz_matrix(self.M_A[...], cfg.beta, cfg.gamma_a),
             W=lipschitz_matrix(self.M_W[...], cfg.beta, cfg.gamma_w),
