@@ -3,20 +3,29 @@
     python scripts/benchmark.py --shape paper      # T = 784, hidden 128, batch 128 (pixel MNIST)
     python scripts/benchmark.py --shape ecg        # T = 140, hidden 64, batch 64 (ECG5000)
     python scripts/benchmark.py --shape small      # T = 28, hidden 32, batch 32
+    python scripts/benchmark.py --t-scaling --variants torch,scan,diffrax   # T = 196, 392, 784
 
-Variants: eager PyTorch on the same recurrence (skipped with a message if torch is absent), the scan and
+Variants: eager PyTorch on the same recurrence (scripts/benchmark_torch.py, in a fresh process; skipped
+with a message if torch is absent; `--torch-variant` picks the formulation: `loop-enc`, the default, applies
+the encoder to x[:, k] inside the loop with one torch.randn(B, d) per step: the fastest and steadiest of
+those measured, linear in T; `unbind`, `-prenoise`, `-fused` are the others; `slice`, the O(T^2) one this
+benchmark used before, reads z[:, k] of a (B, T, d) tensor and is kept only to show that cost), the scan and
 diffrax backends in implicit mode (noise injection) with the discrete adjoint (`gradient="adjoint"`, the
 default) and with JAX differentiating the loop (`-autodiff`), deterministic, explicit training with the
 probe (S = 1) and exact regularizers, and a sweep of `--sweep-size` models (seeds and noise levels) in one
 vmapped step, reported as throughput per model against one model alone. Reports the median of `--repeats` steps after compilation (the JAX variants take turns), ratios against
 PyTorch and against scan, the compiled step's temporary memory (XLA's memory analysis) and the process's
-peak resident memory. `--json PATH` writes the figures.
+peak resident memory. `--t-scaling` instead times T = 196, 392, 784 (hidden 128, batch 128) and prints
+time per step, time per step / T, the ratio of the latter at 784 to 196 (within 20 % of 1 for a variant
+linear in T) and memory per variant (XLA temporary memory; PyTorch: RSS growth of its worker process).
+`--json PATH` writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -27,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_torch  # noqa: E402  (scripts/benchmark_torch.py, the eager-PyTorch baseline)
 from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, init_sweep_states, init_train_state, make_optimizer,
                       make_train_step)
 
@@ -84,68 +95,76 @@ def time_interleaved(runners: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def time_torch(shape: dict, repeats: int, eps=(0.02, 0.02)):
-    """Eager PyTorch, the same Euler–Maruyama recurrence with noise injection, Adam (on CUDA if present)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    d, n, T, B, C, dt = shape["hidden"], shape["input_dim"], shape["T"], shape["batch"], shape["num_classes"], shape["dt"]
-    beta, gamma = 0.75, 0.001
-    enc, dec = torch.nn.Linear(n, d).to(dev), torch.nn.Linear(d, C).to(dev)
-    MA = torch.nn.Parameter(torch.randn(d, d, device=dev) * 0.1 / d)
-    MW = torch.nn.Parameter(torch.randn(d, d, device=dev) * 0.1 / d)
-    params = [MA, MW, *enc.parameters(), *dec.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    eye = torch.eye(d, device=dev)
-    x = torch.randn(B, T, n, device=dev)
-    y = torch.randint(0, C, (B,), device=dev)
-
-    def step():
-        A = beta * (MA - MA.T) + (1 - beta) * (MA + MA.T) - gamma * eye
-        W = beta * (MW - MW.T) + (1 - beta) * (MW + MW.T) - gamma * eye
-        z = enc(x)
-        h = torch.zeros(B, d, device=dev)
-        for k in range(T):
-            f = h @ A.T + torch.tanh(h @ W.T + z[:, k])
-            h = h + dt * f + (dt**0.5) * (eps[0] + eps[1] * h) * torch.randn(B, d, device=dev)
-        loss = torch.nn.functional.cross_entropy(dec(h), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_torch_subprocess(shape: dict, repeats: int, variant: str, malloc: str):
+    """The eager-PyTorch baseline (scripts/benchmark_torch.py) in a fresh process: a dict with median_s,
+    peak_rss_mib, rss_growth_mib, or None when torch is absent."""
+    return benchmark_torch.run_subprocess(shape, repeats, variant, malloc)
 
 
-# glibc's allocator returns and re-faults memory on every step of a long eager autograd graph, which made
-# eager PyTorch 4x slower at T = 784 here (20 s against 4.7 s per step). The baseline is timed in a
-# subprocess with these settings, the favourable case for PyTorch.
-TORCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
-             "MALLOC_TOP_PAD_": "1000000000"}
+# (variant, backend, mode, regularizer, gradient); "adjoint" is the default `NRNNConfig.gradient`.
+PLAN = [("scan", "scan", "implicit", "probe", "adjoint"),
+        ("scan-autodiff", "scan", "implicit", "probe", "autodiff"),
+        ("diffrax", "diffrax", "implicit", "probe", "adjoint"),
+        ("diffrax-autodiff", "diffrax", "implicit", "probe", "autodiff"),
+        ("deterministic", "scan", "deterministic", "probe", "adjoint"),
+        ("probe", "scan", "explicit", "probe", "adjoint"),
+        ("exact", "scan", "explicit", "exact", "adjoint")]
+NAMES = {"scan": "scan (implicit)", "scan-autodiff": "scan (implicit, gradient=autodiff)",
+         "diffrax": "diffrax (implicit)", "diffrax-autodiff": "diffrax (implicit, gradient=autodiff)",
+         "deterministic": "scan (deterministic)", "probe": "scan (explicit, probe S=1)",
+         "exact": "scan (explicit, exact)"}
 
 
-def time_torch_subprocess(shape_name: str, repeats: int):
-    import os
-    import subprocess
+def jax_runners(shape: dict, wanted: set, args):
+    """The compiled JAX steps of the wanted variants: ({name: run_one}, {name: XLA temp MiB}, sweep name)."""
+    runners, mems = {}, {}
+    for key, backend, mode, method, gradient in PLAN:
+        if key in wanted:
+            runners[NAMES[key]], mems[NAMES[key]] = build_jax(shape, backend, mode, method, gradient=gradient,
+                                                              prng=args.prng)
+    sweep_name = f"sweep of {args.sweep_size} (implicit, one vmapped step)"
+    if "sweep" in wanted:
+        runners[sweep_name], mems[sweep_name] = build_jax(shape, args.sweep_backend, "implicit", prng=args.prng,
+                                                          sweep=args.sweep_size)
+    return runners, mems, sweep_name
 
-    proc = subprocess.run([sys.executable, __file__, "--torch-worker", "--shape", shape_name, "--repeats", str(repeats)],
-                          env={**os.environ, **TORCH_ENV}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-2000:], file=sys.stderr)
-        return None
-    value = proc.stdout.strip().splitlines()[-1]
-    return None if value == "none" else float(value)
+
+SCALING_T = (196, 392, 784)
+
+
+def t_scaling(args, wanted: set) -> dict:
+    """Time per step and per step and unit of T at T = 196, 392, 784 (paper shape otherwise) for PyTorch and
+    each requested JAX variant; a linear-in-T variant has (time/T at 784) / (time/T at 196) within 20 % of 1."""
+    base = dict(SHAPES["paper"])
+    res = {}  # name -> {T: (seconds, memory MiB, memory kind)}
+    for T in SCALING_T:
+        shape = {**base, "T": T}
+        if "torch" in wanted:
+            r = time_torch_subprocess(shape, args.scaling_repeats, args.torch_variant, args.torch_malloc)
+            if r is not None:
+                res.setdefault(f"pytorch eager ({args.torch_variant})", {})[T] = (r["median_s"], r["rss_growth_mib"])
+        runners, mems, _ = jax_runners(shape, wanted, args)
+        for name, t in time_interleaved(runners, args.scaling_repeats).items():
+            res.setdefault(name, {})[T] = (t, mems[name])
+        del runners
+        print(f"  T = {T} done", file=sys.stderr, flush=True)
+    print(f"T scaling (hidden {base['hidden']}, batch {base['batch']}): median of {args.scaling_repeats} train steps; "
+          f"memory: XLA temporary memory of the compiled step (JAX), resident-set growth of the worker process "
+          f"over its first step and the timed steps (PyTorch)")
+    print("| variant | T | median step (s) | step / T (ms) | memory (MiB) |")
+    print("|---|---|---|---|---|")
+    for name, by_t in res.items():
+        for T, (t, mem) in by_t.items():
+            print(f"| {name} | {T} | {t:.4f} | {1e3 * t / T:.3f} | {'' if mem is None else f'{mem:.0f}'} |")
+    print("| variant | (step/T at 784) / (step/T at 196) | linear (within 20 % of 1) |")
+    print("|---|---|---|")
+    out = {}
+    for name, by_t in res.items():
+        if 196 in by_t and 784 in by_t:
+            ratio = (by_t[784][0] / 784) / (by_t[196][0] / 196)
+            print(f"| {name} | {ratio:.2f} | {'yes' if abs(ratio - 1) <= 0.2 else 'no'} |")
+            out[name] = {"ratio_784_196": ratio, **{str(T): {"median_s": t, "mem_mib": m} for T, (t, m) in by_t.items()}}
+    return out
 
 
 def main(argv=None) -> int:
@@ -162,46 +181,41 @@ def main(argv=None) -> int:
                         help="backend of the sweep variant, compared with the same backend's single model")
     parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "philox4x32"],
                         help="TrainConfig.prng of the JAX variants")
+    parser.add_argument("--torch-variant", default=benchmark_torch.DEFAULT_VARIANT,
+                        help="formulation of the eager-PyTorch baseline (scripts/benchmark_torch.py): loop-enc "
+                             "(default, fastest measured), unbind, slice (the old O(T^2) one), with optional "
+                             "-prenoise / -fused modifiers")
+    parser.add_argument("--torch-malloc", choices=("default", "tuned"), default="default",
+                        help="glibc allocator settings of the PyTorch worker (tuned: keep freed memory)")
+    parser.add_argument("--t-scaling", action="store_true",
+                        help="time T = 196, 392, 784 (hidden 128, batch 128) instead of one shape")
+    parser.add_argument("--scaling-repeats", type=int, default=3, help="steps timed per T in --t-scaling")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    benchmark_torch.parse_variant(args.torch_variant)
     shape = SHAPES[args.shape]
-    if args.torch_worker:
-        t = time_torch(shape, args.repeats)
-        print("none" if t is None else t)
-        return 0
     wanted = set(args.variants.split(","))
+    if args.t_scaling:
+        out = t_scaling(args, wanted)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"t_scaling": out, "torch_variant": args.torch_variant}, f, indent=2)
+        return 0
     rows = {}
+    torch_name = f"pytorch eager ({args.torch_variant}, implicit)"
     if "torch" in wanted:
-        t = time_torch_subprocess(args.shape, args.repeats)
-        if t is None:
+        r = time_torch_subprocess(shape, args.repeats, args.torch_variant, args.torch_malloc)
+        if r is None:
             print("PyTorch is not installed: skipping the eager PyTorch baseline (pip install torch).", file=sys.stderr)
         else:
-            rows["pytorch eager (implicit)"] = (t, None)
-    # (variant, backend, mode, regularizer, gradient); "adjoint" is the default `NRNNConfig.gradient`.
-    plan = [("scan", "scan", "implicit", "probe", "adjoint"),
-            ("scan-autodiff", "scan", "implicit", "probe", "autodiff"),
-            ("diffrax", "diffrax", "implicit", "probe", "adjoint"),
-            ("diffrax-autodiff", "diffrax", "implicit", "probe", "autodiff"),
-            ("deterministic", "scan", "deterministic", "probe", "adjoint"),
-            ("probe", "scan", "explicit", "probe", "adjoint"),
-            ("exact", "scan", "explicit", "exact", "adjoint")]
-    names = {"scan": "scan (implicit)", "scan-autodiff": "scan (implicit, gradient=autodiff)",
-             "diffrax": "diffrax (implicit)", "diffrax-autodiff": "diffrax (implicit, gradient=autodiff)",
-             "deterministic": "scan (deterministic)", "probe": "scan (explicit, probe S=1)",
-             "exact": "scan (explicit, exact)"}
-    runners, mems = {}, {}
-    for key, backend, mode, method, gradient in plan:
-        if key in wanted:
-            runners[names[key]], mems[names[key]] = build_jax(shape, backend, mode, method, gradient=gradient,
-                                                              prng=args.prng)
-    sweep_name = f"sweep of {args.sweep_size} (implicit, one vmapped step)"
-    if "sweep" in wanted:
-        runners[sweep_name], mems[sweep_name] = build_jax(shape, args.sweep_backend, "implicit", prng=args.prng,
-                                                          sweep=args.sweep_size)
+            rows[torch_name] = (r["median_s"], None)
+            print(f"PyTorch worker: steps {', '.join(f'{t:.3f}' for t in r['times_s'])} s; peak RSS "
+                  f"{r['peak_rss_mib']:.0f} MiB, growth over the steps {r['rss_growth_mib']:.0f} MiB; "
+                  f"{r['threads']} threads; malloc {args.torch_malloc}")
+    runners, mems, sweep_name = jax_runners(shape, wanted, args)
     for name, t in time_interleaved(runners, args.repeats).items():
         rows[name] = (t, mems[name])
-    torch_t = rows.get("pytorch eager (implicit)", (None,))[0]
+    torch_t = rows.get(torch_name, (None,))[0]
     scan_t = rows.get("scan (implicit)", (None,))[0]
     print(f"shape {args.shape}: {shape}; median of {args.repeats} train steps; prng {args.prng}; "
           f"device {jax.devices()[0].device_kind}")

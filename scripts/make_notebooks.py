@@ -34,8 +34,8 @@ NOTEBOOKS = {
     "01_implicit_vs_explicit.ipynb": [
         ("md", "# Implicit vs explicit regularization\n\nNoise injected into the hidden states of an RNN "
                "regularizes implicitly; in the small-noise limit its effect on the expected loss is an explicit "
-               "penalty, `E[noisy loss] ≈ clean loss + reg` with `reg = (Q + R)/2` (math.md §2). This notebook "
-               "(1) makes the expansion visible against Monte Carlo, (2) trains deterministic, implicit and "
+               "penalty, `E[noisy loss] ≈ clean loss + reg` with `reg = (Q + R)/2` (docs/theory.md (3.7)). "
+               "This notebook (1) makes the expansion visible against Monte Carlo, (2) trains deterministic, implicit and "
                "explicit models and compares them."),
         ("code", SETUP),
         ("md", "## 1. The small-noise expansion against Monte Carlo\n\nAntithetic Monte Carlo "
@@ -100,8 +100,8 @@ plt.tight_layout()'''),
     "02_stochastic_stabilization.ipynb": [
         ("md", "# Stochastic stabilization\n\nThe unforced dynamics dh = f(h) dt + σ(h) dB with f(h) = a h "
                "(c₁ = a > 0: unstable without noise) and scalar multiplicative noise ε h dβ: the certificate of "
-               "math.md §4 bounds the top Lyapunov exponent by c₁ − ε²/2, so enough noise makes h = 0 almost "
-               "surely stable. Diagonal noise ε diag(h) dB stabilises much less (c₃ = ε²/d)."),
+               "docs/theory.md (5.5)–(5.6) bounds the top Lyapunov exponent by c₁ − ε²/2, so enough noise "
+               "makes h = 0 almost surely stable. Diagonal noise ε diag(h) dB stabilises much less (c₃ = ε²/d)."),
         ("code", SETUP),
         ("code", '''from nrnn_jax.analysis import certificate, lyapunov_exponent, stabilization_demo
 
@@ -141,8 +141,8 @@ for kind in ("scalar", "diagonal"):
     ],
     "03_robustness.ipynb": [
         ("md", "# Robustness of saved runs\n\nAccuracy against the strength of random and adversarial "
-               "input perturbations (math.md §5) for saved run directories: those of `nrnn-compare` when present "
-               "(`runs/compare-ecg5000`), otherwise three quick runs on the embedded digits."),
+               "input perturbations (docs/theory.md §6) for saved run directories: those of `nrnn-compare` "
+               "when present (`runs/compare-ecg5000`), otherwise three quick runs on the embedded digits."),
         ("code", SETUP),
         ("code", '''saved = Path("../runs/compare-ecg5000")
 if saved.exists() and not QUICK:

@@ -1,5 +1,6 @@
-"""Test settings in the style of diffrax: strict rank promotion, float64 on request (the `x64` fixture),
-shared fixtures."""
+"""Test settings in the style of diffrax: strict rank and dtype promotion, the jaxtyping shape annotations
+of the numerical core checked at run time (beartype), float64 on request (the `x64` fixture), shared
+fixtures."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ from pathlib import Path
 
 import jax
 import pytest
+from jaxtyping import install_import_hook
+
+# Installed before anything imports nrnn_jax: every annotated function of these modules checks its
+# arguments' and results' shapes (`Float[Array, "B T d"]` …) on each call, so a wrong shape fails a test.
+# The configuration modules and the model's constructor are left out: they validate their own arguments
+# with messages the tests check.
+install_import_hook(["nrnn_jax.dynamics", "nrnn_jax.recurrence", "nrnn_jax.solvers", "nrnn_jax.regularizer",
+                     "nrnn_jax.losses"], "beartype.beartype")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# No implicit promotion between array dtypes (float32 + float64, int + float arrays); Python scalars stay
+# weakly typed, which is what the library relies on.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""Analysis tools checked against independent computations (math.md §3–§5)."""
+"""Analysis tools checked against independent computations (docs/theory.md §4–§6)."""
 
 import math
 
@@ -100,7 +100,7 @@ def test_robustness_curve(setup):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Stability (math.md §4). Oracles: a sampled supremum of hᵀf(h)/|h|² for c₁, and the exact top Lyapunov
+# Stability (docs/theory.md §5). Oracles: a sampled supremum of hᵀf(h)/|h|² for c₁, and the exact top Lyapunov
 # exponent of the discrete scheme for scalar noise, E log|m(ξ)| / δ with m the scheme's one-step factor,
 # by Gauss–Hermite quadrature. Neither recomputes the implementation's formulas.
 # ------------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ _TIGHT = {
     "alpha_positive": (0.7, _Q @ np.diag([1.0, -2.0]) @ _Q.T + 0.8 * _J, _Q @ np.diag([0.6, 0.1]) @ _Q.T, 0.7 + 0.6),
     "alpha_zero": (0.0, _Q @ np.diag([1.0, -2.0]) @ _Q.T + 0.8 * _J, _Q @ np.diag([0.6, 0.1]) @ _Q.T, 0.6),
     "alpha_negative": (-1.0, _Q @ np.diag([-2.0, 1.0]) @ _Q.T + 0.8 * _J, _Q @ np.diag([0.6, 0.1]) @ _Q.T, 2.0 + 0.6),
-    "alpha_negative_W0": (-1.0, np.diag([-2.0, 1.0]), np.zeros((2, 2)), 2.0),  # math.md's example: c₁ = 2
+    "alpha_negative_W0": (-1.0, np.diag([-2.0, 1.0]), np.zeros((2, 2)), 2.0),  # docs/theory.md (5.2), α < 0: c₁ = 2
 }
 
 
@@ -281,7 +281,7 @@ def test_certificate_bounds_the_measured_exponent(scheme, noise_kind):
 @pytest.mark.usefixtures("x64")
 def test_reference_convention_has_no_lyapunov_exponent():
     cfg = NRNNConfig(hidden=2, convention="reference", eps_mult=0.5, dtype="float64")
-    p = RecurrentParams(A=-jnp.eye(2), W=jnp.zeros((2, 2)), step=jnp.full(2, 0.1))
+    p = RecurrentParams(A=-jnp.eye(2), W=jnp.zeros((2, 2)), step_size=jnp.full(2, 0.1))
     with pytest.raises(ValueError, match=r"convention='reference' is invalid.*not an SDE.*use convention='sde'"):
         lyapunov_exponent(cfg, p, t_max=1.0, num_paths=2)
     cert = certificate(cfg, p)

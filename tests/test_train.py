@@ -119,3 +119,32 @@ def test_cli_trains_and_reports(tmp_path, capsys):
     assert train_main(["--resume", str(out), "--no-progress"]) == 0  # already finished: nothing to do
     assert train_main(["--dataset", "digits", "--hidden", "0", "--out", str(tmp_path / "x")]) == 2
     assert "NRNNConfig.hidden=0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("convention", ["sde", "reference"])
+def test_explicit_clean_loss_is_the_test_time_forward_pass(convention):
+    """Explicit training's clean loss is that of the forward pass `evaluate` uses. Under the reference
+    convention the expansion is taken around the mean-step path s(1 − ε_mult/2), whose loss differs from the
+    test-time one (step s) at O(ε_mult): training on it would optimise another map than the one evaluated."""
+    import jax.numpy as jnp
+
+    from nrnn_jax import NoisyRNN, explicit_regularizer
+    from nrnn_jax.losses import cross_entropy
+    from nrnn_jax.train import loss_fn
+
+    mcfg = NRNNConfig(input_dim=2, hidden=4, num_classes=3, dt=0.3, init_std=3.0, convention=convention,
+                      eps_add=0.1, eps_mult=0.5, backend="scan")
+    model = NoisyRNN(mcfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 2))
+    y = jnp.arange(8) % 3
+    mask = jnp.ones(8)
+    graphdef, params = nnx.split(model)
+    _, metrics = loss_fn(graphdef, params, x, y, mask, jax.random.PRNGKey(1), TrainConfig(mode="explicit"))
+    test_time = float(jnp.mean(cross_entropy(model(x), y)))
+    # the same float32 operations in another order: agreement to a few float32 ulps of a loss of about 1
+    assert float(metrics["loss"]) == pytest.approx(test_time, rel=1e-5)
+    mean_path = float(explicit_regularizer(model, x, y, method="exact").clean_loss)
+    if convention == "reference":  # the test has power: the mean-step path's loss is measurably different
+        assert abs(mean_path - test_time) > 1e-3
+    else:  # under the SDE convention the expansion is around the test-time path itself
+        assert mean_path == pytest.approx(test_time, rel=1e-5)

@@ -164,7 +164,7 @@ def robustness_main(argv: list[str] | None = None) -> int:
     from .runs import load_run, load_run_dataset
 
     parser = argparse.ArgumentParser(prog="nrnn-robustness",
-                                     description="Accuracy of saved runs against perturbation strength (math.md §5).")
+                                     description="Accuracy of saved runs against perturbation strength (docs/theory.md §6).")
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--kind", choices=KINDS, default="white")
     parser.add_argument("--strengths", type=_parse_tuple(float), default=(0.0, 0.5, 1.0))

@@ -1,4 +1,4 @@
-"""Implicit vs explicit vs deterministic, end to end (math.md §3–§5): the experiment behind `nrnn-compare`.
+"""Implicit vs explicit vs deterministic, end to end (docs/theory.md §4–§6): the experiment behind `nrnn-compare`.
 
 For each seed: a deterministic model, an implicit model (noise injection) and explicit models (the penalty,
 same noise levels) for each λ of a small grid, the λ chosen on the validation split (mean of the clean
@@ -45,7 +45,7 @@ from .regularizer import explicit_regularizer
 from .tables import format_table
 from .train import train_and_evaluate
 
-# Paper-like defaults per data set (math.md §6 and the ECG5000 results of the README).
+# Paper-like defaults per data set (docs/theory.md §7, Table 7.1 and (7.1), and the ECG5000 results of the README).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ecg5000": dict(model=dict(hidden=64, dt=0.1, eps_add=0.3, eps_mult=0.3),
                     train=dict(epochs=40, batch_size=32, lr=3e-3),

@@ -54,7 +54,7 @@ class ConfigMixin:
 
 @dataclasses.dataclass(frozen=True)
 class NRNNConfig(ConfigMixin):
-    """Hyper-parameters of a noisy Lipschitz RNN (math.md §1).
+    """Hyper-parameters of a noisy Lipschitz RNN (docs/theory.md §1–§2).
 
     **Arguments:**
 
@@ -71,7 +71,7 @@ class NRNNConfig(ConfigMixin):
     - `convention`: `"sde"` (the paper's Euler–Maruyama scheme, default) or `"reference"` (the public
       PyTorch code: h ← h + (s ⊙ u) ⊙ f + ε_add ξ with u ~ U[1 − ε_mult, 1]^d and a learnable step s).
     - `noise_kind`: `"diagonal"` (d independent Brownian motions) or `"scalar"` (multiplicative part driven
-      by one Brownian motion; the case of stochastic stabilisation, math.md §4). Only for `"sde"`.
+      by one Brownian motion; the case of stochastic stabilisation, docs/theory.md (5.6)). Only for `"sde"`.
     - `solver`: `"euler"` (Itô Euler–Maruyama, default), `"euler_heun"` (Stratonovich Euler–Heun) or
       `"milstein"` (Itô Milstein; requires commutative noise, so not scalar noise together with additive
       noise). Under `"reference"` only `"euler"` is defined.
@@ -165,7 +165,7 @@ class TrainConfig(ConfigMixin):
       "philox4x32" (Philox4x32-10, about 3x faster to draw on CPU: at the pixel-MNIST shape the noise is
       12.8 M normals per step). Both give independent standard normals; they give different draws.
     - `eval_white_noise`: standard deviations of white input noise at which the final model's test
-      accuracy is also reported (docs/theory.md §6).
+      accuracy is also reported (docs/theory.md (6.1)).
     """
 
     dataset: str = "digits"

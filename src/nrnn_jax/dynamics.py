@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
+from ._types import ArrayLike
 from .config import NRNNConfig
 
 
 class RecurrentParams(NamedTuple):
     """Parameters of the recurrent core after the Lipschitz parametrisation.
 
-    - `A`, `W`: (hidden, hidden) matrices of docs/theory.md (1.2).
+    - `A`, `W`: (hidden, hidden) matrices of docs/theory.md (1.4).
     - `step_size`: (hidden,) the learnable per-unit step `s` of the reference convention (None under "sde").
     - `eps_add`, `eps_mult`: the noise levels as values (arrays in a vmapped sweep over noise levels);
       None takes the configuration's. The configuration alone decides which noise terms exist, so it stays
@@ -55,20 +56,21 @@ def matrix_free(cfg: NRNNConfig, p: RecurrentParams, dtype) -> RecurrentParams:
     return p._replace(A=None, W=None, eps_add=jnp.asarray(eps_add, dtype), eps_mult=jnp.asarray(eps_mult, dtype))
 
 
-def lipschitz_matrix(m: Float[Array, "d d"], beta: float, gamma: float) -> Float[Array, "d d"]:
-    """β (M − Mᵀ) + (1 − β)(M + Mᵀ) − γ I   (docs/theory.md (1.2))."""
+def lipschitz_matrix(m: Float[ArrayLike, "d d"], beta: float, gamma: float) -> Float[Array, "d d"]:
+    """β (M − Mᵀ) + (1 − β)(M + Mᵀ) − γ I   (docs/theory.md (1.4))."""
     eye = jnp.eye(m.shape[0], dtype=m.dtype)
     return beta * (m - m.T) + (1.0 - beta) * (m + m.T) - gamma * eye
 
 
-def products_matrix(p: RecurrentParams) -> Float[Array, "2d d"]:
+def products_matrix(p: RecurrentParams) -> Float[Array, "p d"]:
     """M = [A; W], so that M h = (A h, W h) in one matrix product."""
     return jnp.concatenate([p.A, p.W], axis=0)
 
 
-def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"],
-          products: Float[Array, " 2d"] | None = None) -> Float[Array, " d"]:
-    """f(h, x) = α A h + tanh(W h + U x + b), with z = U x + b   (docs/theory.md (1.1)).
+def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, "*batch d"], z: Float[Array, "*batch d"],
+          products: Float[Array, "*batch p"] | None = None) -> Float[Array, "*batch d"]:
+    """f(h, x) = α A h + tanh(W h + U x + b), with z = U x + b   (docs/theory.md (1.3)); h and z may carry
+    the same leading batch axes.
 
     `products`: M h = (A h, W h) when already computed. The matrices enter the recurrence only through
     these products, which is what `nrnn_jax.recurrence` exploits.
@@ -80,7 +82,7 @@ def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[A
 
 
 def diffusion(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"]) -> lx.AbstractLinearOperator:
-    """σ(h) as a linear operator from noise space (cfg.noise_dim,) to state space (docs/theory.md (2.1)).
+    """σ(h) as a linear operator from noise space (cfg.noise_dim,) to state space (docs/theory.md (2.1)–(2.2)).
 
     Diagonal: σ(h) = ε_add I + ε_mult diag(h). Scalar: [ε_add I | ε_mult h], the last column driven by
     the one multiplicative Brownian motion.
@@ -102,12 +104,12 @@ def diffusion_mv(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], dw:
 
 
 def increments(cfg: NRNNConfig, xi: Float[Array, "... m"]) -> Float[Array, "... m"]:
-    """The Brownian increments ΔW = √δ ξ of the SDE convention."""
+    """The Brownian increments ΔW = √δ ξ of the SDE convention (docs/theory.md (2.3))."""
     return jnp.sqrt(jnp.asarray(cfg.dt, xi.dtype)) * xi
 
 
-def reference_multiplier(cfg: NRNNConfig, p: RecurrentParams, zeta: Float[Array, " d"]) -> Float[Array, " d"]:
-    """u ~ U[1 − ε_mult, 1] from a standard normal ζ via the normal CDF (docs/theory.md (2.6))."""
+def reference_multiplier(cfg: NRNNConfig, p: RecurrentParams, zeta: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
+    """u ~ U[1 − ε_mult, 1] from a standard normal ζ via the normal CDF (docs/theory.md (2.10))."""
     eps_mult = noise_levels(cfg, p)[1]
     return 1.0 - eps_mult + eps_mult * jax.scipy.stats.norm.cdf(zeta)
 
@@ -115,9 +117,9 @@ def reference_multiplier(cfg: NRNNConfig, p: RecurrentParams, zeta: Float[Array,
 def _sde_update(cfg: NRNNConfig, p: RecurrentParams, h, f, dw):
     """One step of the chosen SDE scheme given the drift f(h, x_k) and the increment ΔW (docs/theory.md §2).
 
-    - euler (Itô Euler–Maruyama, (2.2)):  h + δ f + σ(h) ΔW
-    - euler_heun (Stratonovich, (2.3)):  h' = h + σ(h) ΔW;  h + δ f + ½ (σ(h) + σ(h')) ΔW
-    - milstein (Itô, commutative noise, (2.4)):  Euler–Maruyama + ½ Σ_j (L^j σ_j)(ΔW_j² − δ), in closed
+    - euler (Itô Euler–Maruyama, (2.4)):  h + δ f + σ(h) ΔW
+    - euler_heun (Stratonovich, (2.5)):  h' = h + σ(h) ΔW;  h + δ f + ½ (σ(h) + σ(h')) ΔW
+    - milstein (Itô, commutative noise, (2.7)–(2.8)):  Euler–Maruyama + ½ Σ_j (L^j σ_j)(ΔW_j² − δ), in closed
       form for the two noise kinds (diffrax's `ItoMilstein` computes it by autodiff instead).
     """
     dt = cfg.dt
@@ -140,9 +142,9 @@ def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Ar
     """One recurrence step of the configured convention and scheme, driven by the standard normals `xi`
     of shape (cfg.noise_dim,) (None: noise off, the test-time step).
 
-    - "sde": the scheme of `cfg.solver` with ΔW = √δ ξ (docs/theory.md (2.2)–(2.4));
+    - "sde": the scheme of `cfg.solver` with ΔW = √δ ξ (docs/theory.md (2.3)–(2.8));
     - "reference": the public code's rule h + (s ⊙ u) ⊙ f + ε_add ξ_add with u = 1 − ε_mult + ε_mult Φ(ζ),
-      `xi` = (ξ_add, ζ) of shape (2 hidden,); with noise off, h + s ⊙ f (docs/theory.md (2.5)).
+      `xi` = (ξ_add, ζ) of shape (2 hidden,); with noise off, h + s ⊙ f (docs/theory.md (2.9)–(2.10)).
 
     `f`: the drift f(h, x_k) when already computed (every scheme evaluates it once, at h).
     """
@@ -173,7 +175,7 @@ def mean_step_size(cfg: NRNNConfig, p: RecurrentParams):
 
 def mean_step_map(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"],
                   f: Float[Array, " d"] | None = None) -> Float[Array, " d"]:
-    """F_k(h): the deterministic map the expansion is taken around (docs/theory.md (3.1)).
+    """F_k(h): the deterministic map the expansion is taken around (docs/theory.md (3.1)–(3.2)).
 
     "sde": the Euler step h + δ f(h, x_k). "reference": the mean step h + s (1 − ε_mult/2) ⊙ f(h, x_k),
     since E u = 1 − ε_mult/2; note that this is not the test-time step (u ≡ 1). `f` as in `step`.
@@ -220,13 +222,13 @@ def perturbation_factor_mv(cfg: NRNNConfig, p: RecurrentParams, h, f, eta):
 
 def has_mean_shift(cfg: NRNNConfig) -> bool:
     """Whether the scheme's mean differs from the deterministic step at O(ε²): the Stratonovich
-    Euler–Heun scheme of the SDE convention (docs/theory.md (3.4))."""
+    Euler–Heun scheme of the SDE convention (docs/theory.md (3.5))."""
     return cfg.convention == "sde" and cfg.solver == "euler_heun"
 
 
 def stratonovich_shift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], dt) -> Float[Array, " d"]:
     """dt · ½ Σ_j (∂σ_j/∂h) σ_j: the mean drift a Stratonovich scheme (Euler–Heun) adds, by autodiff
-    (docs/theory.md (3.4)). Zero for the Itô schemes (Euler–Maruyama, Milstein), whose extra terms have
+    (docs/theory.md (3.5)). Zero for the Itô schemes (Euler–Maruyama, Milstein), whose extra terms have
     mean zero."""
     basis = jnp.eye(cfg.noise_dim, dtype=h.dtype)
     column = lambda hh, e: diffusion(cfg, p, hh).mv(e)

@@ -1,4 +1,4 @@
-"""Per-example and batch losses (cross-entropy of the decoded final state, math.md §2)."""
+"""Per-example and batch losses (cross-entropy of the decoded final state, docs/theory.md (1.5))."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
+from ._types import ArrayLike
 
-def cross_entropy(logits: Float[Array, "... c"], y: Int[Array, "..."]) -> Float[Array, "..."]:
+
+def cross_entropy(logits: Float[Array, "... c"], y: Int[ArrayLike, "..."]) -> Float[Array, "..."]:
     """Per-example cross-entropy ℓ = −log softmax(logits)_y."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def masked_mean(values: Float[Array, " b"], mask: Float[Array, " b"] | None) -> Float[Array, ""]:
+def masked_mean(values: Float[Array, " b"], mask: Float[ArrayLike, " b"] | None) -> Float[Array, ""]:
     """Mean over the real examples of a padded batch (mask 1 = real, 0 = padding)."""
     if mask is None:
         return jnp.mean(values)
@@ -20,5 +22,5 @@ def masked_mean(values: Float[Array, " b"], mask: Float[Array, " b"] | None) -> 
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def correct(logits: Float[Array, "b c"], y: Int[Array, " b"]) -> Float[Array, " b"]:
+def correct(logits: Float[Array, "b c"], y: Int[ArrayLike, " b"]) -> Float[Array, " b"]:
     return (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)

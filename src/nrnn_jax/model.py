@@ -1,4 +1,4 @@
-"""`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (docs/theory.md §1).
+"""`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (docs/theory.md §1–§2).
 
 The module is only the edge that holds parameters; the recursion itself is the pure
 `solvers.solve_batch`. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
@@ -59,7 +59,7 @@ class NoisyRNN(nnx.Module):
 
     # -- the pieces the pure functions need ------------------------------------------------------
     def recurrent_params(self, noise_levels: tuple | None = None) -> RecurrentParams:
-        """A, W (docs/theory.md (1.2)), the step size s, and `noise_levels` = (ε_add, ε_mult) when given
+        """A, W (docs/theory.md (1.4)), the step size s, and `noise_levels` = (ε_add, ε_mult) when given
         (None: the configuration's levels apply)."""
         cfg = self.cfg
         eps_add, eps_mult = (None, None) if noise_levels is None else noise_levels
@@ -104,7 +104,7 @@ class NoisyRNN(nnx.Module):
         """h_T for each example, shape (batch, hidden)."""
         return self._solve(x, noise, key, "final", noise_levels)
 
-    def trajectory(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch T+1 hidden"]:
+    def trajectory(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch steps hidden"]:
         """All hidden states h_0 = 0, h_1, …, h_T, shape (batch, T + 1, hidden)."""
         return self._solve(x, noise, key, "all", noise_levels)
 

@@ -1,4 +1,4 @@
-"""Test-time input perturbations (docs/theory.md §6), applied batch by batch.
+"""Test-time input perturbations (docs/theory.md (6.1)–(6.3)), applied batch by batch.
 
 Each constructor returns `perturb(x_batch, y_batch, rng) -> x_batch'` for a NumPy generator `rng`, so
 that evaluation draws them lazily (no copy of a whole test set) and reproducibly from a seed. The labels

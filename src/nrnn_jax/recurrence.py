@@ -1,8 +1,8 @@
 """A batched recurrence whose matrices enter only through one product per step, with an exact discrete
 adjoint (a custom VJP).
 
-Every scheme of this library (math.md §1) and the probe recursion of the explicit regularizer (math.md §2)
-has the form
+Every scheme of this library (docs/theory.md §2) and the probe recursion of the explicit regularizer
+(docs/theory.md (3.12)–(3.14)) have the form
 
     s_{k+1} = g(s_k, M s_k, x_k, θ)          s_k: (K, d) per example,  M: (p, d),  θ: small parameters,
 

@@ -1,24 +1,24 @@
 """The small-noise explicit regularizer of noise injection (docs/theory.md §3), by JAX autodiff.
 
 For a noisy recursion h_{k+1} = F_k(h_k) + G_k(h_k) η_k (E η = 0, Cov η = I) and a per-example loss ℓ of
-the final state, the small-noise expansion around the deterministic path h̄ gives
+the final state, the small-noise expansion around the deterministic path h̄ (docs/theory.md (3.4)–(3.6)) gives
 
     E ℓ(h_M) = ℓ(h̄_M) + ∇ℓᵀ m_M + ½ tr(∇²ℓ P_M) + O(ε⁴),
     m_{k+1} = J_k m_k + ½ q_k (+ s_k),   P_{k+1} = J_k P_k J_kᵀ + C_k,   q_k[a] = tr(∇²F_{k,a} P_k),
 
-with J_k = ∂F_k/∂h(h̄_k), C_k = G_k G_kᵀ, and s_k the O(ε²) mean shift of a Stratonovich scheme (zero for
-Itô schemes). The explicit regularizer is reg = ∇ℓᵀ m_M + ½ tr(∇²ℓ P_M) = (Q + R)/2 with the paper's
-Q = 2 ∇ℓᵀ m_M and R = tr(∇²ℓ P_M) (ε² absorbed).
+with J_k = ∂F_k/∂h(h̄_k), C_k = G_k G_kᵀ, and s_k the O(ε²) mean shift of a Stratonovich scheme ((3.5); zero
+for Itô schemes). The explicit regularizer is reg = ∇ℓᵀ m_M + ½ tr(∇²ℓ P_M) = (Q + R)/2 with the paper's
+Q = 2 ∇ℓᵀ m_M and R = tr(∇²ℓ P_M) (ε² absorbed; (3.7)–(3.9)).
 
 Three computations, all differentiable in the parameters:
 
-- `exact_terms`: the (P, m) recursion; J_k by forward-mode autodiff, q_k by forward-over-forward
-  directional derivatives Σ_i ∂²F[e_i, P e_i] — never a d×d×d tensor. O(M d³) per example.
-- `probe_terms`: the unbiased estimator propagating u_{k+1} = J u + G z, v_{k+1} = J v + ½ ∂²F[u, u]
-  (+ s_k) and returning ∇ℓᵀ v + ½ uᵀ ∇²ℓ u; J u and J v + ½ ∂²F[u, u] come from one Taylor-mode pass
+- `exact_terms`: the (P, m) recursion (3.4), (3.10); J_k by forward-mode autodiff, q_k by
+  forward-over-forward directional derivatives Σ_i ∂²F[e_i, P e_i] — never a d×d×d tensor. O(M d³) per example.
+- `probe_terms`: the unbiased estimator (3.12)–(3.14) propagating u_{k+1} = J u + G z,
+  v_{k+1} = J v + ½ ∂²F[u, u] (+ s_k) and returning ∇ℓᵀ v + ½ uᵀ ∇²ℓ u; J u and J v + ½ ∂²F[u, u] come from one Taylor-mode pass
   (`jax.experimental.jet`) along h̄ + t u + t² v. O(S M d²).
-- `continuous_terms`: the moment ODE dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ s) for the SDE,
-  solved by diffrax on each interval of the piecewise-constant input (a fresh solve at every jump).
+- `continuous_terms`: the moment ODE (3.15), dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ s) for the
+  SDE, solved by diffrax on each interval of the piecewise-constant input (a fresh solve at every jump).
 
 `explicit_regularizer(model, x, y, ...)` applies them to a `NoisyRNN` under its own configuration.
 """
@@ -108,7 +108,7 @@ def _loss_terms(loss: LossFn, h, m, P) -> Terms:
 
 
 def exact_terms(step: StepFn, factor: FactorFn, loss: LossFn, h0, inputs: PyTree, shift: ShiftFn | None = None) -> Terms:
-    """The exact second-order terms for one example (docs/theory.md §3).
+    """The exact second-order terms for one example (docs/theory.md (3.4), q_k by (3.10)).
 
     **Arguments:**
 
@@ -152,7 +152,7 @@ def probe_terms(
     step: StepFn, factor: FactorFn, loss: LossFn, h0, inputs: PyTree, probes: Float[Array, "M S m"],
     shift: ShiftFn | None = None,
 ) -> Terms:
-    """The unbiased probe estimator for one example, one estimate per probe (docs/theory.md §3).
+    """The unbiased probe estimator for one example, one estimate per probe (docs/theory.md (3.12)–(3.13)).
 
     `probes[k, s]` is probe s's z_k (mean 0, covariance I); the result's `Q` and `R` have shape (S,)
     and their means over probes are unbiased for the exact terms. `loss` is a scalar.
@@ -192,7 +192,7 @@ def _probe_cell(cfg, num_probes: int):
 
     State rows: h̄, then U (S rows), then V (S rows); products rows M s = (A s, W s). With
     F(h) = h + c (α A h + tanh(W h + z)) (c = δ, or s(1 − ε_mult/2) under the reference convention) and
-    r = W h̄ + z, in closed form (docs/theory.md (3.9)):
+    r = W h̄ + z, in closed form (docs/theory.md (3.14)):
 
         J u = u + c (α A u + tanh'(r) ⊙ W u),
         J v + ½ ∂²F[u, u] = v + c (α A v + tanh'(r) ⊙ W v + ½ tanh''(r) ⊙ (W u)²),
@@ -253,7 +253,7 @@ def continuous_terms(
     atol: float = 1e-8,
     max_steps_per_interval: int = 256,
 ) -> Terms:
-    """The continuous-time terms for one example: the moment ODE of the SDE dh = f dt + σ dB (docs/theory.md §3).
+    """The continuous-time terms for one example: the moment ODE of the SDE dh = f dt + σ dB (docs/theory.md (3.15)).
 
     (h̄, P, m) solve dh̄/dt = f(h̄, x_k), dP/dt = J P + P Jᵀ + σσᵀ, dm/dt = J m + ½ q(P) (+ shift) with
     J = ∂f/∂h and q_a = tr(∇²f_a P). The input is constant on each interval [kδ, (k+1)δ); each interval is
@@ -296,7 +296,7 @@ def continuous_terms(
 # The model-level entry point.
 # ------------------------------------------------------------------------------------------------------
 def _model_pieces(model, noise_levels):
-    """Per-example step map, perturbation factor and mean shift of the model's scheme (docs/theory.md §3)."""
+    """Per-example step map, perturbation factor and mean shift of the model's scheme (docs/theory.md (3.2), (3.5))."""
     cfg = model.cfg
     p = model.recurrent_params(noise_levels)
     step = lambda h, z: dynamics.mean_step_map(cfg, p, h, z)
@@ -312,15 +312,15 @@ def explicit_regularizer(
     x,
     y,
     *,
-    method: Literal["exact", "probe", "continuous"] = "exact",
+    method: str = "exact",
     num_probes: int = 1,
     key: Array | None = None,
-    probe: Literal["gaussian", "rademacher"] = "gaussian",
+    probe: str = "gaussian",
     mask: Array | None = None,
-    noise_levels: tuple | None = None,
+    noise_levels=None,
 ) -> Regularizer:
     """The explicit regularizer of noise injection for a batch, under the model's own configuration
-    (docs/theory.md (3.5)–(3.9)).
+    (docs/theory.md (3.7)–(3.9)).
 
     **Arguments:**
 
@@ -329,8 +329,8 @@ def explicit_regularizer(
       one per member of a vmapped sweep).
     - `x`: inputs (batch, T, input_dim); `y`: integer labels (batch,). The loss is the cross-entropy of
       the decoded final state.
-    - `method`: `"exact"` (the P, m recursion), `"probe"` (unbiased, `num_probes` probes per example,
-      needs `key`) or `"continuous"` (the moment ODE of the SDE; convention "sde" only).
+    - `method`: `"exact"` (the P, m recursion (3.4)), `"probe"` (unbiased, (3.12)–(3.13); `num_probes` probes
+      per example, needs `key`) or `"continuous"` (the moment ODE (3.15) of the SDE; convention "sde" only).
     - `probe`: `"gaussian"` or `"rademacher"` probe vectors.
     - `mask`: (batch,) weights, 1 for real examples and 0 for padding.
 
@@ -338,7 +338,7 @@ def explicit_regularizer(
     `.R` with value = (Q + R)/2, batch means.
 
     Under the reference convention the expansion is around the mean-step path (step s(1 − ε_mult/2)),
-    so `.clean_loss` is the loss on that path, not the test-time forward pass (docs/theory.md (3.3));
+    so `.clean_loss` is the loss on that path, not the test-time forward pass (docs/theory.md (3.2)–(3.3));
     explicit training uses the test-time forward pass for its clean loss (`nrnn_jax.train.loss_fn`).
     """
     check_choice("", "method", method, METHODS)
@@ -406,7 +406,7 @@ def explicit_regularizer(
 
 
 def antithetic_monte_carlo(model, x, y, num_samples: int, key: Array, clean_loss: Array | None = None) -> Array:
-    """Monte Carlo samples of E[noisy loss] − clean loss with antithetic pairs (docs/theory.md (3.10)):
+    """Monte Carlo samples of E[noisy loss] − clean loss with antithetic pairs (docs/theory.md (3.19)):
     ½[ℓ(h(ξ)) + ℓ(h(−ξ))] − ℓ(h̄), each averaged over the batch; shape (num_samples,).
 
     `clean_loss` defaults to the loss on the path the expansion is taken around (`explicit_regularizer`'s

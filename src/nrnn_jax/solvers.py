@@ -23,6 +23,7 @@ from jaxtyping import Array, Float
 
 from . import dynamics, recurrence
 from .config import NRNNConfig
+from ._types import ArrayLike
 from .dynamics import RecurrentParams
 from .validation import check_choice
 
@@ -211,10 +212,10 @@ def _diffrax_forward(cfg: NRNNConfig):
 def solve_batch(
     cfg: NRNNConfig,
     p: RecurrentParams,
-    z: Float[Array, "B T d"],
-    xi: Float[Array, "B T m"] | None = None,
+    z: Float[ArrayLike, "B T d"],
+    xi: Float[ArrayLike, "B T m"] | None = None,
     *,
-    h0: Float[Array, "B d"] | None = None,
+    h0: Float[ArrayLike, "B d"] | None = None,
     save: Save = "final",
 ) -> Array:
     """`solve` for a batch: z (B, T, hidden), xi (B, T, noise_dim) or None, h0 (B, hidden).
@@ -243,10 +244,10 @@ def solve_batch(
 def solve(
     cfg: NRNNConfig,
     p: RecurrentParams,
-    z: Float[Array, "T d"],
-    xi: Float[Array, "T m"] | None = None,
+    z: Float[ArrayLike, "T d"],
+    xi: Float[ArrayLike, "T m"] | None = None,
     *,
-    h0: Float[Array, " d"] | None = None,
+    h0: Float[ArrayLike, " d"] | None = None,
     save: Save = "final",
 ) -> Array:
     """Run the recurrence for one example on the configured backend.

@@ -1,4 +1,4 @@
-"""Training: the jit-compiled train step in three modes and the one training loop (docs/theory.md §3).
+"""Training: the jit-compiled train step in three modes and the one training loop (docs/theory.md §3.3, (3.18)).
 
 - `make_train_step` → `train_step(state, x, y, mask)` in three modes: `deterministic` (no noise),
   `implicit` (fresh noise injected into the hidden states at every step; the model's own eps_add /
@@ -57,7 +57,7 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
     over noise levels traces them; the configuration still decides which noise terms exist).
 
     Explicit mode: the clean loss of the test-time forward pass (the one `evaluate` uses) plus λ times the
-    explicit regularizer (docs/theory.md (3.11)). Under the SDE convention the expansion is taken around that
+    explicit regularizer (docs/theory.md (3.18)). Under the SDE convention the expansion is taken around that
     very path, so its logits are reused; under the reference convention it is taken around the mean-step
     path (step s(1 − ε_mult/2)), so the clean loss comes from a separate test-time forward pass."""
     model = nnx.merge(graphdef, params)
@@ -91,7 +91,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfi
         key = jax.random.key_data(key)
         grads, metrics = jax.grad(loss_fn, argnums=1, has_aux=True)(graphdef, state.params, x, y, mask, sub, tcfg,
                                                                     noise_levels)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with floats
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
         # Divergence guard: a non-finite loss or gradient leaves the state as it was and is recorded.

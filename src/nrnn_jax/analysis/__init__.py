@@ -1,4 +1,4 @@
-"""Analysis of trained models (math.md §3–§5): robustness curves, adversarial attacks, Hessian flatness,
+"""Analysis of trained models (docs/theory.md §4–§6): robustness curves, adversarial attacks, Hessian flatness,
 margins, stability certificates and Lyapunov exponents."""
 
 from .adversarial import deepfool, fgsm, pgd

@@ -1,4 +1,6 @@
-"""Adversarial input perturbations of a trained model (math.md §5): FGSM, PGD (L∞ and L2) and DeepFool.
+"""Adversarial input perturbations of a trained model: FGSM, PGD (L∞ and L2) and DeepFool.
+
+FGSM and PGD are docs/theory.md (6.4)–(6.6), DeepFool (4.5).
 
 All attacks act on the deterministic model (noise off) and are jit-compiled over fixed-shape batches.
 """
@@ -100,6 +102,6 @@ def _deepfool(graphdef, params, x, max_iter, num_classes, overshoot):
 def deepfool(model, x, max_iter: int = 50, overshoot: float = 0.02):
     """DeepFool (Moosavi-Dezfooli et al., 2016): the smallest L2 perturbation that changes the predicted
     class, by linearising the decision boundaries. Returns (perturbation, found) per example;
-    ‖perturbation‖₂ is the input-space margin (math.md §3)."""
+    ‖perturbation‖₂ is the input-space margin (docs/theory.md (4.5))."""
     graphdef, params = nnx.split(model)
     return _deepfool(graphdef, params, jnp.asarray(x), int(max_iter), model.cfg.num_classes, float(overshoot))

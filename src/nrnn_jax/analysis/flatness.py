@@ -1,5 +1,5 @@
-"""Flatness of the training loss in the parameters (math.md §3): Hessian spectra by Lanczos and the Hessian
-trace by Hutchinson's estimator, both from Hessian-vector products (forward-over-reverse)."""
+"""Flatness of the training loss in the parameters (docs/theory.md (4.1)–(4.3)): Hessian spectra by Lanczos and
+the Hessian trace by Hutchinson's estimator, both from Hessian-vector products (forward-over-reverse)."""
 
 from __future__ import annotations
 

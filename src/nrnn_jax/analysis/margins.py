@@ -1,4 +1,4 @@
-"""Classification margins (math.md §3): output margins and DeepFool input-space margins."""
+"""Classification margins (docs/theory.md (4.4)–(4.5)): output margins and DeepFool input-space margins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Accuracy against perturbation strength (math.md §5): random noise and adversarial attacks.
+"""Accuracy against perturbation strength (docs/theory.md §6): random noise and adversarial attacks.
 
 `robustness_curve(model, x, y, kind, strengths)` evaluates the model under each strength with the one
 evaluation loop (`nrnn_jax.evaluate`), perturbing batch by batch.

@@ -1,4 +1,4 @@
-"""Stability certificates and Lyapunov exponents of the unforced dynamics (math.md §4).
+"""Stability certificates and Lyapunov exponents of the unforced dynamics (docs/theory.md §5).
 
 With x ≡ 0 and b = 0, h = 0 is an equilibrium of dh = f(h) dt + σ(h) dB, f(h) = α A h + tanh(W h), and
 hᵀ f(h) ≤ c₁ |h|² with c₁ = λ_max(sym(α A)) + L_a ‖W‖₂ (L_a = 1 for tanh; λ_max(sym(αA)) is α λ_max(sym A)
@@ -30,7 +30,7 @@ from ..dynamics import RecurrentParams
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-    """(c₁, c₂, c₃, bound) of math.md §4.
+    """(c₁, c₂, c₃, bound) of docs/theory.md (5.2)–(5.7).
 
     - `c1`: bound on hᵀ(Itô drift)/|h|² of the simulated scheme, `ito_correction` included.
     - `bound`: upper bound on the top Lyapunov exponent, c₁ + c₂/2 − c₃ (None: not applicable; see `note`).
@@ -58,7 +58,8 @@ def _check_sde(cfg: NRNNConfig, where: str) -> None:
 
 
 def certificate(cfg: NRNNConfig, p: RecurrentParams, lipschitz: float = 1.0) -> Certificate:
-    """(c₁, c₂, c₃, bound) of math.md §4 for the configured noise and scheme (`cfg.solver`).
+    """(c₁, c₂, c₃, bound) of docs/theory.md (5.2), (5.4)–(5.7) for the configured noise and scheme
+    (`cfg.solver`).
 
     c₁ = λ_max(sym(αA)) + L ‖W‖₂, plus ε_mult²/2 under `solver="euler_heun"` (the Itô drift of the
     Stratonovich SDE it discretises). Returns `bound=None` (with a `note`) where no certificate applies:

@@ -1,6 +1,6 @@
 """ECG5000 (UCR archive): 140-sample heartbeats, normal (class 1) vs abnormal (classes 2..5).
 
-The paper's split (math.md §6): the 500 UCR training rows for training; the 4,500 UCR test rows split
+The paper's split (docs/theory.md §7): the 500 UCR training rows for training; the 4,500 UCR test rows split
 into 500 for validation and 4,000 for testing. By default (`val_rows="shuffled"`) the test rows are first
 put in a fixed order (a permutation drawn with seed 0), because the shared `.npz` copy is sorted by label
 and its first 500 rows are all normal, which would make a useless validation set; `val_rows="first"`

@@ -5,7 +5,7 @@ Files (gzip as distributed, or unzipped): `train-images-idx3-ubyte.gz`, `train-l
 $NRNN_DATA, each with or without an `mnist/` sub-folder, else ~/.cache/nrnn_jax/mnist). Gzip files are
 checked against the published md5 values. Pixels are scaled to [0, 1].
 
-Validation split (math.md §6, as in the public code): 2,000 training images held out, chosen by
+Validation split (docs/theory.md §7, as in the public code): 2,000 training images held out, chosen by
 `numpy.random.RandomState(1234).permutation(60000)` (the last 2,000 of it); 58,000 remain for training.
 
 Permuted pixel MNIST uses the fixed permutation `numpy.random.RandomState(12008).permutation(784)`,

@@ -1,0 +1,193 @@
+"""Eager-PyTorch baseline of scripts/benchmark.py: the train step of `NoisyRNN` (implicit mode, noise injection)
+written as a PyTorch user would, in several formulations.
+
+The recurrence is the one of `nrnn_jax.dynamics.step` under the defaults (convention "sde", solver "euler",
+noise_kind "diagonal"): Euler–Maruyama
+
+    h_{k+1} = h_k + δ f(h_k, x_k) + √δ σ(h_k) ξ_k,   σ(h) = ε_add I + ε_mult diag(h),   ξ_k ~ N(0, I) (B, d),
+    f(h, x) = α A h + tanh(W h + U x + b),   A, W = β (M − Mᵀ) + (1 − β)(M + Mᵀ) − γ I  from M_A, M_W,
+
+h_0 = 0, loss = cross-entropy of a linear decoder of h_T, Adam (lr 1e-3), float32, on CUDA if present.
+
+`--variant` (a base, then optional modifiers joined with "-"):
+
+- `loop-enc` (the default): the encoder applied to `x[:, k]` inside the loop (T small Linear calls instead
+  of one batched call); each step's input and its gradient are (B, d): linear in T.
+- `unbind`: `z = enc(x)` once for all steps, `for z_k in z.unbind(1)`; each step reads its own (B, d) view,
+  and the backward stacks the T slices' gradients once: also linear in T.
+- `slice`: the formulation the benchmark used before: `z = enc(x)` once and `z[:, k]` in the loop. Autograd's
+  backward of each basic-indexing slice allocates and accumulates a full (B, T, d) gradient, so the backward
+  costs O(T²): kept only to show that cost, never a fair baseline.
+- modifier `prenoise`: all the noise in one `torch.randn(T, B, d)` before the loop (default: one
+  `torch.randn(B, d)` per step, as in the loop of a typical implementation).
+- modifier `fused`: one product h @ [A; W]ᵀ per step (what the JAX code does) instead of two.
+
+Why `loop-enc` is the default: on the 2-core CPU of the measurements (shared with another job at the time)
+it was the fastest and the steadiest formulation at the paper shape (T 784, d 128, B 128: 0.37 s per step,
+every step within 0.36–0.48 s, glibc's default allocator) and the smallest in memory (RSS growth 400 MiB);
+`unbind` had steps from 0.6 s to 10 s in the same run (it keeps the (B, T, d) encoder output and
+its (B, T, d) gradient alive, whose fresh pages are re-faulted on every step), `-prenoise` made no
+difference beyond noise, and `unbind-fused` (0.40–0.49 s on its good steps) did not beat it. Run `python scripts/benchmark_torch.py --compare` to measure every formulation, each
+in a fresh process.
+
+Memory: the peak resident set size of the worker process (`ru_maxrss`), and its growth over the RSS just
+before the first train step (after the model, data and PyTorch itself are loaded): the latter is the
+activation memory of a step plus allocator slack, comparable in kind (not exactly) to XLA's temporary memory.
+
+glibc's allocator: `--malloc tuned` runs the worker with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ /
+MALLOC_TOP_PAD_ raised (memory is kept instead of returned to the system and re-faulted on every step). It
+was what made the old quadratic `slice` baseline tolerable (13.7 s -> 4.0 s per step); for the linear
+formulations it did not help in the one measurement made (every variant 10-30 s per step, but the machine's
+load rose from 2.6 to 5 during that run, so the comparison is confounded), so the default is `--malloc default`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+BASES = ("unbind", "loop-enc", "slice")
+MODIFIERS = ("prenoise", "fused")
+DEFAULT_VARIANT = "loop-enc"
+COMPARE_VARIANTS = ("loop-enc", "loop-enc-prenoise", "unbind", "unbind-prenoise", "unbind-fused")
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
+                "MALLOC_TOP_PAD_": "1000000000"}
+
+
+def parse_variant(name: str):
+    for base in sorted(BASES, key=len, reverse=True):
+        if name == base or name.startswith(base + "-"):
+            mods = set(filter(None, name[len(base):].split("-")))
+            if not mods <= set(MODIFIERS):
+                break
+            return base, mods
+    raise ValueError(f"unknown PyTorch variant {name!r}: a base in {BASES} then optional modifiers "
+                     f"{MODIFIERS} joined with '-'")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int, dt: float, repeats: int,
+               variant: str = DEFAULT_VARIANT, eps=(0.02, 0.02), alpha=1.0, beta=0.75, gamma=0.001):
+    """Median train-step time (s) and memory of one formulation; None if torch is absent."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    base, mods = parse_variant(variant)
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    d, n, B, C = hidden, input_dim, batch, num_classes
+    enc, dec = torch.nn.Linear(n, d).to(dev), torch.nn.Linear(d, C).to(dev)
+    MA = torch.nn.Parameter(torch.randn(d, d, device=dev) * 0.1 / d)
+    MW = torch.nn.Parameter(torch.randn(d, d, device=dev) * 0.1 / d)
+    opt = torch.optim.Adam([MA, MW, *enc.parameters(), *dec.parameters()], lr=1e-3)
+    eye = torch.eye(d, device=dev)
+    x = torch.randn(B, T, n, device=dev)
+    y = torch.randint(0, C, (B,), device=dev)
+    sq = dt ** 0.5
+    s_add, s_mult = sq * eps[0], sq * eps[1]  # √δ σ(h) = s_add + s_mult h (diagonal)
+
+    def lipschitz(m):
+        return beta * (m - m.T) + (1 - beta) * (m + m.T) - gamma * eye
+
+    def step():
+        A, W = lipschitz(MA), lipschitz(MW)
+        AT, WT = A.T, W.T
+        if "fused" in mods:
+            MT = torch.cat([A, W]).T  # (d, 2d): M h = (A h, W h) in one product
+        if base == "unbind":
+            zs = enc(x).unbind(1)
+        elif base == "slice":
+            z = enc(x)
+        if "prenoise" in mods:
+            xis = torch.randn(T, B, d, device=dev).unbind(0)
+        h = torch.zeros(B, d, device=dev)
+        for k in range(T):
+            zk = zs[k] if base == "unbind" else (z[:, k] if base == "slice" else enc(x[:, k]))
+            if "fused" in mods:
+                p = h @ MT
+                f = alpha * p[:, :d] + torch.tanh(p[:, d:] + zk)
+            else:
+                f = alpha * (h @ AT) + torch.tanh(h @ WT + zk)
+            xi = xis[k] if "prenoise" in mods else torch.randn(B, d, device=dev)
+            h = h + dt * f + (s_add + s_mult * h) * xi
+        loss = torch.nn.functional.cross_entropy(dec(h), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    rss0 = _rss_mib()
+    step()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"median_s": statistics.median(times), "times_s": times, "peak_rss_mib": peak,
+            "rss_growth_mib": peak - rss0, "device": str(dev), "threads": torch.get_num_threads(),
+            "variant": variant}
+
+
+def run_subprocess(shape: dict, repeats: int, variant: str = DEFAULT_VARIANT, malloc: str = "default"):
+    """`time_torch` in a fresh process (its own peak RSS, its allocator settings); None if torch is absent."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--repeats", str(repeats),
+           "--shape-json", json.dumps(shape)]
+    env = {**os.environ, **(TUNED_MALLOC if malloc == "tuned" else {})}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    value = proc.stdout.strip().splitlines()[-1]
+    return None if value == "none" else json.loads(value)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default=DEFAULT_VARIANT)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape-json", default=json.dumps(dict(T=784, hidden=128, batch=128, input_dim=1,
+                                                                 num_classes=10, dt=0.03)))
+    parser.add_argument("--malloc", choices=("default", "tuned"), default="default")
+    parser.add_argument("--compare", action="store_true",
+                        help="time each formulation of --compare-variants in a fresh process and print a table")
+    parser.add_argument("--compare-variants", default=",".join(COMPARE_VARIANTS))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shape = json.loads(args.shape_json)
+    keys = ("T", "hidden", "batch", "input_dim", "num_classes", "dt")
+    if args.worker:
+        r = time_torch(*(shape[k] for k in keys), repeats=args.repeats, variant=args.variant)
+        print("none" if r is None else json.dumps(r))
+        return 0
+    variants = args.compare_variants.split(",") if args.compare else [args.variant]
+    for v in variants:
+        parse_variant(v)
+    print(f"shape {shape}; median of {args.repeats} train steps after one warm-up; malloc {args.malloc}")
+    print("| PyTorch variant | median step (s) | steps (s) | peak RSS (MiB) | RSS growth (MiB) |")
+    print("|---|---|---|---|---|")
+    for v in variants:
+        r = run_subprocess(shape, args.repeats, v, args.malloc)
+        if r is None:
+            print("PyTorch is not installed (pip install torch).", file=sys.stderr)
+            return 1
+        print(f"| {v} | {r['median_s']:.4f} | {', '.join(f'{t:.3f}' for t in r['times_s'])} | "
+              f"{r['peak_rss_mib']:.0f} | {r['rss_growth_mib']:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
