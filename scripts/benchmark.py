@@ -143,6 +143,8 @@ def t_scaling(args, wanted: set) -> dict:
             r = time_torch_subprocess(shape, args.scaling_repeats, args.torch_variant, args.torch_malloc)
             if r is not None:
                 res.setdefault(f"pytorch eager ({args.torch_variant})", {})[T] = (r["median_s"], r["rss_growth_mib"])
+                print(f"  PyTorch T = {T}: steps {', '.join(f'{t:.3f}' for t in r['times_s'])} s (fastest "
+                      f"{min(r['times_s']):.3f} s)", file=sys.stderr, flush=True)
         runners, mems, _ = jax_runners(shape, wanted, args)
         for name, t in time_interleaved(runners, args.scaling_repeats).items():
             res.setdefault(name, {})[T] = (t, mems[name])

@@ -56,25 +56,23 @@ def check_choice(owner: str, field: str, value: Any, choices: Sequence[str]) -> 
         fail(owner, field, value, "expected one of " + ", ".join(repr(c) for c in choices))
 
 
+def _check_tuple(owner, field, value, ok, convert, what: str, nonempty: bool) -> tuple:
+    if not (isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty) and all(ok(v) for v in value)):
+        fail(owner, field, value, f"expected {'a non-empty sequence' if nonempty else 'a sequence'} of {what}")
+    return tuple(convert(v) for v in value)
+
+
 def check_int_tuple(owner: str, field: str, value: Any, minimum: int, *, nonempty: bool = False) -> tuple[int, ...]:
     """A sequence of integers >= minimum; returns a tuple."""
-    ok = isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty) and all(
-        _is_int(v) and v >= minimum for v in value)
-    if not ok:
-        what = "a non-empty sequence" if nonempty else "a sequence"
-        fail(owner, field, value, f"expected {what} of integers >= {minimum}")
-    return tuple(int(v) for v in value)
+    return _check_tuple(owner, field, value, lambda v: _is_int(v) and v >= minimum, int,
+                        f"integers >= {minimum}", nonempty)
 
 
 def check_real_tuple(owner: str, field: str, value: Any, lo: float = -math.inf, *,
                      nonempty: bool = False) -> tuple[float, ...]:
     """A sequence of finite real numbers >= lo; returns a tuple of floats."""
-    ok = isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty) and all(
-        _is_real(v) and v >= lo for v in value)
-    if not ok:
-        what = "a non-empty sequence" if nonempty else "a sequence"
-        fail(owner, field, value, f"expected {what} of finite real numbers >= {lo}")
-    return tuple(float(v) for v in value)
+    return _check_tuple(owner, field, value, lambda v: _is_real(v) and v >= lo, float,
+                        f"finite real numbers >= {lo}", nonempty)
 
 
 # ------------------------------------------------------------------------------------------------------
