@@ -95,10 +95,10 @@ def time_interleaved(runners: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def time_torch_subprocess(shape: dict, repeats: int, variant: str, malloc: str):
+def time_torch_subprocess(shape: dict, repeats: int, variant: str, malloc: str, threads: int = 0):
     """The eager-PyTorch baseline (scripts/benchmark_torch.py) in a fresh process: a dict with median_s,
     peak_rss_mib, rss_growth_mib, or None when torch is absent."""
-    return benchmark_torch.run_subprocess(shape, repeats, variant, malloc)
+    return benchmark_torch.run_subprocess(shape, repeats, variant, malloc, threads)
 
 
 # (variant, backend, mode, regularizer, gradient); "adjoint" is the default `NRNNConfig.gradient`.
@@ -140,7 +140,7 @@ def t_scaling(args, wanted: set) -> dict:
     for T in SCALING_T:
         shape = {**base, "T": T}
         if "torch" in wanted:
-            r = time_torch_subprocess(shape, args.scaling_repeats, args.torch_variant, args.torch_malloc)
+            r = time_torch_subprocess(shape, args.scaling_repeats, args.torch_variant, args.torch_malloc, args.torch_threads)
             if r is not None:
                 res.setdefault(f"pytorch eager ({args.torch_variant})", {})[T] = (r["median_s"], r["rss_growth_mib"])
                 print(f"  PyTorch T = {T}: steps {', '.join(f'{t:.3f}' for t in r['times_s'])} s (fastest "
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
                              "-prenoise / -fused modifiers")
     parser.add_argument("--torch-malloc", choices=("default", "tuned"), default="default",
                         help="glibc allocator settings of the PyTorch worker (tuned: keep freed memory)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads of the PyTorch worker (0: PyTorch's default; 1 gives steady "
+                             "times on a shared machine)")
     parser.add_argument("--t-scaling", action="store_true",
                         help="time T = 196, 392, 784 (hidden 128, batch 128) instead of one shape")
     parser.add_argument("--scaling-repeats", type=int, default=3, help="steps timed per T in --t-scaling")
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     rows = {}
     torch_name = f"pytorch eager ({args.torch_variant}, implicit)"
     if "torch" in wanted:
-        r = time_torch_subprocess(shape, args.repeats, args.torch_variant, args.torch_malloc)
+        r = time_torch_subprocess(shape, args.repeats, args.torch_variant, args.torch_malloc, args.torch_threads)
         if r is None:
             print("PyTorch is not installed: skipping the eager PyTorch baseline (pip install torch).", file=sys.stderr)
         else:

@@ -25,10 +25,10 @@ h_0 = 0, loss = cross-entropy of a linear decoder of h_T, Adam (lr 1e-3), float3
 Why `loop-enc` is the default: on the 2-core CPU of the measurements (shared with another job at the time)
 it was the fastest and the steadiest formulation at the paper shape (T 784, d 128, B 128: 0.37 s per step,
 every step within 0.36–0.48 s, glibc's default allocator) and the smallest in memory (RSS growth 400 MiB);
-`unbind` had steps from 0.6 s to 10 s in the same run (it keeps the (B, T, d) encoder output and
-its (B, T, d) gradient alive, whose fresh pages are re-faulted on every step), `-prenoise` made no
-difference beyond noise, and `unbind-fused` (0.40–0.49 s on its good steps) did not beat it. Run `python scripts/benchmark_torch.py --compare` to measure every formulation, each
-in a fresh process.
+`unbind` had steps from 0.6 s to 10 s in the same run (it keeps the (B, T, d) encoder output and its
+(B, T, d) gradient alive; the cause of the spread was not isolated, the machine being shared), `-prenoise`
+made no difference beyond noise, and `unbind-fused` (0.40–0.49 s on its good steps) did not beat it. Run
+`python scripts/benchmark_torch.py --compare` to measure every formulation, each in a fresh process.
 
 Memory: the peak resident set size of the worker process (`ru_maxrss`), and its growth over the RSS just
 before the first train step (after the model, data and PyTorch itself are loaded): the latter is the
@@ -39,6 +39,11 @@ MALLOC_TOP_PAD_ raised (memory is kept instead of returned to the system and re-
 was what made the old quadratic `slice` baseline tolerable (13.7 s -> 4.0 s per step); for the linear
 formulations it did not help in the one measurement made (every variant 10-30 s per step, but the machine's
 load rose from 2.6 to 5 during that run, so the comparison is confounded), so the default is `--malloc default`.
+
+Threads: `--threads 1` pins PyTorch to one intra-op thread. With PyTorch's default (2 threads on the 2-core
+machine) and another job running, single steps took anywhere from 0.4 s to 13 s at T 784 (its threads wait
+on each other at every small op); with one thread the steps were steady (0.47-0.48 s at T 784, 0.118 s at
+T 196). At a lower load (1.7-2.9), two threads gave 0.37 s.
 """
 
 from __future__ import annotations
@@ -77,12 +82,16 @@ def _rss_mib() -> float:
 
 
 def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int, dt: float, repeats: int,
-               variant: str = DEFAULT_VARIANT, eps=(0.02, 0.02), alpha=1.0, beta=0.75, gamma=0.001):
-    """Median train-step time (s) and memory of one formulation; None if torch is absent."""
+               variant: str = DEFAULT_VARIANT, eps=(0.02, 0.02), alpha=1.0, beta=0.75, gamma=0.001,
+               threads: int = 0):
+    """Median train-step time (s) and memory of one formulation; None if torch is absent. `threads` > 0:
+    torch.set_num_threads(threads) (0: PyTorch's default, one per core)."""
     try:
         import torch
     except ImportError:
         return None
+    if threads > 0:
+        torch.set_num_threads(threads)
     base, mods = parse_variant(variant)
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,10 +151,11 @@ def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int
             "variant": variant}
 
 
-def run_subprocess(shape: dict, repeats: int, variant: str = DEFAULT_VARIANT, malloc: str = "default"):
+def run_subprocess(shape: dict, repeats: int, variant: str = DEFAULT_VARIANT, malloc: str = "default",
+                   threads: int = 0):
     """`time_torch` in a fresh process (its own peak RSS, its allocator settings); None if torch is absent."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--repeats", str(repeats),
-           "--shape-json", json.dumps(shape)]
+           "--shape-json", json.dumps(shape), "--threads", str(threads)]
     env = {**os.environ, **(TUNED_MALLOC if malloc == "tuned" else {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -162,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape-json", default=json.dumps(dict(T=784, hidden=128, batch=128, input_dim=1,
                                                                  num_classes=10, dt=0.03)))
     parser.add_argument("--malloc", choices=("default", "tuned"), default="default")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (0: PyTorch's default; 1 is steady on a shared machine)")
     parser.add_argument("--compare", action="store_true",
                         help="time each formulation of --compare-variants in a fresh process and print a table")
     parser.add_argument("--compare-variants", default=",".join(COMPARE_VARIANTS))
@@ -170,7 +182,7 @@ def main(argv=None) -> int:
     shape = json.loads(args.shape_json)
     keys = ("T", "hidden", "batch", "input_dim", "num_classes", "dt")
     if args.worker:
-        r = time_torch(*(shape[k] for k in keys), repeats=args.repeats, variant=args.variant)
+        r = time_torch(*(shape[k] for k in keys), repeats=args.repeats, variant=args.variant, threads=args.threads)
         print("none" if r is None else json.dumps(r))
         return 0
     variants = args.compare_variants.split(",") if args.compare else [args.variant]
@@ -180,7 +192,7 @@ def main(argv=None) -> int:
     print("| PyTorch variant | median step (s) | steps (s) | peak RSS (MiB) | RSS growth (MiB) |")
     print("|---|---|---|---|---|")
     for v in variants:
-        r = run_subprocess(shape, args.repeats, v, args.malloc)
+        r = run_subprocess(shape, args.repeats, v, args.malloc, args.threads)
         if r is None:
             print("PyTorch is not installed (pip install torch).", file=sys.stderr)
             return 1

@@ -51,7 +51,7 @@ def evaluate(
     for b in batches(x, y, batch_size):
         xb = b.x if perturb is None else perturb(b.x, b.y, rng)
         totals += np.array([float(v) for v in eval_step(graphdef, params, xb, b.y, b.mask)])
-    return {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
+    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2])}
 
 
 @partial(jax.jit, static_argnums=0)

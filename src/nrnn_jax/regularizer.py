@@ -25,7 +25,8 @@ Three computations, all differentiable in the parameters:
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+import warnings
+from typing import Callable, NamedTuple
 
 import diffrax
 import jax
@@ -83,6 +84,17 @@ class Regularizer(NamedTuple):
     per_example: Array
     std_err: Array
     logits: Array
+
+    def __repr__(self) -> str:  # the scalars only: the per-example arrays would fill a screen
+        def num(a):
+            try:
+                return f"{float(a):.6g}"
+            except TypeError:  # a traced or batched value
+                return f"{type(a).__name__}{tuple(getattr(a, 'shape', ()))}"
+
+        return (f"Regularizer(value={num(self.value)}, Q={num(self.Q)}, R={num(self.R)}, "
+                f"clean_loss={num(self.clean_loss)}, std_err={num(self.std_err)}, "
+                f"batch={tuple(self.per_example.shape)[-1:]})")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -345,6 +357,11 @@ def explicit_regularizer(
     check_int("", "num_probes", num_probes, 1)
     check_choice("", "probe", probe, PROBES)
     cfg, p, step, factor, shift = _model_pieces(model, noise_levels)
+    levels = dynamics.noise_levels(cfg, p)
+    if all(isinstance(v, (int, float)) and v == 0 for v in levels):
+        warnings.warn("explicit_regularizer: the noise levels are eps_add = eps_mult = 0, so the regularizer is 0; "
+                      "pass noise_levels=(eps_add, eps_mult) or use nrnn_jax.with_noise(model, eps_add, eps_mult).",
+                      stacklevel=2)
     check_inputs(x, cfg.input_dim)
     check_labels(y, x.shape[0], cfg.num_classes)
     if method == "probe" and key is None:

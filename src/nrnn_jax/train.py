@@ -191,13 +191,15 @@ def train_and_evaluate(
     data = data if data is not None else load_dataset(tcfg.dataset, tcfg.data_dir)
     mcfg = _fit_model_cfg(mcfg, data)
     member_cfgs = [mcfg] if sweep is None else [sweep.member_config(mcfg, i) for i in range(sweep.size)]
-    for i, c in enumerate(member_cfgs):
-        who = "" if sweep is None else f" (sweep member {i}: eps_add={c.eps_add}, eps_mult={c.eps_mult})"
-        if tcfg.mode == "implicit" and not c.is_noisy:
-            raise ValueError(f"TrainConfig.mode='implicit' needs noise{who}: set NRNNConfig.eps_add or eps_mult > 0.")
-        if tcfg.mode == "explicit" and not c.is_noisy:
-            raise ValueError(f"TrainConfig.mode='explicit' needs the noise levels of the penalty{who}: set "
-                             "NRNNConfig.eps_add or eps_mult > 0.")
+    # A sweep may hold noise-free members (its deterministic baseline, trained on the same batches); it
+    # needs noise in at least one member, a single run in itself.
+    noisy = mcfg.is_noisy if sweep is None else sweep.structure_config(mcfg).is_noisy
+    who = "" if sweep is None else " (in at least one sweep member)"
+    if tcfg.mode == "implicit" and not noisy:
+        raise ValueError(f"TrainConfig.mode='implicit' needs noise{who}: set NRNNConfig.eps_add or eps_mult > 0.")
+    if tcfg.mode == "explicit" and not noisy:
+        raise ValueError(f"TrainConfig.mode='explicit' needs the noise levels of the penalty{who}: set "
+                         "NRNNConfig.eps_add or eps_mult > 0.")
     n_train = data.x_train.shape[0]
     batch_size = min(tcfg.batch_size, n_train)
     steps_per_epoch = n_train // batch_size
