@@ -148,3 +148,31 @@ def test_explicit_clean_loss_is_the_test_time_forward_pass(convention):
         assert abs(mean_path - test_time) > 1e-3
     else:  # under the SDE convention the expansion is around the test-time path itself
         assert mean_path == pytest.approx(test_time, rel=1e-5)
+
+
+def test_divergence_rollback_policy(digits, tmp_path):
+    """on_divergence="rollback": a NaN/Inf in epoch 1 rolls back to the epoch's start with the learning rate ×
+    factor, clipping at rollback_grad_clip and fresh optimizer moments, which from the initial state is exactly
+    a fresh run with those settings; the rollback is recorded; without it the default still raises."""
+    from nrnn_jax import TrainingDiverged
+
+    mcfg = NRNNConfig(**TINY)
+    base = dict(epochs=2, batch_size=32, eval_white_noise=())
+    tcfg = TrainConfig(lr=1e30, on_divergence="rollback", rollback_lr_factor=1e-31, rollback_grad_clip=1.0, **base)
+    r = train_and_evaluate(mcfg, tcfg, tmp_path / "rb", data=digits, progress=False, log=None)
+    events = [json.loads(l) for l in (tmp_path / "rb" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [e for e in events if e.get("event") == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["epoch"] == 1 and rollbacks[0]["step"] == 0
+    assert r.summary["rollbacks"] == rollbacks
+    assert [e["epoch"] for e in events if "event" not in e] == [1, 2]
+    fresh = train_and_evaluate(mcfg, TrainConfig(lr=1e30 * 1e-31, grad_clip=1.0, **base), data=digits,
+                               progress=False, log=None)
+    for a, b in zip(jax.tree.leaves(nnx.state(r.model)), jax.tree.leaves(nnx.state(fresh.model))):
+        np.testing.assert_array_equal(a, b)  # the same computation from the same state: bit for bit
+    assert load_run(tmp_path / "rb") is not None  # the checkpoint restores into the rolled-back optimizer
+    # a bounded number of rollbacks: a factor that cannot help ends in the clear error
+    hopeless = tcfg.replace(rollback_lr_factor=0.9, max_rollbacks=2)
+    with pytest.raises(TrainingDiverged, match="after 2 rollback"):
+        train_and_evaluate(mcfg, hopeless, tmp_path / "h", data=digits, progress=False, log=None)
+    with pytest.raises(ValueError, match="TrainConfig.on_divergence='retry'"):
+        TrainConfig(on_divergence="retry")

@@ -37,3 +37,13 @@ def restore_checkpoint(ckpt_dir: str | Path, target: Any, step: int | None = Non
             raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         return mngr.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+
+def delete_after(ckpt_dir: str | Path, step: int) -> None:
+    """Remove the checkpoints of steps after `step` (a trajectory abandoned by a divergence rollback)."""
+    if not Path(ckpt_dir).exists():
+        return
+    with _manager(ckpt_dir) as mngr:
+        for s in mngr.all_steps():
+            if s > step:
+                mngr.delete(s)

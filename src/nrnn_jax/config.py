@@ -26,6 +26,7 @@ OPTIMIZERS = ("adam", "sgd")
 REG_METHODS = ("exact", "probe")
 # Counter-based generators whose keys are uint32[2] (so the state's key and checkpoints have one layout).
 PRNGS = ("threefry2x32", "philox4x32")
+DIVERGENCE_POLICIES = ("raise", "rollback")
 
 
 class ConfigMixin:
@@ -164,6 +165,11 @@ class TrainConfig(ConfigMixin):
     - `prng`: the generator of the injected noise and the probes: "threefry2x32" (JAX's default) or
       "philox4x32" (Philox4x32-10, about 3x faster to draw on CPU: at the pixel-MNIST shape the noise is
       12.8 M normals per step). Both give independent standard normals; they give different draws.
+    - `on_divergence`: what a non-finite loss or gradient does. "raise" (default): stop with
+      `TrainingDiverged`, keeping the last good checkpoint. "rollback": go back to the state at the start of
+      the epoch, multiply the learning rate by `rollback_lr_factor`, clip the global gradient norm at
+      `rollback_grad_clip` (or the smaller `grad_clip`), restart the optimizer's moments, and redo the epoch;
+      at most `max_rollbacks` times, then raise. Each rollback is a record in metrics.jsonl and the summary.
     - `eval_white_noise`: standard deviations of white input noise at which the final model's test
       accuracy is also reported (docs/theory.md (6.1)).
     """
@@ -188,17 +194,22 @@ class TrainConfig(ConfigMixin):
     eval_white_noise: tuple[float, ...] = (1.0,)
     checkpoint_every: int = 0
     prng: Literal["threefry2x32", "philox4x32"] = "threefry2x32"
+    on_divergence: Literal["raise", "rollback"] = "raise"
+    rollback_lr_factor: float = 0.5
+    rollback_grad_clip: float = 1.0
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         own = "TrainConfig"
         for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("prng", PRNGS),
-                              ("reg_method", REG_METHODS)):
+                              ("reg_method", REG_METHODS), ("on_divergence", DIVERGENCE_POLICIES)):
             check_choice(own, name, getattr(self, name), choices)
         for name, minimum in (("epochs", 0), ("batch_size", 1), ("eval_batch_size", 1), ("num_probes", 1),
-                              ("seed", 0), ("checkpoint_every", 0)):
+                              ("seed", 0), ("checkpoint_every", 0), ("max_rollbacks", 0)):
             check_int(own, name, getattr(self, name), minimum)
-        for name in ("lr", "lr_decay"):
+        for name in ("lr", "lr_decay", "rollback_grad_clip"):
             check_real(own, name, getattr(self, name), 0.0, lo_open=True)
+        check_real(own, "rollback_lr_factor", self.rollback_lr_factor, 0.0, 1.0, lo_open=True)
         for name in ("momentum", "weight_decay", "grad_clip", "reg_weight"):
             check_real(own, name, getattr(self, name), 0.0)
         object.__setattr__(self, "lr_decay_epochs", check_int_tuple(own, "lr_decay_epochs", self.lr_decay_epochs, 1))

@@ -72,17 +72,37 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
                          "overwrite=True (--overwrite).")
     restored, step = checkpoint.restore_checkpoint(run_dir / "checkpoints", {"state": state, "sums": sums})
     state = restored["state"] if isinstance(restored["state"], TrainState) else TrainState(*restored["state"])
-    history = []
+    kept = []
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     for line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut off by the kill: that epoch is recomputed
             continue
-        if rec["step"] <= step:
-            history.append(rec)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    return state, restored["sums"], history
+        # epoch records up to the checkpoint; rollback events strictly before it (an event at the checkpoint's
+        # own step happened after that checkpoint was written, so it is redone)
+        if rec["step"] < step or (rec["step"] == step and "event" not in rec):
+            kept.append(rec)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return state, restored["sums"], [r for r in kept if "event" not in r]
+
+
+def read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
+    """The divergence rollbacks recorded in a run's metrics.jsonl up to its latest checkpoint (the ones the
+    checkpointed optimizer has seen), oldest first."""
+    step = checkpoint.latest_step(run_dir / "checkpoints")
+    path = run_dir / "metrics.jsonl"
+    if step is None or not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("event") == "rollback" and rec["step"] < step:
+            events.append(rec)
+    return events
 
 
 def read_run_config(run_dir: str | Path) -> tuple[NRNNConfig, TrainConfig]:
@@ -122,7 +142,7 @@ def load_run(run_dir: str | Path, member: int | None = None) -> NoisyRNN:
     required there and must be None for a single-model run."""
     mcfg, tcfg = read_run_config(run_dir)
     sweep = read_run_sweep(run_dir)
-    tx = make_optimizer(tcfg, 1)
+    tx = make_optimizer(tcfg, 1, len(read_rollbacks(Path(run_dir))))  # the optimizer state's structure
     if sweep is None:
         if member is not None:
             fail("", "member", member, f"{run_dir} holds a single model, not a sweep")

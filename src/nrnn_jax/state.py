@@ -42,13 +42,20 @@ def zero_sums(names: list[str], members: int | None = None) -> dict[str, jax.Arr
     return {k: jnp.zeros(shape, jnp.float32) for k in names}
 
 
-def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam (or AdamW) or SGD with momentum, the step-decay schedule of `tcfg` and optional clipping."""
+def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> optax.GradientTransformation:
+    """Adam (or AdamW) or SGD with momentum, the step-decay schedule of `tcfg` and optional clipping.
+
+    `rollbacks`: how many divergence rollbacks have happened (`TrainConfig.on_divergence="rollback"`); each
+    multiplies the learning rate by `rollback_lr_factor`, and from the first on the global gradient norm is
+    clipped at `rollback_grad_clip` (or the smaller `grad_clip`)."""
     boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
-    schedule = optax.piecewise_constant_schedule(tcfg.lr, boundaries)
+    schedule = optax.piecewise_constant_schedule(tcfg.lr * tcfg.rollback_lr_factor**rollbacks, boundaries)
+    clip = tcfg.grad_clip
+    if rollbacks:
+        clip = min(clip, tcfg.rollback_grad_clip) if clip > 0 else tcfg.rollback_grad_clip
     parts = []
-    if tcfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
+    if clip > 0:
+        parts.append(optax.clip_by_global_norm(clip))
     if tcfg.optimizer == "adam":
         parts.append(optax.adamw(schedule, weight_decay=tcfg.weight_decay) if tcfg.weight_decay > 0
                      else optax.adam(schedule))

@@ -50,6 +50,13 @@ class TrainingDiverged(FloatingPointError):
     """The loss or the gradients became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
+class _Rollback(Exception):
+    """Raised inside the loop under `on_divergence="rollback"`: redo the epoch from its starting state."""
+
+    def __init__(self, bad_step: int):
+        self.bad_step = bad_step
+
+
 def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=None):
     """The training objective of the mode and its metrics (a pure function of `params`).
 
@@ -208,7 +215,10 @@ def train_and_evaluate(
         raise ValueError(f"TrainConfig.batch_size={batch_size} is invalid for devices={devices}: data-parallel "
                          "training splits each batch evenly, so the batch size must be a multiple of devices.")
 
-    tx = make_optimizer(tcfg, steps_per_epoch)
+    # Rollbacks of an interrupted run (recorded in its metrics.jsonl up to its last checkpoint) set the
+    # optimizer it resumes with.
+    rollbacks = runs.read_rollbacks(Path(run_dir)) if resume and run_dir is not None else []
+    tx = make_optimizer(tcfg, steps_per_epoch, len(rollbacks))
     n_members = None if sweep is None else sweep.size
     if sweep is None:
         graphdef, state = init_model_state(mcfg, tx, tcfg.seed)
@@ -249,36 +259,75 @@ def train_and_evaluate(
         bad_steps = np.atleast_1d(np.asarray(state.bad_step))
         if (bad_steps >= 0).any():
             bad = int(bad_steps[bad_steps >= 0].min())
+            if tcfg.on_divergence == "rollback" and len(rollbacks) < tcfg.max_rollbacks:
+                raise _Rollback(bad)
             who = "" if sweep is None else f" (sweep members {np.flatnonzero(bad_steps >= 0).tolist()})"
             where = (f"the last good checkpoint, step {last_saved[0]}, is kept in {ckpt_dir}"
                      if last_saved[0] is not None else "no checkpoint was written before it")
-            raise TrainingDiverged(f"Training diverged{who}: the loss or gradients were NaN/Inf at step {bad} "
+            after = f" after {len(rollbacks)} rollback(s)" if rollbacks else ""
+            raise TrainingDiverged(f"Training diverged{who}{after}: the loss or gradients were NaN/Inf at step {bad} "
                                    f"(epoch {bad // steps_per_epoch + 1}); {where}. Lower the learning rate, "
-                                   "set grad_clip, or reduce dt / the noise levels.")
+                                   "set grad_clip, reduce dt / the noise levels, or set "
+                                   "TrainConfig.on_divergence='rollback'.")
         if ckpt_dir is not None:
             checkpoint.save_checkpoint(ckpt_dir, first_step(state), {"state": state, "sums": sums})
             last_saved[0] = first_step(state)
 
+    def roll_back(good: TrainState, bad: int, epoch: int) -> TrainState:
+        """The epoch's starting state with the optimizer of one more rollback (fresh moments), recorded."""
+        nonlocal tx, train_step
+        event = {"event": "rollback", "epoch": epoch, "step": first_step(good), "bad_step": bad,
+                 "lr_factor": tcfg.rollback_lr_factor ** (len(rollbacks) + 1),
+                 "grad_clip": min(tcfg.grad_clip, tcfg.rollback_grad_clip) if tcfg.grad_clip > 0
+                 else tcfg.rollback_grad_clip}
+        rollbacks.append(event)
+        tx = make_optimizer(tcfg, steps_per_epoch, len(rollbacks))
+        train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None)
+        opt_state = tx.init(good.params) if sweep is None else jax.vmap(tx.init)(good.params)
+        state = good._replace(opt_state=opt_state, bad_step=jnp.full_like(good.bad_step, -1))
+        if replicated is not None:
+            state = jax.device_put(state, replicated)
+        if run_dir is not None:
+            checkpoint.delete_after(ckpt_dir, event["step"])
+            runs.append_record(run_dir, event)
+        if log:
+            log(f"epoch {epoch:3d}  NaN/Inf at step {bad}: rolled back to step {event['step']}, learning rate × "
+                f"{event['lr_factor']:g}, gradient norm clipped at {event['grad_clip']:g}")
+        return state
+
     t_start = time.perf_counter()
     host_step = first_step(state)
     first_epoch, offset = divmod(host_step, steps_per_epoch)
-    for epoch in range(first_epoch + 1, tcfg.epochs + 1):
+    epoch = first_epoch
+    while epoch < tcfg.epochs:
+        epoch += 1
         t0 = time.perf_counter()
         order = epoch_order(n_train, tcfg.seed, epoch)
         skip = offset if epoch == first_epoch + 1 else 0
+        # The epoch's starting state, kept (the step donates its buffers) when divergence may roll back to it.
+        good = jax.tree.map(jnp.copy, state) if tcfg.on_divergence == "rollback" else None
         it = prefetch(batches(data.x_train, data.y_train, batch_size, order=order[skip * batch_size:],
                               drop_remainder=True), sharding=batch_sharding)
         if progress:
             from tqdm.auto import tqdm
 
             it = tqdm(it, total=steps_per_epoch - skip, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False)
-        for b in it:
-            state, m = train_step(state, b.x, b.y, b.mask, *step_args)
-            sums = {k: sums[k] + m[k] for k in names}
-            host_step += 1  # counted on the host: reading state.step would wait for the device every step
-            # The last step of an epoch is saved below, after the epoch's record is written.
-            if tcfg.checkpoint_every and host_step % tcfg.checkpoint_every == 0 and host_step % steps_per_epoch:
-                save(state, sums)
+        good_sums = sums
+        try:
+            for b in it:
+                state, m = train_step(state, b.x, b.y, b.mask, *step_args)
+                sums = {k: sums[k] + m[k] for k in names}
+                host_step += 1  # counted on the host: reading state.step would wait for the device every step
+                # The last step of an epoch is saved below, after the epoch's record is written.
+                if tcfg.checkpoint_every and host_step % tcfg.checkpoint_every == 0 and host_step % steps_per_epoch:
+                    save(state, sums)
+            if tcfg.on_divergence == "rollback" and (np.asarray(state.bad_step) >= 0).any():
+                save(state, sums)  # raises _Rollback (or TrainingDiverged after the last allowed one)
+        except _Rollback as r:
+            state, sums = roll_back(good, r.bad_step, epoch), good_sums
+            host_step = first_step(state)
+            epoch -= 1  # redo this epoch
+            continue
         models = members(state)
         vals = [evaluate(m_, data.x_val, data.y_val, tcfg.eval_batch_size) for m_ in models]
         one = (lambda xs: xs[0]) if sweep is None else (lambda xs: list(xs))
@@ -302,6 +351,8 @@ def train_and_evaluate(
     summaries = [summarize(m_, data, tcfg) for m_ in models]
     common = {"mode": tcfg.mode, "dataset": data.name, "epochs": tcfg.epochs, "steps": first_step(state),
               "train_time_s": time.perf_counter() - t_start}
+    if rollbacks:
+        common["rollbacks"] = rollbacks
     if sweep is None:
         summary = {**summaries[0], **common}
     else:
