@@ -9,6 +9,7 @@ import numpy as np
 from nrnn_jax import evaluate, explicit_regularizer, load_dataset, load_run, predict_logits, with_noise
 from nrnn_jax.analysis import certificate
 from nrnn_jax.cli import compare_main, robustness_main
+from nrnn_jax import compare
 from nrnn_jax.compare import CompareConfig, aggregate, run_compare
 from nrnn_jax.perturbations import white_noise
 
@@ -126,3 +127,20 @@ def test_compare_layout_and_contents(tmp_path, capsys):
     assert robustness_main([str(out / "implicit/seed0"), "--kind", "white", "--strengths", "0,0.5"]) == 0
     assert "white 0.5" in capsys.readouterr().out
     assert compare_main(["--dataset", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_plot_all_leaves_the_backend_alone(tmp_path):
+    import matplotlib
+
+    matplotlib.use("svg")  # stands in for a notebook's inline backend
+    try:
+        curve = {"strengths": [0.0, 0.5], "mean": [0.9, 0.8], "std": [0.0, 0.01]}
+        agg = {m: {"curves": {"white": curve}, "c1": {"mean": 0.5, "std": 0.0}} for m in MODES}
+        analysis = {"hessian_ritz": [0.1, 1.0], "output_margins": [1.0, 2.0, 0.5], "deepfool_margins": [0.3, 0.4]}
+        runs = {m: [{"analysis": analysis}] for m in MODES}
+        compare.plot_all({"aggregate": agg, "runs": runs, "settings": {"dataset": "digits"}}, tmp_path)
+        assert matplotlib.get_backend() == "svg"
+        for name in ("robustness.png", "hessian.png", "margins.png", "stability.png"):
+            assert (tmp_path / name).stat().st_size > 0
+    finally:
+        matplotlib.use("Agg")

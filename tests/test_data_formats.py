@@ -140,3 +140,32 @@ def test_mnist1d_generated_offline():
     d = load_dataset("mnist1d")
     assert d.x_train.shape == (3500, 40, 1) and d.x_test.shape == (1000, 40, 1) and d.num_classes == 10
     np.testing.assert_array_equal(load_dataset("mnist1d").x_test, d.x_test)  # deterministic
+
+
+def test_public_permutation_embedded_and_applied(tmp_path, shared_data):
+    import hashlib
+    from importlib import resources
+
+    embedded = resources.files("nrnn_jax.data").joinpath(mnist_mod.PUBLIC_PERMUTATION_FILE).read_bytes()
+    shared = (shared_data / "mnist" / mnist_mod.PUBLIC_PERMUTATION_FILE).read_bytes()
+    assert hashlib.sha256(embedded).hexdigest() == hashlib.sha256(shared).hexdigest() == mnist_mod.PUBLIC_PERMUTATION_SHA256
+    p = mnist_mod.permutation("public")
+    assert p[:10].tolist() == [91, 97, 471, 426, 157, 451, 312, 198, 117, 454] and int(p.sum()) == 306936
+    assert sorted(p.tolist()) == list(range(784))
+    assert np.array_equal(mnist_mod.permutation(), p)  # the default is the public one
+    assert mnist_mod.permutation("numpy").tolist() == np.random.RandomState(12008).permutation(784).tolist()
+    with pytest.raises(ValueError, match=r"permutation='torch' is invalid: expected one of 'public', 'numpy'"):
+        mnist_mod.permutation("torch")
+    # load_mnist(view="permuted") applies it to the pixel columns of a written IDX file; pixel_scale="raw" keeps bytes
+    arrays = _write_mnist(tmp_path / "mnist")
+    raw_test = arrays["t10k-images-idx3-ubyte"].reshape(10000, 784).astype(np.float32)
+    pix = load_dataset("mnist_pixel", tmp_path, verify=False)
+    np.testing.assert_array_equal(pix.x_test[:, :, 0], raw_test / 255.0)
+    for kind in ("public", "numpy"):
+        for scale, divisor in (("unit", 255.0), ("raw", 1.0)):
+            perm = load_dataset("mnist_permuted", tmp_path, verify=False, permutation=kind, pixel_scale=scale)
+            np.testing.assert_array_equal(perm.x_test[:, :, 0], raw_test[:, mnist_mod.permutation(kind)] / divisor)
+    np.testing.assert_array_equal(load_dataset("mnist_permuted", tmp_path, verify=False).x_test[:, :, 0],
+                                  raw_test[:, p] / 255.0)
+    with pytest.raises(ValueError, match=r"pixel_scale='byte' is invalid: expected one of 'unit', 'raw'"):
+        load_dataset("mnist_pixel", tmp_path, verify=False, pixel_scale="byte")

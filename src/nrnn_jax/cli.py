@@ -82,7 +82,15 @@ def train_main(argv: list[str] | None = None) -> int:
     par.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
                           "environment variables or launcher)")
-    _add_dataclass_flags(parser, TrainConfig, "training")
+    from .presets import PRESETS
+
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
+                             "--dataset mnist_pixel or mnist_permuted); other flags override its fields: "
+                             + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+    parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
+                        help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, permutation=numpy")
+    _add_dataclass_flags(parser, TrainConfig, "training", skip=("data_options",))
     _add_dataclass_flags(parser, NRNNConfig, "model (input_dim and num_classes default to the data set's)")
     args = parser.parse_args(argv)
 
@@ -94,15 +102,26 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.resume is not None:
             mcfg, tcfg = read_run_config(args.resume)
             sweep = read_run_sweep(args.resume)
-            data = load_dataset(tcfg.dataset, tcfg.data_dir)
+            data = load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
             run_dir = args.resume
         else:
             sweep = None
             if any(v is not None for v in (args.sweep_seeds, args.sweep_eps_add, args.sweep_eps_mult)):
                 sweep = Sweep(seeds=args.sweep_seeds or (0,), eps_add=args.sweep_eps_add, eps_mult=args.sweep_eps_mult)
-            tcfg = TrainConfig(**_collect(args, TrainConfig))
-            data = load_dataset(tcfg.dataset, tcfg.data_dir)
-            model_kw = _collect(args, NRNNConfig)
+            train_kw, model_kw = _collect(args, TrainConfig), _collect(args, NRNNConfig)
+            if args.preset is not None:
+                from .presets import get_preset
+
+                p_mcfg, p_tcfg = get_preset(args.preset, train_kw.get("dataset", "mnist_pixel"))
+                train_kw = {**p_tcfg.to_dict(), **train_kw}
+                model_kw = {**p_mcfg.to_dict(), **model_kw}
+            if args.data_option:
+                pairs = [o.split("=", 1) for o in args.data_option]
+                if any(len(pair) != 2 for pair in pairs):
+                    raise ValueError(f"--data-option={args.data_option} is invalid: expected NAME=VALUE.")
+                train_kw["data_options"] = {**dict(train_kw.get("data_options", ())), **dict(pairs)}
+            tcfg = TrainConfig(**train_kw)
+            data = load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
             for name, value in (("input_dim", data.input_dim), ("num_classes", data.num_classes)):
                 model_kw.setdefault(name, value)
             mcfg = NRNNConfig(**model_kw)
@@ -136,8 +155,14 @@ def compare_main(argv: list[str] | None = None) -> int:
         description="Train deterministic, implicit (noise injection) and explicit (penalty) models for each seed, "
                     "choose explicit's λ on validation, and measure robustness, flatness, margins and stability. "
                     "Writes OUT/<mode>/<run>/, OUT/summary.json, OUT/results.md and PNG plots.")
+    from .presets import PRESETS
+
     parser.add_argument("--dataset", default="ecg5000")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="model, training and data settings of a named preset of the public pixel-MNIST runs "
+                             "(with --dataset mnist_pixel or mnist_permuted; noisy presets only): "
+                             + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2), help="comma-separated (default 0,1,2)")
     parser.add_argument("--epochs", type=int, default=None, help="override the data set's default")
@@ -146,7 +171,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analysis-examples", type=int, default=256)
     args = parser.parse_args(argv)
     try:
-        cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, seeds=args.seeds, epochs=args.epochs,
+        cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, preset=args.preset, seeds=args.seeds,
+                           epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples)
         summary = run_compare(cc, args.out)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -44,8 +44,11 @@ from .perturbations import white_noise
 from .regularizer import explicit_regularizer
 from .tables import format_table
 from .train import train_and_evaluate
+from .validation import check_choice, fail
 
-# Paper-like defaults per data set (docs/theory.md §7, Table 7.1 and (7.1), and the ECG5000 results of the README).
+# Defaults per data set: model and training settings (or a named preset of nrnn_jax.presets), robustness curves (white
+# noise strengths in units of [0, 1] pixels: scaled by 255 for raw 0–255 inputs), the explicit λ grid and the white
+# strengths of its selection. ECG5000: the settings of the README's results.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ecg5000": dict(model=dict(hidden=64, dt=0.1, eps_add=0.3, eps_mult=0.3),
                     train=dict(epochs=40, batch_size=32, lr=3e-3),
@@ -57,12 +60,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                        curves=dict(white=[0, 0.1, 0.2, 0.3, 0.4, 0.5], multiplicative=[0, 0.5, 1.0, 1.5],
                                    salt_pepper=[0, 0.05, 0.1, 0.2], pgd_linf=[0, 0.01, 0.02, 0.05]),
                        lambdas=[1.0], select_white=[0.3]),
-    "mnist_pixel": dict(model=dict(hidden=128, dt=0.03, eps_add=0.02, eps_mult=0.02),
-                        train=dict(epochs=100, batch_size=128, lr=1e-3, lr_decay_epochs=(90,)),
+    # Pixel MNIST: the `nrnn-small` preset (the public "Noisy RNN, small noise" run, docs/theory.md Table 7.1:
+    # convention "reference", δ 0.01, ε_add = ε_mult = 0.02, lr 1e-3, 100 epochs, × 0.1 at 90, seed 1; permuted:
+    # the public permutation and raw 0–255 pixels). `CompareConfig(preset=...)` picks another preset.
+    "mnist_pixel": dict(preset="nrnn-small",
                         curves=dict(white=[0, 0.1, 0.2, 0.3, 0.4], salt_pepper=[0, 0.05, 0.1, 0.2]),
                         lambdas=[1.0], select_white=[0.2]),
-    "mnist_permuted": dict(model=dict(hidden=128, dt=0.03, eps_add=0.02, eps_mult=0.02),
-                           train=dict(epochs=100, batch_size=128, lr=1e-3, lr_decay_epochs=(90,)),
+    "mnist_permuted": dict(preset="nrnn-small",
                            curves=dict(white=[0, 0.1, 0.2, 0.3, 0.4], salt_pepper=[0, 0.05, 0.1, 0.2]),
                            lambdas=[1.0], select_white=[0.2]),
     "digits": dict(model=dict(hidden=32, dt=0.5, eps_add=0.3, eps_mult=0.3),
@@ -75,10 +79,18 @@ DEFAULTS["mnist1d"] = DEFAULTS["digits"]
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
-    """Settings of one comparison; unset fields take the data set's defaults (`DEFAULTS`)."""
+    """Settings of one comparison; unset fields take the data set's defaults (`DEFAULTS`).
+
+    `preset`: a name of `nrnn_jax.presets.PRESETS` (for its data sets, "mnist_pixel" / "mnist_permuted"): the
+    comparison then uses the preset's model, training and data settings; the implicit and explicit modes
+    use the preset's noise (convention and levels), the deterministic mode the same model without noise. A
+    noise-free preset (lipschitz, antisymmetric) is refused: there is no noise to compare. `epochs`,
+    `lambdas` and `backend` still override.
+    """
 
     dataset: str = "ecg5000"
     data_dir: str | None = None
+    preset: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int | None = None
     lambdas: tuple[float, ...] | None = None
@@ -124,9 +136,13 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
     noisy_model = with_noise(model, noise.eps_add, noise.eps_mult)
     cfg = noisy_model.cfg
     cert = certificate(cfg.replace(eps_add=0.0), model.recurrent_params())
-    lam, lam_se = lyapunov_exponent(cfg.replace(eps_add=0.0), model.recurrent_params(), t_max=cc.lyapunov_time, seed=seed)
-    lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), model.recurrent_params(),
-                                   t_max=cc.lyapunov_time, num_paths=2, seed=seed)
+    if cfg.convention == "reference":  # not an SDE discretisation: no Lyapunov exponents (docs/theory.md §2)
+        lam = lam_se = lam_det = None
+    else:
+        lam, lam_se = lyapunov_exponent(cfg.replace(eps_add=0.0), model.recurrent_params(), t_max=cc.lyapunov_time,
+                                        seed=seed)
+        lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), model.recurrent_params(),
+                                       t_max=cc.lyapunov_time, num_paths=2, seed=seed)
     reg = explicit_regularizer(noisy_model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
                                num_probes=8, key=jax.random.PRNGKey(seed))
     out.update({
@@ -141,21 +157,66 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class CompareSettings:
+    """What a `CompareConfig` resolves to before any data is loaded: the noisy model configuration (the
+    implicit and explicit modes; the deterministic mode drops its noise), the training fields common to the
+    modes, the loader options, the robustness curves and the explicit λ grid with its selection strengths."""
+
+    preset: str | None
+    model: dict[str, Any]
+    train: dict[str, Any]
+    data_options: dict[str, str]
+    curves: dict[str, list[float]]
+    lambdas: tuple[float, ...]
+    select_white: list[float]
+    input_scale: float
+
+
+# Perturbations whose strengths are in input units (scaled with the pixel range).
+_ADDITIVE_KINDS = ("white", "fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2")
+
+
+def compare_settings(cc: CompareConfig) -> CompareSettings:
+    """Resolve `cc` against `DEFAULTS` and, when set (by `cc.preset` or the data set's defaults), a preset."""
+    from .presets import PRESETS, get_preset
+
+    check_choice("CompareConfig", "dataset", cc.dataset, sorted(DEFAULTS))
+    spec = DEFAULTS[cc.dataset]
+    name = cc.preset if cc.preset is not None else spec.get("preset")
+    if name is not None:
+        mcfg, tcfg = get_preset(name, cc.dataset)
+        if not mcfg.is_noisy:
+            fail("CompareConfig", "preset", name, "a comparison needs the noise of the implicit and explicit modes; "
+                 "expected a noisy preset: " + ", ".join(repr(n) for n, p in PRESETS.items() if p.is_noisy))
+        model = {k: v for k, v in mcfg.to_dict().items() if k not in ("input_dim", "num_classes", "backend")}
+        # the preset's own training fields (its seed is replaced by the comparison's seeds, its mode by each mode)
+        fields = {**PRESETS[name].train, **PRESETS[name].dataset_train.get(cc.dataset, {})}
+        train = {k: getattr(tcfg, k) for k in fields if k not in ("mode", "seed")}
+        data_options = dict(tcfg.data_options)
+    else:
+        model, train, data_options = dict(spec["model"]), dict(spec["train"]), dict(spec.get("data", {}))
+    if cc.epochs is not None:
+        train["epochs"] = cc.epochs
+    scale = 255.0 if data_options.get("pixel_scale") == "raw" else 1.0
+    curves = {k: [v * scale for v in vs] if k in _ADDITIVE_KINDS else list(vs) for k, vs in spec["curves"].items()}
+    return CompareSettings(preset=name, model=model, train=train, data_options=data_options, curves=curves,
+                           lambdas=tuple(cc.lambdas or spec["lambdas"]),
+                           select_white=[v * scale for v in spec["select_white"]], input_scale=scale)
+
+
 def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, Any]:
     """Train and analyse all modes for all seeds; write the layout of the module docstring."""
     log = log or (lambda message: None)
-    if cc.dataset not in DEFAULTS:
-        raise ValueError(f"dataset={cc.dataset!r} has no comparison defaults: expected one of {sorted(DEFAULTS)}.")
-    spec = DEFAULTS[cc.dataset]
-    data = load_dataset(cc.dataset, cc.data_dir)
+    st = compare_settings(cc)
+    spec = {"select_white": st.select_white}
+    data = load_dataset(cc.dataset, cc.data_dir, **st.data_options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **spec["model"])
-    train_kw = dict(spec["train"])
-    if cc.epochs is not None:
-        train_kw["epochs"] = cc.epochs
-    lambdas = tuple(cc.lambdas or spec["lambdas"])
-    curves = spec["curves"]
+    base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **st.model)
+    train_kw = dict(st.train)
+    lambdas = st.lambdas
+    curves = st.curves
     white_eval = tuple(s for s in curves.get("white", []) if s > 0)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     t0 = time.perf_counter()
@@ -169,7 +230,8 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
             reg = explicit_regularizer(noisy, x_v, y_v, method="probe", num_probes=16, key=jax.random.PRNGKey(epoch))
             return {"val_reg": float(reg.value)}
     for seed in cc.seeds:
-        common = dict(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, eval_white_noise=white_eval, **train_kw)
+        common = dict(dataset=cc.dataset, data_dir=cc.data_dir, data_options=st.data_options, seed=seed,
+                      eval_white_noise=white_eval, **train_kw)
         for mode in ("deterministic", "implicit"):
             mcfg = base if mode == "implicit" else base.replace(eps_add=0.0, eps_mult=0.0)
             r = train_and_evaluate(mcfg, TrainConfig(mode=mode, **common), out / mode / f"seed{seed}", data=data,
@@ -192,7 +254,8 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
                                  "history": r.history,
                                  "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
                                  "analysis": analyse(r.model, data, curves, cc, seed, base)})
-    summary = {"settings": {**dataclasses.asdict(cc), "model": dataclasses.asdict(base), "train": train_kw,
+    summary = {"settings": {**dataclasses.asdict(cc), "preset": st.preset, "model": dataclasses.asdict(base),
+                            "train": train_kw, "data_options": st.data_options, "input_scale": st.input_scale,
                             "lambdas": list(lambdas), "selection_white": spec["select_white"],
                             "selection_rule": "max mean(clean val acc, val acc under white noise of each "
                                               "selection strength)"},
@@ -257,15 +320,18 @@ def results_table(summary: dict) -> str:
 
 
 def plot_all(summary: dict, out: Path) -> None:
-    import matplotlib
+    """The four PNG plots. Drawn on `matplotlib.figure.Figure` objects (the object API, no pyplot state),
+    so the user's backend (e.g. a notebook's inline backend) is left as it is."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subplots(*grid, **kw):
+        fig = Figure(figsize=kw.pop("figsize"))
+        return fig, fig.subplots(*grid, **kw)
 
     agg, runs = summary["aggregate"], summary["runs"]
     colors = {"deterministic": "tab:gray", "implicit": "tab:blue", "explicit": "tab:red"}
     kinds = list(next(iter(agg.values()))["curves"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(kinds), figsize=(4 * len(kinds), 3.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for mode, a in agg.items():
             c = a["curves"][kind]
@@ -279,9 +345,8 @@ def plot_all(summary: dict, out: Path) -> None:
     fig.suptitle(f"{summary['settings']['dataset']}: accuracy under perturbation (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out / "robustness.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     for i, (mode, rs) in enumerate(runs.items()):
         for j, r in enumerate(rs):
             ritz = np.asarray(r["analysis"]["hessian_ritz"])
@@ -292,9 +357,8 @@ def plot_all(summary: dict, out: Path) -> None:
     ax.set_title("Hessian spectrum (Lanczos), each seed")
     fig.tight_layout()
     fig.savefig(out / "hessian.png", dpi=110)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = subplots(1, 2, figsize=(9, 3.4))
     for mode, rs in runs.items():
         om = np.concatenate([r["analysis"]["output_margins"] for r in rs])
         axes[0].hist(om, bins=40, histtype="step", color=colors[mode], label=mode, density=True)
@@ -305,9 +369,8 @@ def plot_all(summary: dict, out: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "margins.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     names = list(agg)
     for k, (key, label) in enumerate([("c1", "certificate c1 (bound, deterministic)"),
                                       ("lyapunov_deterministic", "Lyapunov exponent (deterministic)"),
@@ -321,4 +384,3 @@ def plot_all(summary: dict, out: Path) -> None:
     ax.set_title("stability of h = 0 of the unforced dynamics")
     fig.tight_layout()
     fig.savefig(out / "stability.png", dpi=110)
-    plt.close(fig)

@@ -15,6 +15,17 @@ import numpy as np
 
 from .validation import (check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail)
 
+
+def check_options(owner: str, field: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """Loader options as sorted (name, value) string pairs, from a dict or a sequence of pairs (as JSON
+    gives them back)."""
+    items = list(value.items()) if isinstance(value, dict) else value
+    ok = isinstance(items, (list, tuple)) and all(
+        isinstance(it, (list, tuple)) and len(it) == 2 and all(isinstance(v, str) for v in it) for it in items)
+    if not ok or len({it[0] for it in items}) != len(items):
+        fail(owner, field, value, "expected a dict or a sequence of (name, value) pairs of strings with distinct names")
+    return tuple(sorted((str(k), str(v)) for k, v in items))
+
 CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar")
 SOLVERS = ("euler", "euler_heun", "milstein")
@@ -156,6 +167,9 @@ class TrainConfig(ConfigMixin):
     """Everything about training that is not the model (validated at construction).
 
     - `dataset`, `data_dir`: the task (`nrnn_jax.load_dataset`) and where its files are.
+    - `data_options`: keyword options of the data set's loader, as (name, value) pairs or a dict, e.g.
+      `{"permutation": "public", "pixel_scale": "raw"}` for MNIST (`nrnn_jax.data.load_mnist`); stored as
+      sorted pairs so that the configuration stays hashable and a run directory reloads the same data.
     - `mode`: "deterministic", "implicit" (noise injection) or "explicit" (penalty).
     - `optimizer` "adam" or "sgd" (with `momentum`); `lr`; step decay: the learning rate is multiplied
       by `lr_decay` at each epoch in `lr_decay_epochs` (the paper: × 0.1 at epoch 90); `grad_clip` > 0
@@ -176,6 +190,7 @@ class TrainConfig(ConfigMixin):
 
     dataset: str = "digits"
     data_dir: str | None = None
+    data_options: tuple[tuple[str, str], ...] = ()
     mode: Literal["deterministic", "implicit", "explicit"] = "deterministic"
     epochs: int = 10
     batch_size: int = 64
@@ -212,6 +227,7 @@ class TrainConfig(ConfigMixin):
         check_real(own, "rollback_lr_factor", self.rollback_lr_factor, 0.0, 1.0, lo_open=True)
         for name in ("momentum", "weight_decay", "grad_clip", "reg_weight"):
             check_real(own, name, getattr(self, name), 0.0)
+        object.__setattr__(self, "data_options", check_options(own, "data_options", self.data_options))
         object.__setattr__(self, "lr_decay_epochs", check_int_tuple(own, "lr_decay_epochs", self.lr_decay_epochs, 1))
         object.__setattr__(self, "eval_white_noise",
                            check_real_tuple(own, "eval_white_noise", self.eval_white_noise, 0.0))

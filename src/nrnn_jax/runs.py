@@ -132,7 +132,7 @@ def load_run_dataset(run_dir: str | Path) -> Dataset:
             if (parent / data_dir).exists():
                 data_dir = str(parent / data_dir)
                 break
-    return load_dataset(tcfg.dataset, data_dir)
+    return load_dataset(tcfg.dataset, data_dir, **dict(tcfg.data_options))
 
 
 def load_run(run_dir: str | Path, member: int | None = None) -> NoisyRNN:

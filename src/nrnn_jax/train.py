@@ -175,7 +175,7 @@ def train_and_evaluate(
     - `mcfg`, `tcfg`: the model and training configurations (input_dim / num_classes must match the data).
     - `run_dir`: where to write `config.json`, `metrics.jsonl` (one JSON line per epoch), `summary.json`
       and `checkpoints/` (orbax); None writes nothing.
-    - `data`: a loaded `Dataset` (default: `load_dataset(tcfg.dataset, tcfg.data_dir)`).
+    - `data`: a loaded `Dataset` (default: `load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))`).
     - `progress`: show a progress bar per epoch.
     - `resume`: continue the run in `run_dir` from its latest checkpoint (same configuration required);
       the result equals that of an uninterrupted run.
@@ -195,7 +195,7 @@ def train_and_evaluate(
 
     **Returns:** a `RunResult` with the trained model, the summary and the per-epoch history.
     """
-    data = data if data is not None else load_dataset(tcfg.dataset, tcfg.data_dir)
+    data = data if data is not None else load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
     mcfg = _fit_model_cfg(mcfg, data)
     member_cfgs = [mcfg] if sweep is None else [sweep.member_config(mcfg, i) for i in range(sweep.size)]
     # A sweep may hold noise-free members (its deterministic baseline, trained on the same batches); it

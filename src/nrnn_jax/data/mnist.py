@@ -3,19 +3,28 @@
 Files (gzip as distributed, or unzipped): `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
 `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`, in the data directory (`data_dir`, else
 $NRNN_DATA, each with or without an `mnist/` sub-folder, else ~/.cache/nrnn_jax/mnist). Gzip files are
-checked against the published md5 values. Pixels are scaled to [0, 1].
+checked against the published md5 values.
+
+Pixel scale (`pixel_scale`): "unit" (default) divides the bytes by 255, giving [0, 1] for every view;
+"raw" keeps them in 0–255 (as float32). The public PyTorch code scales ordered MNIST to [0, 1] but reads
+permuted MNIST as raw bytes, so its permuted-task hyper-parameters were tuned for inputs 255 times larger;
+"raw" reproduces that, "unit" is the consistent default (docs/theory.md §7).
 
 Validation split (docs/theory.md §7, as in the public code): 2,000 training images held out, chosen by
 `numpy.random.RandomState(1234).permutation(60000)` (the last 2,000 of it); 58,000 remain for training.
 
-Permuted pixel MNIST uses the fixed permutation `numpy.random.RandomState(12008).permutation(784)`,
-the same in every run and process (the public PyTorch code draws its permutation with torch's generator
-and seed 12008, which NumPy cannot reproduce; the task is the same, the permutation differs).
+Permuted pixel MNIST (`permutation`): "public" (default) is the public code's permutation,
+`torch.manual_seed(12008); torch.randperm(784)`, embedded as the package file
+`pmnist_permutation_torch_seed12008.txt` (784 indices, sha256-checked when read; NumPy cannot regenerate
+torch's generator); "numpy" is `numpy.random.RandomState(12008).permutation(784)`, the permutation
+nrnn_jax used before (same task, a different fixed permutation).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -38,12 +47,37 @@ HOW_TO_GET = ("Get the four MNIST IDX files (train-images-idx3-ubyte.gz, train-l
               "load_mnist(..., download=True) with a network, and put them in the data directory (argument "
               "data_dir, or $NRNN_DATA, or ~/.cache/nrnn_jax), alone or in an 'mnist/' sub-folder.")
 PERMUTATION_SEED = 12008
+PERMUTATIONS = ("public", "numpy")
+PIXEL_SCALES = ("unit", "raw")
+PUBLIC_PERMUTATION_FILE = "pmnist_permutation_torch_seed12008.txt"
+PUBLIC_PERMUTATION_SHA256 = "f81cefd4e00c638b0dfa4d99c999b70541ca4160b15b04dc28114723f6d26948"
 VALIDATION_SEED, N_VALIDATION = 1234, 2000
 
 
-def permutation() -> np.ndarray:
-    """The fixed pixel permutation of permuted MNIST."""
+def public_permutation() -> np.ndarray:
+    """The public code's permutation (`torch.manual_seed(12008); torch.randperm(784)`), read from the
+    package file and checked against its sha256 and for being a permutation of 0..783."""
+    raw = resources.files(__package__).joinpath(PUBLIC_PERMUTATION_FILE).read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != PUBLIC_PERMUTATION_SHA256:
+        raise DataFileError(f"The package file {PUBLIC_PERMUTATION_FILE} has sha256 {digest}; expected "
+                            f"{PUBLIC_PERMUTATION_SHA256} (corrupted installation: reinstall nrnn_jax).")
+    p = np.array(raw.split(), dtype=np.int64)
+    if p.shape != (784,) or not np.array_equal(np.sort(p), np.arange(784)):
+        raise DataFileError(f"The package file {PUBLIC_PERMUTATION_FILE} is not a permutation of 0..783.")
+    return p
+
+
+def permutation(kind: Literal["public", "numpy"] = "public") -> np.ndarray:
+    """The fixed pixel permutation of permuted MNIST: "public" (the public code's torch permutation,
+    default) or "numpy" (`numpy.random.RandomState(12008).permutation(784)`, nrnn_jax's former one)."""
+    check_choice("", "permutation", kind, PERMUTATIONS)
+    if kind == "public":
+        return public_permutation()
     return np.random.RandomState(PERMUTATION_SEED).permutation(784)
+
+
+_permutation_of = permutation  # for `load_mnist`, whose `permutation` argument shadows the function
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -112,20 +146,29 @@ def load_mnist(
     view: Literal["pixel", "permuted", "rows"] = "rows",
     verify: bool = True,
     download: bool = False,
+    permutation: Literal["public", "numpy"] = "public",
+    pixel_scale: Literal["unit", "raw"] = "unit",
 ) -> Dataset:
     """MNIST as sequences. `view`: "pixel" (784 × 1), "permuted" (784 × 1, fixed permutation) or "rows"
-    (28 × 28). `download=True` fetches missing files from public mirrors and checks their md5."""
-    if view not in ("pixel", "permuted", "rows"):
-        check_choice("", "view", view, ("pixel", "permuted", "rows"))
+    (28 × 28). `permutation` (permuted view only): "public" (the public code's torch permutation, default)
+    or "numpy" (nrnn_jax's former NumPy one). `pixel_scale`: "unit" ([0, 1], default) or "raw" (0–255, what
+    the public code feeds its permuted task). `download=True` fetches missing files from public mirrors and
+    checks their md5."""
+    check_choice("", "view", view, ("pixel", "permuted", "rows"))
+    check_choice("", "permutation", permutation, PERMUTATIONS)
+    check_choice("", "pixel_scale", pixel_scale, PIXEL_SCALES)
+    perm = _permutation_of(permutation) if view == "permuted" else None
     x_tr, y_tr, x_te, y_te = load_mnist_arrays(data_dir, verify=verify, download_missing=download)
 
     def as_seq(images):
-        x = images.astype(np.float32) / 255.0
+        x = images.astype(np.float32)
+        if pixel_scale == "unit":
+            x = x / 255.0
         if view == "rows":
             return x
         x = x.reshape(x.shape[0], 784)
-        if view == "permuted":
-            x = x[:, permutation()]
+        if perm is not None:
+            x = x[:, perm]
         return x[:, :, None]
 
     train_idx, val_idx = validation_split(x_tr.shape[0])
@@ -136,5 +179,6 @@ def load_mnist(
         x_val=x_all[val_idx], y_val=y_tr[val_idx].astype(np.int32),
         x_test=as_seq(x_te), y_test=y_te.astype(np.int32),
         num_classes=10,
-        description=f"MNIST ({view}), 58000/2000/10000",
+        description=(f"MNIST ({view}{f', {permutation} permutation' if perm is not None else ''}, pixels "
+                     f"{'in [0, 1]' if pixel_scale == 'unit' else '0-255'}), 58000/2000/10000"),
     )
