@@ -36,7 +36,7 @@ from .analysis import (
     output_margins,
     robustness_curve,
 )
-from .config import MODES, NRNNConfig, TrainConfig
+from .config import BACKENDS, MODES, NRNNConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .evaluate import evaluate
 from .model import with_noise
@@ -44,6 +44,7 @@ from .perturbations import white_noise
 from .regularizer import explicit_regularizer
 from .tables import format_table
 from .train import train_and_evaluate
+from .validation import check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail
 
 # Paper-like defaults per data set (docs/theory.md §7, Table 7.1 and (7.1), and the ECG5000 results of the README).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -71,6 +72,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    lambdas=[0.5, 1.0], select_white=[0.4]),
 }
 DEFAULTS["mnist1d"] = DEFAULTS["digits"]
+# CIFAR-10 (docs/theory.md §7): the Lipschitz-RNN-paper sizes, the pixel-MNIST noise levels scaled to the step;
+# starting points rather than tuned settings (GPU-sized: 1,024 or 1,000 steps for the pixel and padded views).
+_CIFAR_CURVES = dict(white=[0, 0.05, 0.1, 0.2, 0.3], salt_pepper=[0, 0.05, 0.1, 0.2])
+DEFAULTS["cifar10_rows"] = dict(model=dict(hidden=128, dt=0.1, eps_add=0.05, eps_mult=0.05),
+                                train=dict(epochs=40, batch_size=128, lr=3e-3, lr_decay_epochs=(30,)),
+                                curves=_CIFAR_CURVES, lambdas=[1.0], select_white=[0.1])
+DEFAULTS["cifar10_pixel"] = dict(model=dict(hidden=128, dt=0.03, eps_add=0.02, eps_mult=0.02),
+                                 train=dict(epochs=100, batch_size=128, lr=3e-3, lr_decay_epochs=(90,)),
+                                 curves=_CIFAR_CURVES, lambdas=[1.0], select_white=[0.1])
+DEFAULTS["cifar10_noise_padded"] = dict(model=dict(hidden=256, dt=0.03, eps_add=0.02, eps_mult=0.02),
+                                        train=dict(epochs=100, batch_size=128, lr=3e-3, lr_decay_epochs=(90,)),
+                                        curves=_CIFAR_CURVES, lambdas=[1.0], select_white=[0.1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +102,45 @@ class CompareConfig:
     lyapunov_time: float = 50.0
     track_regularizer: bool = False  # record the explicit regularizer (probe) after every epoch
     curve_examples: int | None = None  # test examples for the robustness curves (None: the whole test split)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # NRNNConfig fields overriding DEFAULTS' model
+
+
+def check_compare_config(cc: CompareConfig) -> tuple[dict[str, Any], NRNNConfig, dict[str, Any], tuple[float, ...]]:
+    """Validate every setting before anything is loaded or trained; (data set defaults, model configuration
+    (input_dim / num_classes still the placeholders), training settings, λ grid). A bad value raises
+    `ValueError` naming it."""
+    own = "CompareConfig"
+    if cc.dataset not in DEFAULTS:
+        raise ValueError(f"{own}.dataset={cc.dataset!r} has no comparison defaults: expected one of {sorted(DEFAULTS)}.")
+    spec = DEFAULTS[cc.dataset]
+    check_int_tuple(own, "seeds", cc.seeds, 0, nonempty=True)
+    if len(set(cc.seeds)) != len(tuple(cc.seeds)):
+        fail(own, "seeds", cc.seeds, "expected distinct seeds (each names its run directory)")
+    if cc.epochs is not None:
+        check_int(own, "epochs", cc.epochs, 1)
+    if cc.lambdas is not None:
+        check_real_tuple(own, "lambdas", cc.lambdas, 0.0, nonempty=True)
+    check_choice(own, "backend", cc.backend, BACKENDS)
+    for name in ("analysis_examples", "lanczos_steps", "hutchinson_samples"):
+        check_int(own, name, getattr(cc, name), 1)
+    check_real(own, "lyapunov_time", cc.lyapunov_time, 0.0, lo_open=True)
+    if cc.curve_examples is not None:
+        check_int(own, "curve_examples", cc.curve_examples, 1)
+    if not isinstance(cc.model, dict):
+        fail(own, "model", cc.model, "expected a dict of NRNNConfig fields")
+    for name in ("input_dim", "num_classes", "backend"):
+        if name in cc.model:
+            fail(own, "model", cc.model, f"{name} is not set here (the data set's, or CompareConfig.backend)")
+    NRNNConfig._check_names(cc.model)
+    base = NRNNConfig(backend=cc.backend, **{**spec["model"], **cc.model})  # validates the model settings
+    if not base.is_noisy:
+        fail(own, "model", cc.model, "the comparison needs noise (implicit and explicit modes): set eps_add or "
+             "eps_mult > 0")
+    train_kw = dict(spec["train"])
+    if cc.epochs is not None:
+        train_kw["epochs"] = cc.epochs
+    TrainConfig(dataset=cc.dataset, data_dir=cc.data_dir, **train_kw)  # validates the training settings
+    return spec, base, train_kw, tuple(cc.lambdas or spec["lambdas"])
 
 
 def _mean_std(values):
@@ -144,17 +196,11 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
 def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, Any]:
     """Train and analyse all modes for all seeds; write the layout of the module docstring."""
     log = log or (lambda message: None)
-    if cc.dataset not in DEFAULTS:
-        raise ValueError(f"dataset={cc.dataset!r} has no comparison defaults: expected one of {sorted(DEFAULTS)}.")
-    spec = DEFAULTS[cc.dataset]
+    spec, base, train_kw, lambdas = check_compare_config(cc)
     data = load_dataset(cc.dataset, cc.data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **spec["model"])
-    train_kw = dict(spec["train"])
-    if cc.epochs is not None:
-        train_kw["epochs"] = cc.epochs
-    lambdas = tuple(cc.lambdas or spec["lambdas"])
+    base = base.replace(input_dim=data.input_dim, num_classes=data.num_classes)
     curves = spec["curves"]
     white_eval = tuple(s for s in curves.get("white", []) if s > 0)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
