@@ -1,10 +1,13 @@
 # Two commands do all set-up on a fresh machine with Python >= 3.11 and pip:
 #   make demo   create .venv if needed, install, train on the embedded data set, print a result table
 #   make test   same set-up, then the whole test suite
+#   make demo GPU=1   the same with JAX for NVIDIA GPUs (installs the cuda12 extra)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+comma  := ,
+EXTRAS := dev$(if $(filter 1,$(GPU)),$(comma)cuda12)
+STAMP  := $(VENV)/.installed$(if $(filter 1,$(GPU)),-cuda12)
 
 .PHONY: demo test install clean
 
@@ -14,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,7 +27,7 @@ from IPython.display import Image, Markdown, display
 import nrnn_jax as nj
 
 QUICK = os.environ.get("NRNN_QUICK") == "1"  # `make test` runs the notebooks in this quick setting
-DATA = Path(os.environ.get("NRNN_SHARED_DATA", "../../shared/data"))
+DATA = Path(os.environ.get("NRNN_DATA", "../../shared/data"))
 print("quick setting" if QUICK else "full setting", "| real data:", DATA.exists())'''
 
 NOTEBOOKS = {

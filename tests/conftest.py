@@ -28,8 +28,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data when present (tests that need the real files skip otherwise)."""
-    path = Path(os.environ.get("NRNN_SHARED_DATA", SHARED_DATA))
+    """$NRNN_DATA (the library's data directory variable), else ../shared/data, when present (tests that need
+    the real files skip otherwise)."""
+    path = Path(os.environ.get("NRNN_DATA", SHARED_DATA))
     if not path.exists():
         pytest.skip(f"real data not present at {path}")
     return path

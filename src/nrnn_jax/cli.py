@@ -10,9 +10,10 @@ import time
 import typing
 from pathlib import Path
 
-from .config import NRNNConfig, Sweep, TrainConfig
-from .data import load_dataset
-from .runs import read_run_config, read_run_sweep
+from .config import FIELD_HELP, NRNNConfig, Sweep, TrainConfig
+from .data import LOADERS, load_dataset
+from .runs import (RESUMABLE_TRAIN_FIELDS, load_run_dataset, read_config_file, read_run_config, read_run_sweep,
+                   run_data_dir)
 from .tables import format_table
 from .train import train_and_evaluate
 
@@ -28,9 +29,12 @@ def _parse_tuple(kind):
     return parse
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=()) -> None:
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(), defaults=None) -> None:
+    """One flag per field of `cls`; its help is `FIELD_HELP` and the default (`defaults` overrides how a
+    default is described, e.g. "the data set's"). The parsed default is None: a flag given is a flag set."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -44,12 +48,16 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=
         elif origin is tuple:
             elem = typing.get_args(hint)[0]
             kwargs["type"] = _parse_tuple(elem)
-            default = ",".join(str(v) for v in default)
+            default = ",".join(str(v) for v in default) or "none"
         elif hint in (int, float, str):
             kwargs["type"] = hint
         else:  # Optional[str]
             kwargs["type"] = str
-        group.add_argument(_flag(f.name), help=f"(default: {default})", **kwargs)
+        text = FIELD_HELP[cls.__name__][f.name]
+        if cls is TrainConfig and f.name == "dataset":
+            text += "; one of " + ", ".join(LOADERS)
+        default = defaults.get(f.name, default)
+        group.add_argument(_flag(f.name), help=f"{text} (default: {default})".replace("%", "%%"), **kwargs)
 
 
 def _collect(args, cls) -> dict:
@@ -57,76 +65,157 @@ def _collect(args, cls) -> dict:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: on when stderr is a terminal, so that logs hold no bars)")
+
+
+def _progress(args) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+# Flags that `--resume` applies: they cannot change what was already trained (runs.RESUMABLE_TRAIN_FIELDS, and
+# --progress, --devices, --distributed). Every other flag given with --resume must repeat the run's value.
+RESUME_APPLIED = ", ".join(_flag(k) for k in RESUMABLE_TRAIN_FIELDS) + ", --progress/--no-progress, --devices, --distributed"
+
+
+def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nrnn-train",
         description="Train a noisy Lipschitz RNN (deterministic, implicit noise injection or explicit "
                     "penalty) and write a run directory: config.json, metrics.jsonl, summary.json, "
-                    "checkpoints/.",
+                    "checkpoints/. Settings come from the flags, or from --config FILE with the flags "
+                    "overriding it. Paths are stored absolute, so a run works from any directory.",
     )
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default: runs/<dataset>-<mode>-<time>)")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="JSON file {\"model\": {...}, \"train\": {...}, \"sweep\": {...}} (a run's config.json "
+                             "works) for a new run; flags given beside it override it; a relative data_dir in it "
+                             "is relative to the file (default: none, flags and built-in defaults only)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its latest checkpoint, with its own config")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="continue the run in RUN_DIR from its latest checkpoint with its own config; "
+                             "--epochs N larger than the run's extends it to N epochs (the learning-rate "
+                             "decay epochs are absolute, so the first epochs are as before); also applied: "
+                             f"{RESUME_APPLIED}; any other flag that differs from the run's is refused "
+                             "(default: none, a new run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in --out (default: refuse)")
+    _add_progress_flag(parser)
     par = parser.add_argument_group("sweeps and devices")
     par.add_argument("--sweep-seeds", type=_parse_tuple(int), default=None, metavar="S1,S2,...",
-                     help="train these seeds at once (one vmapped step); --seed then sets only the data order")
+                     help="train these seeds at once (one vmapped step); --seed then sets only the data order "
+                          "(default: no sweep)")
     par.add_argument("--sweep-eps-add", type=_parse_tuple(float), default=None, metavar="E1,E2,...",
-                     help="additive noise level of each sweep member")
+                     help="additive noise level of each sweep member (default: --eps-add for all)")
     par.add_argument("--sweep-eps-mult", type=_parse_tuple(float), default=None, metavar="E1,E2,...",
-                     help="multiplicative noise level of each sweep member")
+                     help="multiplicative noise level of each sweep member (default: --eps-mult for all)")
     par.add_argument("--devices", type=int, default=None,
-                     help="data-parallel over this many devices (the batch is split across them)")
+                     help="data-parallel over this many devices, the batch split across them (default: one device)")
     par.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
-                          "environment variables or launcher)")
+                          "environment variables or launcher) (default: off)")
     from .presets import PRESETS
 
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
                         help="start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
-                             "--dataset mnist_pixel or mnist_permuted); other flags override its fields: "
-                             + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+                             "--dataset mnist_pixel or mnist_permuted); other flags override its fields "
+                             "(default: none): " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
     parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
-                        help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, permutation=numpy")
+                        help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, "
+                             "permutation=numpy (default: the loader's defaults)")
     _add_dataclass_flags(parser, TrainConfig, "training", skip=("data_options",))
-    _add_dataclass_flags(parser, NRNNConfig, "model (input_dim and num_classes default to the data set's)")
-    args = parser.parse_args(argv)
+    _add_dataclass_flags(parser, NRNNConfig, "model (input_dim and num_classes default to the data set's)",
+                         defaults={"input_dim": "the data set's", "num_classes": "the data set's"})
+    return parser
 
+
+def _resume_settings(args, train_flags: dict, model_flags: dict):
+    """(model config, train config, sweep, data) of `--resume RUN` with the flags that may change applied;
+    a flag that would change the past raises ValueError naming it."""
+    run = args.resume
+    if args.config is not None:
+        raise ValueError("--config starts a new run; it cannot be combined with --resume (the run has its config)")
+    mcfg, tcfg = read_run_config(run)
+    sweep = read_run_sweep(run)
+    refused = []
+    if args.overwrite:
+        refused.append("--overwrite")
+    if args.out is not None and args.out.resolve() != run.resolve():
+        refused.append("--out")
+    saved_sweep = sweep or Sweep()
+    for flag, given, saved in (("--sweep-seeds", args.sweep_seeds, saved_sweep.seeds),
+                               ("--sweep-eps-add", args.sweep_eps_add, saved_sweep.eps_add),
+                               ("--sweep-eps-mult", args.sweep_eps_mult, saved_sweep.eps_mult)):
+        if given is not None and (sweep is None or tuple(given) != saved):
+            refused.append(flag)
+    applied = {}
+    for k, v in train_flags.items():
+        if k in RESUMABLE_TRAIN_FIELDS:
+            applied[k] = v
+        elif TrainConfig.from_dict({**tcfg.to_dict(), k: v}) != tcfg:
+            refused.append(_flag(k))
+    for k, v in model_flags.items():
+        if NRNNConfig.from_dict({**mcfg.to_dict(), k: v}) != mcfg:
+            refused.append(_flag(k))
+    if refused:
+        raise ValueError(f"--resume continues {str(run)!r} with its own configuration; refused: "
+                         f"{', '.join(refused)} (they would change what was already trained; start a new run "
+                         f"instead). Applied on resume: {RESUME_APPLIED}.")
+    data = load_run_dataset(run, applied.get("data_dir"))
+    found = run_data_dir(run, applied.get("data_dir"))
+    if found is not None:  # absolute (an older run's relative data_dir is made absolute); a missing one is kept
+        applied["data_dir"] = found
+    return mcfg, tcfg.replace(**applied), sweep, data
+
+
+def _new_run_settings(args, train_flags: dict, model_flags: dict):
+    """(model config, train config, sweep, data) of a new run: --config FILE, then the flags."""
+    file = read_config_file(args.config) if args.config is not None else {}
+    train_kw = {**file.get("train", {}), **train_flags}
+    model_kw = {**file.get("model", {}), **model_flags}
+    if "dataset" in train_flags and train_flags["dataset"] != file.get("train", {}).get("dataset", train_flags["dataset"]):
+        for name in ("input_dim", "num_classes"):  # another data set: its sizes, unless given as flags
+            if name not in model_flags:
+                model_kw.pop(name, None)
+    sweep_kw = dict(file.get("sweep", {}))
+    for name, given in (("seeds", args.sweep_seeds), ("eps_add", args.sweep_eps_add), ("eps_mult", args.sweep_eps_mult)):
+        if given is not None:
+            sweep_kw[name] = given
+    sweep = Sweep(**sweep_kw) if sweep_kw else None
+    if args.preset is not None:  # the preset's fields, under the file's and the flags'
+        from .presets import get_preset
+
+        p_mcfg, p_tcfg = get_preset(args.preset, train_kw.get("dataset", "mnist_pixel"))
+        train_kw = {**p_tcfg.to_dict(), **train_kw}
+        model_kw = {**p_mcfg.to_dict(), **model_kw}
+    if args.data_option:
+        pairs = [o.split("=", 1) for o in args.data_option]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"--data-option={args.data_option} is invalid: expected NAME=VALUE.")
+        train_kw["data_options"] = {**dict(train_kw.get("data_options", ())), **dict(pairs)}
+    tcfg = TrainConfig(**train_kw)
+    data = load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
+    for name, value in (("input_dim", data.input_dim), ("num_classes", data.num_classes)):
+        model_kw.setdefault(name, value)
+    return NRNNConfig(**model_kw), tcfg, sweep, data
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
     try:
         if args.distributed:
             import jax
 
             jax.distributed.initialize()
+        train_flags, model_flags = _collect(args, TrainConfig), _collect(args, NRNNConfig)
         if args.resume is not None:
-            mcfg, tcfg = read_run_config(args.resume)
-            sweep = read_run_sweep(args.resume)
-            data = load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
+            mcfg, tcfg, sweep, data = _resume_settings(args, train_flags, model_flags)
             run_dir = args.resume
         else:
-            sweep = None
-            if any(v is not None for v in (args.sweep_seeds, args.sweep_eps_add, args.sweep_eps_mult)):
-                sweep = Sweep(seeds=args.sweep_seeds or (0,), eps_add=args.sweep_eps_add, eps_mult=args.sweep_eps_mult)
-            train_kw, model_kw = _collect(args, TrainConfig), _collect(args, NRNNConfig)
-            if args.preset is not None:
-                from .presets import get_preset
-
-                p_mcfg, p_tcfg = get_preset(args.preset, train_kw.get("dataset", "mnist_pixel"))
-                train_kw = {**p_tcfg.to_dict(), **train_kw}
-                model_kw = {**p_mcfg.to_dict(), **model_kw}
-            if args.data_option:
-                pairs = [o.split("=", 1) for o in args.data_option]
-                if any(len(pair) != 2 for pair in pairs):
-                    raise ValueError(f"--data-option={args.data_option} is invalid: expected NAME=VALUE.")
-                train_kw["data_options"] = {**dict(train_kw.get("data_options", ())), **dict(pairs)}
-            tcfg = TrainConfig(**train_kw)
-            data = load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
-            for name, value in (("input_dim", data.input_dim), ("num_classes", data.num_classes)):
-                model_kw.setdefault(name, value)
-            mcfg = NRNNConfig(**model_kw)
+            mcfg, tcfg, sweep, data = _new_run_settings(args, train_flags, model_flags)
             run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=not args.no_progress,
+        result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=_progress(args),
                                     resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
                                     devices=args.devices)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -142,38 +231,54 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(train_main())
-
-
-def compare_main(argv: list[str] | None = None) -> int:
-    """`nrnn-compare`: deterministic vs implicit vs explicit, trained and analysed (see nrnn_jax.compare)."""
-    from .compare import CompareConfig, run_compare
+def compare_parser() -> argparse.ArgumentParser:
+    from .compare import DEFAULTS
 
     parser = argparse.ArgumentParser(
         prog="nrnn-compare",
         description="Train deterministic, implicit (noise injection) and explicit (penalty) models for each seed, "
                     "choose explicit's λ on validation, and measure robustness, flatness, margins and stability. "
-                    "Writes OUT/<mode>/<run>/, OUT/summary.json, OUT/results.md and PNG plots.")
+                    "Writes OUT/<mode>/<run>/, OUT/summary.json, OUT/results.md and PNG plots. Every setting is "
+                    "checked before training starts.")
+    parser.add_argument("--dataset", default="ecg5000",
+                        help="the task, one of " + ", ".join(DEFAULTS) + " (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the data files (default: $NRNN_DATA, else ~/.cache/nrnn_jax)")
     from .presets import PRESETS
 
-    parser.add_argument("--dataset", default="ecg5000")
-    parser.add_argument("--data-dir", default=None)
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
                         help="model, training and data settings of a named preset of the public pixel-MNIST runs "
-                             "(with --dataset mnist_pixel or mnist_permuted; noisy presets only): "
-                             + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2), help="comma-separated (default 0,1,2)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the data set's default")
-    parser.add_argument("--lambdas", type=_parse_tuple(float), default=None, help="explicit λ grid, comma-separated")
-    parser.add_argument("--backend", choices=("scan", "diffrax"), default="scan")
-    parser.add_argument("--analysis-examples", type=int, default=256)
-    args = parser.parse_args(argv)
+                             "(with --dataset mnist_pixel or mnist_permuted; noisy presets only; default: the data "
+                             "set's): " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+    parser.add_argument("--out", type=Path, required=True, help="output directory (required; no default)")
+    parser.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2),
+                        help="comma-separated seeds, one run per mode each (default: 0,1,2)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the data set's)")
+    parser.add_argument("--lambdas", type=_parse_tuple(float), default=None,
+                        help="explicit λ grid, comma-separated, chosen on validation (default: the data set's)")
+    parser.add_argument("--backend", choices=("scan", "diffrax"), default="scan",
+                        help="model backend (default: %(default)s)")
+    parser.add_argument("--analysis-examples", type=int, default=256,
+                        help="training examples for the Hessian, test examples for DeepFool and the "
+                             "regularizer (default: %(default)s)")
+    _add_dataclass_flags(parser, NRNNConfig, "model (overrides of the data set's comparison defaults)",
+                         skip=("input_dim", "num_classes", "backend"),
+                         defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
+                                   if any(f.name in spec.get("model", {}) for spec in DEFAULTS.values())})
+    return parser
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """`nrnn-compare`: deterministic vs implicit vs explicit, trained and analysed (see nrnn_jax.compare)."""
+    from .compare import CompareConfig, check_compare_config, run_compare
+
+    args = compare_parser().parse_args(argv)
     try:
         cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, preset=args.preset, seeds=args.seeds,
                            epochs=args.epochs,
-                           lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples)
+                           lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
+                           model=_collect(args, NRNNConfig))
+        check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
@@ -184,32 +289,72 @@ def compare_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def robustness_main(argv: list[str] | None = None) -> int:
-    """`nrnn-robustness RUN_DIR ...`: test accuracy of saved runs under a perturbation of several strengths."""
-    from .analysis import KINDS, robustness_curve
-    from .runs import load_run, load_run_dataset
+def robustness_parser() -> argparse.ArgumentParser:
+    from .analysis import KINDS
 
     parser = argparse.ArgumentParser(prog="nrnn-robustness",
-                                     description="Accuracy of saved runs against perturbation strength (docs/theory.md §6).")
-    parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--kind", choices=KINDS, default="white")
-    parser.add_argument("--strengths", type=_parse_tuple(float), default=(0.0, 0.5, 1.0))
-    parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+                                     description="Accuracy of saved runs against perturbation strength "
+                                                 "(docs/theory.md §6).")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (nrnn-train or nrnn-compare)")
+    parser.add_argument("--kind", choices=KINDS, default="white", help="perturbation (default: %(default)s)")
+    parser.add_argument("--strengths", type=_parse_tuple(float), default=(0.0, 0.5, 1.0),
+                        help="comma-separated strengths (default: 0,0.5,1)")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="split evaluated (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="read the data from here instead of the runs' stored data_dir (default: the stored "
+                             "one if it exists, else $NRNN_DATA, else ~/.cache/nrnn_jax)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here (default: none)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                        help="also plot accuracy against strength, one line per run, to FILE (PNG; default: none)")
+    return parser
+
+
+def robustness_main(argv: list[str] | None = None) -> int:
+    """`nrnn-robustness RUN_DIR ...`: test accuracy of saved runs under a perturbation of several strengths."""
+    from .analysis import robustness_curve
+    from .runs import load_run
+
+    args = robustness_parser().parse_args(argv)
     rows = []
+    cols = [f"{args.kind} {s:g}" for s in args.strengths]
     try:
         for run_dir in args.run_dirs:
             mcfg, tcfg = read_run_config(run_dir)
-            x, y = load_run_dataset(run_dir).split(args.split)
+            data = load_run_dataset(run_dir, args.data_dir)
+            x, y = data.split(args.split)
             accs = robustness_curve(load_run(run_dir), x, y, args.kind, args.strengths, seed=args.seed)
-            rows.append({"run": str(run_dir), "mode": tcfg.mode, **{f"{args.kind} {s:g}": float(a)
-                                                                  for s, a in zip(args.strengths, accs)}})
+            rows.append({"run": str(run_dir), "dataset": data.name, "mode": tcfg.mode,
+                         **{c: float(a) for c, a in zip(cols, accs)}})
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nrnn-robustness: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows, ["run", "mode"] + [f"{args.kind} {s:g}" for s in args.strengths]))
+    print(format_table(rows, ["run", "dataset", "mode"] + cols))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot_robustness(rows, args.strengths, args.kind, args.split, args.plot)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def plot_robustness(rows: list[dict], strengths, kind: str, split: str, path: Path) -> None:
+    """Accuracy against strength, one line per run (matplotlib's object API: no global backend is set)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for row in rows:
+        ax.plot(strengths, [row[f"{kind} {s:g}"] for s in strengths], marker="o",
+                label=f"{row['run']} ({row['mode']}, {row['dataset']})")
+    ax.set_xlabel(f"{kind} strength")
+    ax.set_ylabel(f"{split} accuracy")
+    ax.set_title(f"robustness to {kind} perturbations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())

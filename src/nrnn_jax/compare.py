@@ -36,7 +36,7 @@ from .analysis import (
     output_margins,
     robustness_curve,
 )
-from .config import MODES, NRNNConfig, TrainConfig
+from .config import BACKENDS, MODES, NRNNConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .evaluate import evaluate
 from .model import with_noise
@@ -44,7 +44,7 @@ from .perturbations import white_noise
 from .regularizer import explicit_regularizer
 from .tables import format_table
 from .train import train_and_evaluate
-from .validation import check_choice, fail
+from .validation import check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail
 
 # Defaults per data set: model and training settings (or a named preset of nrnn_jax.presets), robustness curves (white
 # noise strengths in units of [0, 1] pixels: scaled by 255 for raw 0–255 inputs), the explicit λ grid and the white
@@ -75,6 +75,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    lambdas=[0.5, 1.0], select_white=[0.4]),
 }
 DEFAULTS["mnist1d"] = DEFAULTS["digits"]
+# CIFAR-10 (docs/theory.md §7): the Lipschitz-RNN-paper sizes, the pixel-MNIST noise levels scaled to the step;
+# starting points rather than tuned settings (GPU-sized: 1,024 or 1,000 steps for the pixel and padded views).
+_CIFAR_CURVES = dict(white=[0, 0.05, 0.1, 0.2, 0.3], salt_pepper=[0, 0.05, 0.1, 0.2])
+DEFAULTS["cifar10_rows"] = dict(model=dict(hidden=128, dt=0.1, eps_add=0.05, eps_mult=0.05),
+                                train=dict(epochs=40, batch_size=128, lr=3e-3, lr_decay_epochs=(30,)),
+                                curves=_CIFAR_CURVES, lambdas=[1.0], select_white=[0.1])
+DEFAULTS["cifar10_pixel"] = dict(model=dict(hidden=128, dt=0.03, eps_add=0.02, eps_mult=0.02),
+                                 train=dict(epochs=100, batch_size=128, lr=3e-3, lr_decay_epochs=(90,)),
+                                 curves=_CIFAR_CURVES, lambdas=[1.0], select_white=[0.1])
+DEFAULTS["cifar10_noise_padded"] = dict(model=dict(hidden=256, dt=0.03, eps_add=0.02, eps_mult=0.02),
+                                        train=dict(epochs=100, batch_size=128, lr=3e-3, lr_decay_epochs=(90,)),
+                                        curves=_CIFAR_CURVES, lambdas=[1.0], select_white=[0.1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +113,40 @@ class CompareConfig:
     lyapunov_time: float = 50.0
     track_regularizer: bool = False  # record the explicit regularizer (probe) after every epoch
     curve_examples: int | None = None  # test examples for the robustness curves (None: the whole test split)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # NRNNConfig fields overriding DEFAULTS' model
+
+
+def check_compare_config(cc: CompareConfig) -> "CompareSettings":
+    """Validate every setting before anything is loaded or trained and resolve them (`compare_settings`, with
+    `cc.model`'s overrides of the model fields). A bad value raises `ValueError` naming it."""
+    own = "CompareConfig"
+    check_int_tuple(own, "seeds", cc.seeds, 0, nonempty=True)
+    if len(set(cc.seeds)) != len(tuple(cc.seeds)):
+        fail(own, "seeds", cc.seeds, "expected distinct seeds (each names its run directory)")
+    if cc.epochs is not None:
+        check_int(own, "epochs", cc.epochs, 1)
+    if cc.lambdas is not None:
+        check_real_tuple(own, "lambdas", cc.lambdas, 0.0, nonempty=True)
+    check_choice(own, "backend", cc.backend, BACKENDS)
+    for name in ("analysis_examples", "lanczos_steps", "hutchinson_samples"):
+        check_int(own, name, getattr(cc, name), 1)
+    check_real(own, "lyapunov_time", cc.lyapunov_time, 0.0, lo_open=True)
+    if cc.curve_examples is not None:
+        check_int(own, "curve_examples", cc.curve_examples, 1)
+    if not isinstance(cc.model, dict):
+        fail(own, "model", cc.model, "expected a dict of NRNNConfig fields")
+    for name in ("input_dim", "num_classes", "backend"):
+        if name in cc.model:
+            fail(own, "model", cc.model, f"{name} is not set here (the data set's, or CompareConfig.backend)")
+    NRNNConfig._check_names(cc.model)
+    st = compare_settings(cc)
+    st = dataclasses.replace(st, model={**st.model, **cc.model})
+    base = NRNNConfig(backend=cc.backend, **st.model)  # validates the model settings
+    if not base.is_noisy:
+        fail(own, "model", cc.model, "the comparison needs noise (implicit and explicit modes): set eps_add or "
+             "eps_mult > 0")
+    TrainConfig(dataset=cc.dataset, data_dir=cc.data_dir, data_options=st.data_options, **st.train)  # validates
+    return st
 
 
 def _mean_std(values):
@@ -208,7 +254,7 @@ def compare_settings(cc: CompareConfig) -> CompareSettings:
 def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, Any]:
     """Train and analyse all modes for all seeds; write the layout of the module docstring."""
     log = log or (lambda message: None)
-    st = compare_settings(cc)
+    st = check_compare_config(cc)  # every setting, before anything is loaded or trained
     spec = {"select_white": st.select_white}
     data = load_dataset(cc.dataset, cc.data_dir, **st.data_options)
     out = Path(out)

@@ -297,3 +297,57 @@ class Sweep(ConfigMixin):
         whose level is 0). The members' own levels are passed to the step as arrays."""
         levels = self.noise_levels(mcfg)
         return mcfg.replace(eps_add=float(levels[:, 0].max()), eps_mult=float(levels[:, 1].max()))
+
+
+# One line per field, for `nrnn-train --help` / `nrnn-compare --help` (the class docstrings above hold the
+# long form). tests/test_cli_workflow.py checks that every field of both classes has an entry.
+FIELD_HELP: dict[str, dict[str, str]] = {
+    "NRNNConfig": {
+        "input_dim": "input features per step (default: the data set's)",
+        "hidden": "hidden units d",
+        "num_classes": "output classes (default: the data set's)",
+        "dt": "step size δ of the discretisation (the initial per-unit step s under --convention reference)",
+        "alpha": "α in the drift α A h + tanh(W h + U x + b)",
+        "beta": "β in [0, 1]: A = β(M − Mᵀ) + (1 − β)(M + Mᵀ) − γ_A I (1: antisymmetric), same for W",
+        "gamma_a": "γ_A ≥ 0, the diagonal shift of A",
+        "gamma_w": "γ_W ≥ 0, the diagonal shift of W",
+        "eps_add": "additive noise level ε_add ≥ 0",
+        "eps_mult": "multiplicative noise level ε_mult ≥ 0",
+        "init_std": "entries of M_A, M_W drawn from N(0, (init_std / hidden)²)",
+        "convention": "sde: the paper's Euler–Maruyama scheme; reference: the public PyTorch update rule",
+        "noise_kind": "diagonal: d Brownian motions; scalar: one for the multiplicative part (sde only)",
+        "solver": "euler (Itô), euler_heun (Stratonovich) or milstein (Itô, commutative noise)",
+        "backend": "diffrax (diffeqsolve) or scan (a lax.scan fast path, same numbers)",
+        "gradient": "adjoint (exact discrete adjoint, reverse mode) or autodiff (JAX through the loop)",
+        "dtype": "float32 or float64 (float64 needs jax_enable_x64)",
+    },
+    "TrainConfig": {
+        "dataset": "the task (nrnn_jax.load_dataset)",
+        "data_dir": "directory with the data files (else $NRNN_DATA, else ~/.cache/nrnn_jax); stored absolute",
+        "mode": "deterministic, implicit (noise injection) or explicit (penalty)",
+        "epochs": "number of epochs to train (with --resume: a larger value extends the run)",
+        "batch_size": "training batch size",
+        "eval_batch_size": "evaluation batch size (memory only; may change with --resume)",
+        "optimizer": "adam or sgd (with --momentum)",
+        "lr": "learning rate",
+        "momentum": "SGD momentum",
+        "weight_decay": "decoupled weight decay (AdamW for adam)",
+        "lr_decay": "factor applied to the learning rate at each epoch of --lr-decay-epochs",
+        "lr_decay_epochs": "comma-separated epochs at which the learning rate is multiplied by --lr-decay "
+                           "(absolute epoch numbers: unaffected by --epochs, so a resume that extends a run keeps them)",
+        "grad_clip": "clip the global gradient norm to this (0: no clipping)",
+        "seed": "initialisation, noise and data-order seed",
+        "reg_weight": "λ, the weight of the explicit regularizer (explicit mode)",
+        "reg_method": "explicit regularizer: exact or probe (Hutchinson-type estimate; explicit mode)",
+        "num_probes": "probes of the probe estimator (explicit mode)",
+        "eval_white_noise": "comma-separated white-noise stds at which the final test accuracy is also reported",
+        "checkpoint_every": "also checkpoint every this many steps (0: only at each epoch end)",
+        "prng": "generator of the injected noise and probes: threefry2x32 or philox4x32",
+        "data_options": "options of the data set's loader, e.g. {\"pixel_scale\": \"raw\"} (CLI: --data-option)",
+        "on_divergence": "on a NaN/Inf loss: raise (stop, keep the last good checkpoint) or rollback (redo the "
+                         "epoch with a lower learning rate and clipping)",
+        "rollback_lr_factor": "learning-rate factor of each divergence rollback, in (0, 1]",
+        "rollback_grad_clip": "gradient-norm clip from the first divergence rollback on",
+        "max_rollbacks": "divergence rollbacks allowed before training stops with TrainingDiverged",
+    },
+}

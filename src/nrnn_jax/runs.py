@@ -50,9 +50,18 @@ def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None
     (run_dir / "metrics.jsonl").write_text("")
 
 
+# Training settings that a resumed run may change: they cannot change what was already trained. `epochs`
+# may only grow (the learning-rate decay boundaries are epochs, not fractions of the total, so a longer
+# run has the same past); `data_dir` says where the files are now; `eval_batch_size` is memory only (the
+# validation loss may move by float rounding); `eval_white_noise` only adds columns to the final summary;
+# `checkpoint_every` only says when to save. The new values are recorded in config.json.
+RESUMABLE_TRAIN_FIELDS = ("epochs", "data_dir", "eval_batch_size", "eval_white_noise", "checkpoint_every")
+
+
 def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: dict):
     """(state, sums, history) restored from the latest checkpoint of `run_dir`, which must have been made
-    with the same configuration; records of epochs after that checkpoint are dropped (they are redone)."""
+    with the same configuration except for `RESUMABLE_TRAIN_FIELDS` (`epochs` may only grow); records of
+    epochs after that checkpoint are dropped (they are redone)."""
     path = run_dir / "config.json"
     if not path.exists():
         raise ValueError(f"Cannot resume {str(run_dir)!r}: it holds no run ({path} is missing).")
@@ -63,10 +72,15 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
         # fields added to the library after the run was written take their defaults
         old = {**defaults.get(part, {}), **saved[part]} if part in saved else {}
         new = wanted.get(part, {})
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        free = RESUMABLE_TRAIN_FIELDS if part == "train" else ()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in free)
+        if diff:
             raise ValueError(f"Cannot resume {str(run_dir)!r}: it was made with a different {part} "
                              f"configuration (fields differing: {diff}). Use the same settings or a new run_dir.")
+    old_epochs, new_epochs = saved["train"].get("epochs", TrainConfig().epochs), wanted["train"]["epochs"]
+    if new_epochs < old_epochs:
+        raise ValueError(f"Cannot resume {str(run_dir)!r} with epochs={new_epochs}: the run was configured for "
+                         f"{old_epochs} epochs, and epochs may only grow on resume.")
     if checkpoint.latest_step(run_dir / "checkpoints") is None:
         raise ValueError(f"Cannot resume {str(run_dir)!r}: it has no checkpoint yet; start it afresh with "
                          "overwrite=True (--overwrite).")
@@ -84,6 +98,9 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
         if rec["step"] < step or (rec["step"] == step and "event" not in rec):
             kept.append(rec)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    changed = {k: wanted["train"][k] for k in RESUMABLE_TRAIN_FIELDS if saved["train"].get(k) != wanted["train"][k]}
+    if changed:  # record the new settings (other keys, such as the data set's description, are kept)
+        write_json(path, {**saved, "train": {**saved["train"], **changed}})
     return state, restored["sums"], [r for r in kept if "event" not in r]
 
 
@@ -105,6 +122,12 @@ def read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
     return events
 
 
+def previous_train_time(run_dir: Path) -> float:
+    """The `train_time_s` of the run's summary.json (0 when none was written, e.g. a killed first session)."""
+    path = Path(run_dir) / "summary.json"
+    return float(json.loads(path.read_text()).get("train_time_s", 0.0)) if path.exists() else 0.0
+
+
 def read_run_config(run_dir: str | Path) -> tuple[NRNNConfig, TrainConfig]:
     """The model and training configurations of a run directory."""
     run_dir = Path(run_dir)
@@ -121,18 +144,71 @@ def read_run_sweep(run_dir: str | Path) -> Sweep | None:
     return Sweep.from_dict(cfg["sweep"]) if "sweep" in cfg else None
 
 
-def load_run_dataset(run_dir: str | Path) -> Dataset:
-    """The data set a run was trained on. A relative `data_dir` is taken as given if it exists from here,
-    else relative to the run directory's ancestors (where the run was started), so that a run directory
-    can be evaluated from another working directory."""
+def run_data_dir(run_dir: str | Path, data_dir: str | Path | None = None) -> str | None:
+    """Where a run's data is read from: `data_dir` if given (an override, made absolute), else the run's
+    stored `data_dir` if it exists, else None ($NRNN_DATA, else ~/.cache/nrnn_jax).
+
+    Runs store an absolute `data_dir` (made absolute when the run starts). A relative one, written by older
+    versions, is taken as given if it exists from here, else relative to the run directory's ancestors."""
+    if data_dir is not None:
+        return str(Path(data_dir).expanduser().resolve())
     _, tcfg = read_run_config(run_dir)
-    data_dir = tcfg.data_dir
-    if data_dir is not None and not Path(data_dir).is_absolute() and not Path(data_dir).exists():
+    stored = tcfg.data_dir
+    if stored is None:
+        return None
+    path = Path(stored).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if not path.is_absolute():
         for parent in Path(run_dir).resolve().parents:
-            if (parent / data_dir).exists():
-                data_dir = str(parent / data_dir)
-                break
-    return load_dataset(tcfg.dataset, data_dir, **dict(tcfg.data_options))
+            if (parent / path).exists():
+                return str(parent / path)
+    return None  # moved or on another machine: $NRNN_DATA, else the default directory
+
+
+def load_run_dataset(run_dir: str | Path, data_dir: str | Path | None = None) -> Dataset:
+    """The data set a run was trained on, read from `run_data_dir(run_dir, data_dir)`: `data_dir` overrides
+    the run's stored directory; a stored directory that no longer exists falls back to $NRNN_DATA."""
+    _, tcfg = read_run_config(run_dir)
+    where = run_data_dir(run_dir, data_dir)
+    try:
+        return load_dataset(tcfg.dataset, where, **dict(tcfg.data_options))
+    except (FileNotFoundError, ValueError) as e:
+        if where is None and tcfg.data_dir is not None:
+            raise type(e)(f"{e} (the run's data_dir {tcfg.data_dir!r} does not exist from here; pass "
+                          "data_dir= / --data-dir or set $NRNN_DATA)") from None
+        raise
+
+
+def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A configuration file for a new run: JSON holding {"model": {...}, "train": {...}} and optionally
+    "sweep" (every part optional; a run's own config.json qualifies, its "dataset" description is ignored).
+    Fields are checked against the configuration classes. A relative `train.data_dir` is taken relative to
+    the file's directory, so that the file means the same from any working directory."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid JSON ({e}); only JSON is read") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a JSON object with keys 'model', 'train', 'sweep'")
+    unknown = sorted(set(cfg) - {"model", "train", "sweep", "dataset"})
+    if unknown:
+        raise ValueError(f"config file {str(path)!r} has unknown key(s) {unknown}; expected 'model', 'train' "
+                         "and optionally 'sweep'")
+    out = {}
+    for part, cls in (("model", NRNNConfig), ("train", TrainConfig), ("sweep", Sweep)):
+        if part in cfg:
+            if not isinstance(cfg[part], dict):
+                raise ValueError(f"config file {str(path)!r}: {part!r} must be a JSON object")
+            cls._check_names(cfg[part])
+            out[part] = dict(cfg[part])
+    data_dir = out.get("train", {}).get("data_dir")
+    if data_dir is not None and not Path(data_dir).expanduser().is_absolute():
+        out["train"]["data_dir"] = str((path.resolve().parent / data_dir).resolve())
+    return out
 
 
 def load_run(run_dir: str | Path, member: int | None = None) -> NoisyRNN:

@@ -177,8 +177,9 @@ def train_and_evaluate(
       and `checkpoints/` (orbax); None writes nothing.
     - `data`: a loaded `Dataset` (default: `load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))`).
     - `progress`: show a progress bar per epoch.
-    - `resume`: continue the run in `run_dir` from its latest checkpoint (same configuration required);
-      the result equals that of an uninterrupted run.
+    - `resume`: continue the run in `run_dir` from its latest checkpoint (same configuration required, except
+      `runs.RESUMABLE_TRAIN_FIELDS`: a larger `epochs` extends the run); the result equals that of an
+      uninterrupted run. `summary["train_time_s"]` accumulates over the sessions that wrote a summary.
     - `overwrite`: replace an existing run in `run_dir` (otherwise refused).
     - `on_epoch_end(epoch, model)`: extra measurements merged into the epoch's record (e.g. the explicit
       regularizer along training); called for each member of a sweep.
@@ -195,6 +196,8 @@ def train_and_evaluate(
 
     **Returns:** a `RunResult` with the trained model, the summary and the per-epoch history.
     """
+    if tcfg.data_dir is not None:  # stored absolute, so that the run can be used from any working directory
+        tcfg = tcfg.replace(data_dir=str(Path(tcfg.data_dir).expanduser().resolve()))
     data = data if data is not None else load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
     mcfg = _fit_model_cfg(mcfg, data)
     member_cfgs = [mcfg] if sweep is None else [sweep.member_config(mcfg, i) for i in range(sweep.size)]
@@ -297,7 +300,12 @@ def train_and_evaluate(
 
     t_start = time.perf_counter()
     host_step = first_step(state)
+    host_step_at_start = host_step
     first_epoch, offset = divmod(host_step, steps_per_epoch)
+    if resume and log:
+        log(f"resumed at epoch {first_epoch + 1}, step {host_step} (training to epoch {tcfg.epochs})"
+            if first_epoch < tcfg.epochs else
+            f"resumed at epoch {first_epoch}, step {host_step}: the run has finished its {tcfg.epochs} epochs")
     epoch = first_epoch
     while epoch < tcfg.epochs:
         epoch += 1
@@ -349,8 +357,12 @@ def train_and_evaluate(
 
     models = members(state)
     summaries = [summarize(m_, data, tcfg) for m_ in models]
+    # A resumed run's training time accumulates over its sessions (those that wrote a summary); a resume that
+    # trains nothing keeps the recorded time.
+    previous = runs.previous_train_time(run_dir) if resume else 0.0
+    trained = first_step(state) > host_step_at_start
     common = {"mode": tcfg.mode, "dataset": data.name, "epochs": tcfg.epochs, "steps": first_step(state),
-              "train_time_s": time.perf_counter() - t_start}
+              "train_time_s": previous + (time.perf_counter() - t_start if trained or not resume else 0.0)}
     if rollbacks:
         common["rollbacks"] = rollbacks
     if sweep is None:
