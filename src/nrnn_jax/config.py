@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .validation import (check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail)
+from .validation import (check_bool, check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail)
 
 CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar")
@@ -166,6 +166,8 @@ class TrainConfig(ConfigMixin):
       12.8 M normals per step). Both give independent standard normals; they give different draws.
     - `eval_white_noise`: standard deviations of white input noise at which the final model's test
       accuracy is also reported (docs/theory.md (6.1)).
+    - `tensorboard`: write TensorBoard event files of the per-epoch metrics into the run directory
+      (`RUN/tensorboard/`, `nrnn_jax.metrics_log`); False writes none.
     """
 
     dataset: str = "digits"
@@ -188,9 +190,11 @@ class TrainConfig(ConfigMixin):
     eval_white_noise: tuple[float, ...] = (1.0,)
     checkpoint_every: int = 0
     prng: Literal["threefry2x32", "philox4x32"] = "threefry2x32"
+    tensorboard: bool = True
 
     def __post_init__(self):
         own = "TrainConfig"
+        object.__setattr__(self, "tensorboard", check_bool(own, "tensorboard", self.tensorboard))
         for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("prng", PRNGS),
                               ("reg_method", REG_METHODS)):
             check_choice(own, name, getattr(self, name), choices)

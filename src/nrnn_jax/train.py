@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import checkpoint, dynamics, runs
+from . import checkpoint, dynamics, metrics_log, runs
 from .config import MODES, NRNNConfig, Sweep, TrainConfig
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
@@ -262,6 +262,7 @@ def train_and_evaluate(
     t_start = time.perf_counter()
     host_step = first_step(state)
     first_epoch, offset = divmod(host_step, steps_per_epoch)
+    tb = metrics_log.EpochLog.open(run_dir, mcfg, tcfg, sweep, resume=resume, first_epoch=first_epoch + 1)
     for epoch in range(first_epoch + 1, tcfg.epochs + 1):
         t0 = time.perf_counter()
         order = epoch_order(n_train, tcfg.seed, epoch)
@@ -293,6 +294,8 @@ def train_and_evaluate(
             history.append(record)
             if run_dir is not None:
                 runs.append_record(run_dir, record)
+                if tb is not None:  # TensorBoard: the same record, as scalars (RUN/tensorboard/)
+                    tb.write(record)
             if log:
                 log(f"epoch {epoch:3d}  loss {_fmt(record['train_loss'])}  train acc {_fmt(record['train_acc'])}  "
                     f"val acc {_fmt(record['val_acc'])}  ({record['time_s']:.1f}s)")
