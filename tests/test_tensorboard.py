@@ -115,3 +115,15 @@ def test_off_writes_nothing_and_is_validated(digits, tmp_path):
         TrainConfig(tensorboard="no")
     with pytest.raises(ValueError, match=r"TrainConfig.tensorboard=1 is invalid"):
         TrainConfig(tensorboard=1)
+
+
+def test_each_epoch_is_on_disk_when_written(tmp_path):
+    """Nothing waits in a queue: a run killed right after an epoch (SIGKILL, no clean-up) keeps its events."""
+    from nrnn_jax.metrics_log import EpochLog
+
+    tcfg = TrainConfig(epochs=3)
+    log = EpochLog.open(tmp_path, NRNNConfig(), tcfg)
+    log.write({"epoch": 1, "step": 10, "train_loss": 0.5, "note": "text is skipped"})
+    assert scalars(tmp_path / "tensorboard") == {"train/loss": {1: 0.5}, "train/lr": {1: np.float32(tcfg.lr)}}
+    log.write({"epoch": 2, "step": 20, "train_loss": 0.25})
+    assert scalars(tmp_path / "tensorboard")["train/loss"] == {1: 0.5, 2: 0.25}

@@ -21,6 +21,7 @@ no epoch is shown twice.
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 import weakref
 from pathlib import Path
@@ -57,11 +58,16 @@ def member_dirs(sweep: Sweep, mcfg: NRNNConfig) -> list[str]:
 
 
 class EpochLog:
-    """The TensorBoard writer(s) of one training session; `write(record)` after each epoch's record.
+    """The TensorBoard event files of one training session; `write(record)` after each epoch's record.
 
     `EpochLog.open(run_dir, mcfg, tcfg, sweep, resume=...)` returns None when there is nothing to write
     (`run_dir` is None or `tcfg.tensorboard` is False). A fresh run (not `resume`) removes event files left
-    by an earlier run in the same directory (`overwrite=True`)."""
+    by an earlier run in the same directory (`overwrite=True`).
+
+    Writing is synchronous: each epoch is on disk (flushed, fsync'ed) when `write` returns, so a run killed
+    later loses none of it. (tensorboardX's `SummaryWriter` queues events to a background thread, and its
+    `flush()` does not wait for that queue: a run killed seconds after an epoch lost that epoch's events. So
+    this uses tensorboardX's synchronous `EventsWriter` and its `summary.scalar` protobufs.)"""
 
     def __init__(self, logdirs: list[Path], tcfg: TrainConfig, *, purge_step: int | None):
         self.tcfg = tcfg
@@ -71,13 +77,20 @@ class EpochLog:
         self._finalizer = weakref.finalize(self, EpochLog._close_all, self.writers)
 
     def _open_writers(self) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-        # A random file-name suffix: the default name has a one-second timestamp, and two sessions in the
-        # same second (a quick resume) must not write to (and truncate) the same file.
+        # A random file-name suffix: the file name's timestamp has one-second resolution, and two sessions in
+        # the same second (a quick resume) must not write to (and truncate) the same file.
         suffix = "." + uuid.uuid4().hex[:8]
-        self.writers.extend(SummaryWriter(str(d), purge_step=self.purge_step, flush_secs=10, filename_suffix=suffix)
-                            for d in self.logdirs)
+        for d in self.logdirs:
+            d.mkdir(parents=True, exist_ok=True)
+            w = EventsWriter(str(d / "events"), suffix)
+            if self.purge_step is not None:
+                # TensorBoard drops the events of earlier files at steps >= purge_step (redone after a resume)
+                w.write_event(Event(step=self.purge_step, wall_time=time.time(),
+                                    session_log=SessionLog(status=SessionLog.START)))
+            self.writers.append(w)
 
     @classmethod
     def open(cls, run_dir: str | Path | None, mcfg: NRNNConfig, tcfg: TrainConfig, sweep: Sweep | None = None, *,
@@ -94,22 +107,28 @@ class EpochLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write the numeric entries of one epoch record (one value per member for a sweep) and the learning
-        rate at step = the epoch; flush; close after the last epoch of training."""
+        rate at step = the epoch, and flush them to disk; close after the last epoch of training."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
         epoch = int(record["epoch"])
         if not self.writers:
             self._open_writers()
         n = len(self.writers)
+        rows: list[list[tuple[str, float]]] = [[] for _ in range(n)]
         for key, value in record.items():
             if key in _NOT_SCALARS:
                 continue
             values = list(value) if isinstance(value, (list, tuple)) else [value] * n  # shared (time_s)
             if len(values) != n or not all(_is_number(v) for v in values):
                 continue  # not a per-member scalar (e.g. a string): metrics.jsonl keeps it
-            for w, v in zip(self.writers, values):
-                w.add_scalar(tag_of(key), float(v), epoch)
+            for row, v in zip(rows, values):
+                row.append((tag_of(key), float(v)))
         lr = epoch_lr(self.tcfg, epoch)
-        for w in self.writers:
-            w.add_scalar("train/lr", lr, epoch)
+        now = time.time()
+        for w, row in zip(self.writers, rows):
+            for tag, v in row + [("train/lr", lr)]:
+                w.write_event(Event(wall_time=now, step=epoch, summary=scalar(tag, v)))
             w.flush()
         if epoch >= self.tcfg.epochs:
             self.close()
