@@ -127,3 +127,22 @@ def test_each_epoch_is_on_disk_when_written(tmp_path):
     assert scalars(tmp_path / "tensorboard") == {"train/loss": {1: 0.5}, "train/lr": {1: np.float32(tcfg.lr)}}
     log.write({"epoch": 2, "step": 20, "train_loss": 0.25})
     assert scalars(tmp_path / "tensorboard")["train/loss"] == {1: 0.5, 2: 0.25}
+
+
+def test_epoch_lr_is_the_optimizers_learning_rate():
+    """train/lr is the rate the optimizer applies at every step of the epoch (plain SGD: update = −lr × grad)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nrnn_jax import make_optimizer
+
+    tcfg = TrainConfig(optimizer="sgd", momentum=0.0, lr=0.1, lr_decay=0.5, lr_decay_epochs=(1, 3))
+    steps_per_epoch = 3
+    tx = make_optimizer(tcfg, steps_per_epoch)
+    params = jnp.zeros(())
+    state = tx.init(params)
+    for step in range(5 * steps_per_epoch):
+        with jax.numpy_dtype_promotion("standard"):  # as in the train step: optax mixes int32 counts with floats
+            updates, state = tx.update(jnp.ones(()), state, params)
+        assert float(-updates) == pytest.approx(epoch_lr(tcfg, step // steps_per_epoch + 1), rel=1e-6)
+    assert [epoch_lr(tcfg, e) for e in range(1, 6)] == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])
