@@ -60,6 +60,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert strip(full) == strip(killed)
     s_full, s_killed = (json.loads((r / "summary.json").read_text()) for r in (full, killed))
     assert s_full["test_acc"] == s_killed["test_acc"] and s_full["test_loss"] == s_killed["test_loss"]
+    try:  # TensorBoard shows the killed-and-resumed run as the uninterrupted one: every epoch, once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    accs = [EventAccumulator(str(r / "tensorboard")) for r in (full, killed)]
+    for acc in accs:
+        acc.Reload()
+    for tag in ("train/loss", "val/acc"):
+        a, b = ([(e.step, e.value) for e in acc.Scalars(tag)] for acc in accs)
+        assert a == b and [s for s, _ in a] == [1, 2, 3, 4], (tag, a, b)
 
 
 def test_same_seed_same_numbers():

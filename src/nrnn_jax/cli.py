@@ -49,6 +49,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=
             elem = typing.get_args(hint)[0]
             kwargs["type"] = _parse_tuple(elem)
             default = ",".join(str(v) for v in default) or "none"
+        elif hint is bool:  # --name / --no-name
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs.pop("metavar")
         elif hint in (int, float, str):
             kwargs["type"] = hint
         else:  # Optional[str]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .validation import (check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail)
+from .validation import (check_bool, check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail)
 
 
 def check_options(owner: str, field: str, value: Any) -> tuple[tuple[str, str], ...]:
@@ -186,6 +186,8 @@ class TrainConfig(ConfigMixin):
       at most `max_rollbacks` times, then raise. Each rollback is a record in metrics.jsonl and the summary.
     - `eval_white_noise`: standard deviations of white input noise at which the final model's test
       accuracy is also reported (docs/theory.md (6.1)).
+    - `tensorboard`: write TensorBoard event files of the per-epoch metrics into the run directory
+      (`RUN/tensorboard/`, `nrnn_jax.metrics_log`); False writes none.
     """
 
     dataset: str = "digits"
@@ -213,9 +215,11 @@ class TrainConfig(ConfigMixin):
     rollback_lr_factor: float = 0.5
     rollback_grad_clip: float = 1.0
     max_rollbacks: int = 3
+    tensorboard: bool = True
 
     def __post_init__(self):
         own = "TrainConfig"
+        object.__setattr__(self, "tensorboard", check_bool(own, "tensorboard", self.tensorboard))
         for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("prng", PRNGS),
                               ("reg_method", REG_METHODS), ("on_divergence", DIVERGENCE_POLICIES)):
             check_choice(own, name, getattr(self, name), choices)
@@ -349,5 +353,6 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "rollback_lr_factor": "learning-rate factor of each divergence rollback, in (0, 1]",
         "rollback_grad_clip": "gradient-norm clip from the first divergence rollback on",
         "max_rollbacks": "divergence rollbacks allowed before training stops with TrainingDiverged",
+        "tensorboard": "write TensorBoard event files into the run directory (RUN/tensorboard/)",
     },
 }

@@ -4,6 +4,8 @@
     RUN/metrics.jsonl      one JSON record per finished epoch
     RUN/summary.json       final metrics (a sweep: one entry per member)
     RUN/checkpoints/       orbax checkpoints of {"state": TrainState, "sums": metric sums}
+    RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax.metrics_log`; a sweep:
+                           one sub-directory per member), unless TrainConfig(tensorboard=False)
 
 `load_run(run_dir)` returns the trained model; `read_run_config`, `read_run_sweep` and `load_run_dataset`
 return its configuration, sweep and data set. `start_run` and `resume_run` are the loop's side of it.

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import checkpoint, dynamics, runs
+from . import checkpoint, dynamics, metrics_log, runs
 from .config import MODES, NRNNConfig, Sweep, TrainConfig
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
@@ -306,6 +306,7 @@ def train_and_evaluate(
         log(f"resumed at epoch {first_epoch + 1}, step {host_step} (training to epoch {tcfg.epochs})"
             if first_epoch < tcfg.epochs else
             f"resumed at epoch {first_epoch}, step {host_step}: the run has finished its {tcfg.epochs} epochs")
+    tb = metrics_log.EpochLog.open(run_dir, mcfg, tcfg, sweep, resume=resume, first_epoch=first_epoch + 1)
     epoch = first_epoch
     while epoch < tcfg.epochs:
         epoch += 1
@@ -350,6 +351,8 @@ def train_and_evaluate(
             history.append(record)
             if run_dir is not None:
                 runs.append_record(run_dir, record)
+                if tb is not None:  # TensorBoard: the same record, as scalars (RUN/tensorboard/)
+                    tb.write(record, rollbacks=len(rollbacks))
             if log:
                 log(f"epoch {epoch:3d}  loss {_fmt(record['train_loss'])}  train acc {_fmt(record['train_acc'])}  "
                     f"val acc {_fmt(record['val_acc'])}  ({record['time_s']:.1f}s)")

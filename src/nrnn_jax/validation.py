@@ -56,6 +56,13 @@ def check_choice(owner: str, field: str, value: Any, choices: Sequence[str]) -> 
         fail(owner, field, value, "expected one of " + ", ".join(repr(c) for c in choices))
 
 
+def check_bool(owner: str, field: str, value: Any) -> bool:
+    """True or False (also numpy's bools; not 0 or 1, not a string)."""
+    if not isinstance(value, (bool, np.bool_)):
+        fail(owner, field, value, "expected True or False")
+    return bool(value)
+
+
 def _check_tuple(owner, field, value, ok, convert, what: str, nonempty: bool) -> tuple:
     if not (isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty) and all(ok(v) for v in value)):
         fail(owner, field, value, f"expected {'a non-empty sequence' if nonempty else 'a sequence'} of {what}")
