@@ -264,6 +264,14 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--analysis-examples", type=int, default=256,
                         help="training examples for the Hessian, test examples for DeepFool and the "
                              "regularizer (default: %(default)s)")
+    parser.add_argument("--curve-examples", type=int, default=None,
+                        help="test examples for the robustness curves (default: the whole test split)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the data set's or preset's)")
+    parser.add_argument("--lr-decay-epochs", type=_parse_tuple(int), default=None, metavar="E1,E2,...",
+                        help="epochs at which the learning rate is multiplied by its decay factor (default: the "
+                             "data set's or preset's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the data set's "
+                        "or preset's)")
     _add_dataclass_flags(parser, NRNNConfig, "model (overrides of the data set's comparison defaults)",
                          skip=("input_dim", "num_classes", "backend"),
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
@@ -280,7 +288,9 @@ def compare_main(argv: list[str] | None = None) -> int:
         cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, preset=args.preset, seeds=args.seeds,
                            epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
-                           model=_collect(args, NRNNConfig))
+                           curve_examples=args.curve_examples, model=_collect(args, NRNNConfig),
+                           train={k: v for k, v in (("lr", args.lr), ("lr_decay_epochs", args.lr_decay_epochs),
+                                                    ("batch_size", args.batch_size)) if v is not None})
         check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out)
     except (ValueError, TypeError, FileNotFoundError) as e:

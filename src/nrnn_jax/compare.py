@@ -114,6 +114,7 @@ class CompareConfig:
     track_regularizer: bool = False  # record the explicit regularizer (probe) after every epoch
     curve_examples: int | None = None  # test examples for the robustness curves (None: the whole test split)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # NRNNConfig fields overriding DEFAULTS' model
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig fields overriding the training
 
 
 def check_compare_config(cc: CompareConfig) -> "CompareSettings":
@@ -139,8 +140,15 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
         if name in cc.model:
             fail(own, "model", cc.model, f"{name} is not set here (the data set's, or CompareConfig.backend)")
     NRNNConfig._check_names(cc.model)
+    if not isinstance(cc.train, dict):
+        fail(own, "train", cc.train, "expected a dict of TrainConfig fields")
+    for name in ("dataset", "data_dir", "data_options", "mode", "seed", "reg_weight", "epochs"):
+        if name in cc.train:
+            fail(own, "train", cc.train, f"{name} is set by the comparison itself (CompareConfig.dataset, "
+                 "data_dir, preset, seeds, lambdas, epochs), not here")
+    TrainConfig._check_names(cc.train)
     st = compare_settings(cc)
-    st = dataclasses.replace(st, model={**st.model, **cc.model})
+    st = dataclasses.replace(st, model={**st.model, **cc.model}, train={**st.train, **cc.train})
     base = NRNNConfig(backend=cc.backend, **st.model)  # validates the model settings
     if not base.is_noisy:
         fail(own, "model", cc.model, "the comparison needs noise (implicit and explicit modes): set eps_add or "
