@@ -7,7 +7,6 @@ keep them few)."""
 import re
 from pathlib import Path
 
-import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP = re.compile(r"<!--\s*skip-test\b.*-->")

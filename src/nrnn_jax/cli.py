@@ -73,6 +73,14 @@ def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
                         help="progress bars (default: on when stderr is a terminal, so that logs hold no bars)")
 
 
+def _add_preset_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    """`--preset NAME`: its help is `text` followed by every preset's one-line description."""
+    from .presets import PRESETS
+
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help=text + ": " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+
+
 def _progress(args) -> bool:
     return sys.stderr.isatty() if args.progress is None else args.progress
 
@@ -118,12 +126,8 @@ def train_parser() -> argparse.ArgumentParser:
     par.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
                           "environment variables or launcher) (default: off)")
-    from .presets import PRESETS
-
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                        help="start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
-                             "--dataset mnist_pixel or mnist_permuted); other flags override its fields "
-                             "(default: none): " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+    _add_preset_flag(parser, "start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
+                     "--dataset mnist_pixel or mnist_permuted); other flags override its fields (default: none)")
     parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
                         help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, "
                              "permutation=numpy (default: the loader's defaults)")
@@ -247,12 +251,8 @@ def compare_parser() -> argparse.ArgumentParser:
                         help="the task, one of " + ", ".join(DEFAULTS) + " (default: %(default)s)")
     parser.add_argument("--data-dir", default=None,
                         help="directory with the data files (default: $NRNN_DATA, else ~/.cache/nrnn_jax)")
-    from .presets import PRESETS
-
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                        help="model, training and data settings of a named preset of the public pixel-MNIST runs "
-                             "(with --dataset mnist_pixel or mnist_permuted; noisy presets only; default: the data "
-                             "set's): " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+    _add_preset_flag(parser, "model, training and data settings of a named preset of the public pixel-MNIST runs "
+                     "(with --dataset mnist_pixel or mnist_permuted; noisy presets only; default: the data set's)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (required; no default)")
     parser.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2),
                         help="comma-separated seeds, one run per mode each (default: 0,1,2)")

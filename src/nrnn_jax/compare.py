@@ -263,15 +263,12 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
     """Train and analyse all modes for all seeds; write the layout of the module docstring."""
     log = log or (lambda message: None)
     st = check_compare_config(cc)  # every setting, before anything is loaded or trained
-    spec = {"select_white": st.select_white}
     data = load_dataset(cc.dataset, cc.data_dir, **st.data_options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **st.model)
     train_kw = dict(st.train)
-    lambdas = st.lambdas
-    curves = st.curves
-    white_eval = tuple(s for s in curves.get("white", []) if s > 0)
+    white_eval = tuple(s for s in st.curves.get("white", []) if s > 0)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     t0 = time.perf_counter()
     track = None
@@ -293,13 +290,13 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
             log(f"[{cc.dataset}] seed {seed} {mode}: test acc {r.summary['test_acc']:.4f}")
             runs[mode].append({"seed": seed, "run_dir": str(out / mode / f"seed{seed}"), "summary": r.summary,
                                "history": r.history,
-                               "analysis": analyse(r.model, data, curves, cc, seed, base)})
+                               "analysis": analyse(r.model, data, st.curves, cc, seed, base)})
         candidates = []
-        for lam in lambdas:
+        for lam in st.lambdas:
             run_dir = out / "explicit" / f"seed{seed}-lam{lam:g}"
             r = train_and_evaluate(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir, data=data,
                                    progress=False, log=None, overwrite=True, on_epoch_end=track)
-            score = _selection_score(r.model, data, spec["select_white"], seed)
+            score = _selection_score(r.model, data, st.select_white, seed)
             log(f"[{cc.dataset}] seed {seed} explicit λ={lam:g}: test acc {r.summary['test_acc']:.4f}, "
                 f"validation score {score:.4f}")
             candidates.append((score, lam, run_dir, r))
@@ -307,10 +304,10 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
         runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), "summary": r.summary, "lambda": lam,
                                  "history": r.history,
                                  "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
-                                 "analysis": analyse(r.model, data, curves, cc, seed, base)})
+                                 "analysis": analyse(r.model, data, st.curves, cc, seed, base)})
     summary = {"settings": {**dataclasses.asdict(cc), "preset": st.preset, "model": dataclasses.asdict(base),
                             "train": train_kw, "data_options": st.data_options, "input_scale": st.input_scale,
-                            "lambdas": list(lambdas), "selection_white": spec["select_white"],
+                            "lambdas": list(st.lambdas), "selection_white": st.select_white,
                             "selection_rule": "max mean(clean val acc, val acc under white noise of each "
                                               "selection strength)"},
                "runs": runs, "aggregate": aggregate(runs), "time_s": time.perf_counter() - t0}

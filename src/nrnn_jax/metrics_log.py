@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .config import NRNNConfig, Sweep, TrainConfig
+from .state import epoch_lr
 
 SUBDIR = "tensorboard"
 _NOT_SCALARS = ("epoch", "step")
@@ -42,12 +43,6 @@ def tag_of(key: str) -> str:
         if key.startswith(prefix):
             return prefix[:-1] + "/" + key[len(prefix):]
     return key
-
-
-def epoch_lr(tcfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of (1-based) `epoch`: `lr` times `lr_decay` for each decay epoch before it (the
-    step-decay schedule of `nrnn_jax.state.make_optimizer`, constant within an epoch)."""
-    return tcfg.lr * tcfg.lr_decay ** sum(1 for d in tcfg.lr_decay_epochs if d < epoch)
 
 
 def member_dirs(sweep: Sweep, mcfg: NRNNConfig) -> list[str]:
@@ -124,7 +119,7 @@ class EpochLog:
                 continue  # not a per-member scalar (e.g. a string): metrics.jsonl keeps it
             for row, v in zip(rows, values):
                 row.append((tag_of(key), float(v)))
-        lr = epoch_lr(self.tcfg, epoch) * self.tcfg.rollback_lr_factor**rollbacks  # after divergence rollbacks
+        lr = epoch_lr(self.tcfg, epoch, rollbacks)
         now = time.time()
         for w, row in zip(self.writers, rows):
             for tag, v in row + [("train/lr", lr)]:

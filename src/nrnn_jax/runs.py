@@ -28,6 +28,18 @@ from .state import TrainState, init_model_state, init_sweep_states, make_optimiz
 from .validation import fail
 
 
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl (epoch records and events) in order, skipping a line cut off by a kill."""
+    path = run_dir / "metrics.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by the kill: that epoch is recomputed
+            continue
+    return records
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write `obj` as JSON atomically (a temporary file, then a rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -88,17 +100,9 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
                          "overwrite=True (--overwrite).")
     restored, step = checkpoint.restore_checkpoint(run_dir / "checkpoints", {"state": state, "sums": sums})
     state = restored["state"] if isinstance(restored["state"], TrainState) else TrainState(*restored["state"])
-    kept = []
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut off by the kill: that epoch is recomputed
-            continue
-        # epoch records up to the checkpoint; rollback events strictly before it (an event at the checkpoint's
-        # own step happened after that checkpoint was written, so it is redone)
-        if rec["step"] < step or (rec["step"] == step and "event" not in rec):
-            kept.append(rec)
+    # epoch records up to the checkpoint; rollback events strictly before it (an event at the checkpoint's own
+    # step happened after that checkpoint was written, so it is redone)
+    kept = [r for r in _records(run_dir) if r["step"] < step or (r["step"] == step and "event" not in r)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     changed = {k: wanted["train"][k] for k in RESUMABLE_TRAIN_FIELDS if saved["train"].get(k) != wanted["train"][k]}
     if changed:  # record the new settings (other keys, such as the data set's description, are kept)
@@ -110,18 +114,9 @@ def read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
     """The divergence rollbacks recorded in a run's metrics.jsonl up to its latest checkpoint (the ones the
     checkpointed optimizer has seen), oldest first."""
     step = checkpoint.latest_step(run_dir / "checkpoints")
-    path = run_dir / "metrics.jsonl"
-    if step is None or not path.exists():
+    if step is None:
         return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("event") == "rollback" and rec["step"] < step:
-            events.append(rec)
-    return events
+    return [r for r in _records(run_dir) if r.get("event") == "rollback" and r["step"] < step]
 
 
 def previous_train_time(run_dir: Path) -> float:

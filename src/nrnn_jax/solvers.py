@@ -104,11 +104,9 @@ def _drift_vf(cfg: NRNNConfig, batch: int, grid_dt: float, as_operator: bool):
 
 def _diffusion_vf(cfg: NRNNConfig, batch: int):
     """σ(h) on the flat state as a lineax operator from the flat noise (B·noise_dim,) to (B·d,)."""
-    if cfg.noise_kind == "diagonal":
-        return lambda t, y, args: dynamics.diffusion(cfg, args[2], y)  # diagonal: acts elementwise
-    if batch != 1:
+    if cfg.noise_kind == "scalar" and batch != 1:  # [ε_add I | ε_mult h] is (d, d + 1) for ONE example
         raise ValueError("scalar noise couples the d components of one example: solve one example at a time.")
-    return lambda t, y, args: dynamics.diffusion(cfg, args[2], y)  # [ε_add I | ε_mult h], (d, d + 1)
+    return lambda t, y, args: dynamics.diffusion(cfg, args[2], y)  # diagonal noise acts elementwise on vec(h)
 
 
 _SDE_SOLVERS = {"euler": diffrax.Euler, "euler_heun": diffrax.EulerHeun, "milstein": diffrax.ItoMilstein}

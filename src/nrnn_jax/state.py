@@ -42,17 +42,30 @@ def zero_sums(names: list[str], members: int | None = None) -> dict[str, jax.Arr
     return {k: jnp.zeros(shape, jnp.float32) for k in names}
 
 
-def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> optax.GradientTransformation:
-    """Adam (or AdamW) or SGD with momentum, the step-decay schedule of `tcfg` and optional clipping.
-
-    `rollbacks`: how many divergence rollbacks have happened (`TrainConfig.on_divergence="rollback"`); each
-    multiplies the learning rate by `rollback_lr_factor`, and from the first on the global gradient norm is
-    clipped at `rollback_grad_clip` (or the smaller `grad_clip`)."""
-    boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
-    schedule = optax.piecewise_constant_schedule(tcfg.lr * tcfg.rollback_lr_factor**rollbacks, boundaries)
+def rollback_settings(tcfg: TrainConfig, rollbacks: int = 0) -> tuple[float, float]:
+    """(base learning rate, global gradient-norm clip; 0: none) after `rollbacks` divergence rollbacks
+    (`TrainConfig.on_divergence="rollback"`): each multiplies the learning rate by `rollback_lr_factor`, and
+    from the first on the gradient norm is clipped at `rollback_grad_clip` (or the smaller `grad_clip`)."""
     clip = tcfg.grad_clip
     if rollbacks:
         clip = min(clip, tcfg.rollback_grad_clip) if clip > 0 else tcfg.rollback_grad_clip
+    return tcfg.lr * tcfg.rollback_lr_factor**rollbacks, clip
+
+
+def epoch_lr(tcfg: TrainConfig, epoch: int, rollbacks: int = 0) -> float:
+    """The learning rate of (1-based) `epoch`: the base rate times `lr_decay` for each decay epoch before it
+    (the step-decay schedule of `make_optimizer`, constant within an epoch)."""
+    return rollback_settings(tcfg, rollbacks)[0] * tcfg.lr_decay ** sum(1 for d in tcfg.lr_decay_epochs if d < epoch)
+
+
+def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> optax.GradientTransformation:
+    """Adam (or AdamW) or SGD with momentum, the step-decay schedule of `tcfg` and optional clipping.
+
+    `rollbacks`: how many divergence rollbacks have happened (their learning rate and clip:
+    `rollback_settings`)."""
+    lr, clip = rollback_settings(tcfg, rollbacks)
+    boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
+    schedule = optax.piecewise_constant_schedule(lr, boundaries)
     parts = []
     if clip > 0:
         parts.append(optax.clip_by_global_norm(clip))

@@ -26,14 +26,15 @@ import optax
 from flax import nnx
 
 from . import checkpoint, dynamics, metrics_log, runs
-from .config import MODES, NRNNConfig, Sweep, TrainConfig
+from .config import NRNNConfig, Sweep, TrainConfig
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
 from .losses import correct, cross_entropy, masked_mean
 from .model import NoisyRNN
 from .regularizer import explicit_regularizer
-from .state import TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, unstack, zero_sums
-from .validation import check_int, fail
+from .state import (TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, rollback_settings,
+                    unstack, zero_sums)
+from .validation import fail
 
 
 def _host(v, scale: float = 1.0):
@@ -279,10 +280,9 @@ def train_and_evaluate(
     def roll_back(good: TrainState, bad: int, epoch: int) -> TrainState:
         """The epoch's starting state with the optimizer of one more rollback (fresh moments), recorded."""
         nonlocal tx, train_step
+        _, clip = rollback_settings(tcfg, len(rollbacks) + 1)
         event = {"event": "rollback", "epoch": epoch, "step": first_step(good), "bad_step": bad,
-                 "lr_factor": tcfg.rollback_lr_factor ** (len(rollbacks) + 1),
-                 "grad_clip": min(tcfg.grad_clip, tcfg.rollback_grad_clip) if tcfg.grad_clip > 0
-                 else tcfg.rollback_grad_clip}
+                 "lr_factor": tcfg.rollback_lr_factor ** (len(rollbacks) + 1), "grad_clip": clip}
         rollbacks.append(event)
         tx = make_optimizer(tcfg, steps_per_epoch, len(rollbacks))
         train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None)
