@@ -36,11 +36,11 @@ def test_sweep_members_equal_single_runs(digits, tmp_path):
         member = r.summary["members"][i]
         assert (member["eps_add"], member["eps_mult"]) == (sweep.eps_add[i], sweep.eps_mult[i])
         assert abs(member["test_acc"] - single.summary["test_acc"]) <= 1 / len(digits.y_test)
-        np.testing.assert_allclose(r.models[i].M_W[...], single.model.M_W[...], rtol=1e-4, atol=1e-6)
-    assert not np.allclose(r.models[0].M_W[...], r.models[2].M_W[...])  # another seed
+        np.testing.assert_allclose(r.models[i].cell.M_W[...], single.model.cell.M_W[...], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(r.models[0].cell.M_W[...], r.models[2].cell.M_W[...])  # another seed
     # the run directory holds the sweep; load_run picks a member with its own noise levels
     loaded = load_run(tmp_path / "sweep", member=1)
-    np.testing.assert_array_equal(loaded.M_W[...], r.models[1].M_W[...])
+    np.testing.assert_array_equal(loaded.cell.M_W[...], r.models[1].cell.M_W[...])
     assert (loaded.cfg.eps_add, loaded.cfg.eps_mult) == (0.3, 0.0)
     with pytest.raises(ValueError, match="member=None is invalid"):
         load_run(tmp_path / "sweep")

@@ -121,7 +121,7 @@ def test_trace_hessian_form_matches_the_closed_form():
     h, u = jax.random.normal(k[0], (D,), jnp.float64), jax.random.normal(k[1], (D,), jnp.float64)
     L = jax.random.normal(k[2], (D, D), jnp.float64)
     P = L @ L.T
-    F = lambda hh: mean_step_map(cfg, p, hh, u)
+    F = lambda hh: mean_step_map(cfg, p, hh, drift(cfg, p, hh, u))
     pre = p.W @ h + u
     tanh2 = -2.0 * jnp.tanh(pre) * (1.0 - jnp.tanh(pre) ** 2)
     # autodiff vs. closed form of the same float64 expressions (d = 4): rounding only, 1e-12 ≈ 5000 ulps
@@ -141,11 +141,11 @@ def test_gradients_in_the_parameters(method):
 
     def value(M_A, M_W, kernel):
         p = jax.tree.map(lambda a: a, params)
-        p["M_A"].value, p["M_W"].value, p["decoder"]["kernel"].value = M_A, M_W, kernel
+        p["cell"]["M_A"].value, p["cell"]["M_W"].value, p["decoder"]["kernel"].value = M_A, M_W, kernel
         m = nnx.merge(graphdef, p)
         return explicit_regularizer(m, x, y, method=method, num_probes=4, key=key).value
 
-    args = (params["M_A"].value, params["M_W"].value, params["decoder"]["kernel"].value)
+    args = (params["cell"]["M_A"].value, params["cell"]["M_W"].value, params["decoder"]["kernel"].value)
     grads = jax.grad(value, argnums=(0, 1, 2))(*args)
     assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0 for g in grads)
     if method != "continuous":

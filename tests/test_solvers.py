@@ -181,7 +181,7 @@ def test_reference_convention_matches_the_public_update_rule():
     xi = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (B, T, 2 * d), jnp.float64))
 
     # PyTorch parameters: B_torch = M_Aᵀ, C_torch = M_Wᵀ (row vectors transpose the parametrisation).
-    Bt, Ct = np.asarray(model.M_A[...]).T, np.asarray(model.M_W[...]).T
+    Bt, Ct = np.asarray(model.cell.M_A[...]).T, np.asarray(model.cell.M_W[...]).T
     eye = np.eye(d)
     A = cfg.beta * (Bt - Bt.T) + (1 - cfg.beta) * (Bt + Bt.T) - cfg.gamma_a * eye
     W = cfg.beta * (Ct - Ct.T) + (1 - cfg.beta) * (Ct + Ct.T) - cfg.gamma_w * eye

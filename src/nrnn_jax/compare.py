@@ -189,14 +189,19 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
     dist, found = input_margins(model, x_te)
     noisy_model = with_noise(model, noise.eps_add, noise.eps_mult)
     cfg = noisy_model.cfg
-    cert = certificate(cfg.replace(eps_add=0.0), model.recurrent_params())
-    if cfg.convention == "reference":  # not an SDE discretisation: no Lyapunov exponents (docs/theory.md §2)
-        lam = lam_se = lam_det = None
-    else:
-        lam, lam_se = lyapunov_exponent(cfg.replace(eps_add=0.0), model.recurrent_params(), t_max=cc.lyapunov_time,
-                                        seed=seed)
-        lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), model.recurrent_params(),
-                                       t_max=cc.lyapunov_time, num_paths=2, seed=seed)
+    p = model.recurrent_params()
+    # the certificate's assumptions hold for the Lipschitz cell only (docs/theory.md §5); other cells: None
+    cert = certificate(cfg.replace(eps_add=0.0), p) if p.A is not None else None
+    lam = lam_se = lam_det = None
+    if cfg.convention != "reference":  # not an SDE discretisation: no Lyapunov exponents (docs/theory.md §2)
+        try:
+            lam, lam_se = lyapunov_exponent(cfg.replace(eps_add=0.0), p, t_max=cc.lyapunov_time, seed=seed,
+                                            cell=model.cell)
+            lam_det, _ = lyapunov_exponent(cfg.replace(eps_add=0.0, eps_mult=0.0), p, t_max=cc.lyapunov_time,
+                                           num_paths=2, seed=seed, cell=model.cell)
+        except ValueError as e:  # h = 0 is not an equilibrium of this trained cell: nothing to measure
+            if "not an equilibrium" not in str(e):
+                raise
     reg = explicit_regularizer(noisy_model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
                                num_probes=8, key=jax.random.PRNGKey(seed))
     out.update({
@@ -204,7 +209,8 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
         "hessian_trace_se": trace_se,
         "output_margins": margins.tolist(), "output_margin_median": float(np.median(margins)),
         "deepfool_margins": dist[found].tolist(), "deepfool_margin_median": float(np.median(dist[found])) if found.any() else None,
-        "c1": cert.c1, "c2": cert.c2, "c3": cert.c3, "bound_mult_noise": cert.bound,
+        **({"c1": cert.c1, "c2": cert.c2, "c3": cert.c3, "bound_mult_noise": cert.bound} if cert is not None
+           else {"c1": None, "c2": None, "c3": None, "bound_mult_noise": None}),
         "lyapunov_mult_noise": lam, "lyapunov_mult_noise_se": lam_se, "lyapunov_deterministic": lam_det,
         "reg_value": float(reg.value), "reg_Q": float(reg.Q), "reg_R": float(reg.R),
     })

@@ -26,6 +26,7 @@ def check_options(owner: str, field: str, value: Any) -> tuple[tuple[str, str], 
         fail(owner, field, value, "expected a dict or a sequence of (name, value) pairs of strings with distinct names")
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
+CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "custom")
 CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar")
 SOLVERS = ("euler", "euler_heun", "milstein")
@@ -70,6 +71,9 @@ class NRNNConfig(ConfigMixin):
 
     **Arguments:**
 
+    - `cell`: the drift f(h, z) (`nrnn_jax.cells`): `"lipschitz"` (default, the Lipschitz RNN below),
+      `"antisymmetric"`, `"gru"`, `"tanh"`; `"custom"` marks a user cell passed as
+      `NoisyRNN(cfg, rngs=rngs, cell=my_cell)` (set by the model itself).
     - `input_dim`, `hidden`, `num_classes`: sizes n, d and the number of output classes.
     - `dt`: the step size δ of the Euler–Maruyama discretisation (the initial per-unit step `s` of the
       reference convention).
@@ -113,9 +117,11 @@ class NRNNConfig(ConfigMixin):
     backend: Literal["diffrax", "scan"] = "diffrax"
     gradient: Literal["adjoint", "autodiff"] = "adjoint"
     dtype: Literal["float32", "float64"] = "float32"
+    cell: str = "lipschitz"
 
     def __post_init__(self) -> None:
         own = "NRNNConfig"
+        check_choice(own, "cell", self.cell, CELLS)
         for name, minimum in (("input_dim", 1), ("hidden", 1), ("num_classes", 2)):
             check_int(own, name, getattr(self, name), minimum)
         check_real(own, "dt", self.dt, 0.0, lo_open=True)
@@ -307,6 +313,7 @@ class Sweep(ConfigMixin):
 # long form). tests/test_cli_workflow.py checks that every field of both classes has an entry.
 FIELD_HELP: dict[str, dict[str, str]] = {
     "NRNNConfig": {
+        "cell": "the drift f(h, z): lipschitz, antisymmetric, gru or tanh (a user cell: the Python API)",
         "input_dim": "input features per step (default: the data set's)",
         "hidden": "hidden units d",
         "num_classes": "output classes (default: the data set's)",
@@ -314,7 +321,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "alpha": "α in the drift α A h + tanh(W h + U x + b)",
         "beta": "β in [0, 1]: A = β(M − Mᵀ) + (1 − β)(M + Mᵀ) − γ_A I (1: antisymmetric), same for W",
         "gamma_a": "γ_A ≥ 0, the diagonal shift of A",
-        "gamma_w": "γ_W ≥ 0, the diagonal shift of W",
+        "gamma_w": "γ_W ≥ 0, the diagonal shift of W (and γ of the antisymmetric cell)",
         "eps_add": "additive noise level ε_add ≥ 0",
         "eps_mult": "multiplicative noise level ε_mult ≥ 0",
         "init_std": "entries of M_A, M_W drawn from N(0, (init_std / hidden)²)",

@@ -1,9 +1,9 @@
-"""The noisy Lipschitz recurrence as pure functions of a parameter pytree (docs/theory.md §1–§3).
+"""The noise and the discretisation of the recurrence as pure functions (docs/theory.md §1–§3).
 
-Everything here acts on ONE example: a hidden state `h` of shape (hidden,) and the pre-computed input
-drive `z = U x + b` of shape (hidden,). Batching is `jax.vmap`'s job. The solver backends in
-`nrnn_jax.solvers` and the explicit regularizer in `nrnn_jax.regularizer` call these functions, so the
-model is defined exactly once.
+Everything here acts on ONE example: a hidden state `h` of shape (hidden,) and the drift `f = f(h, z_k)`
+of the model's cell at that state (`nrnn_jax.cells`), so any cell gets every noise scheme and every
+discretisation. Batching is `jax.vmap`'s job. The solver backends in `nrnn_jax.solvers` and the explicit
+regularizer in `nrnn_jax.regularizer` call these functions, so each scheme is defined exactly once.
 
 Names used throughout (each for one thing only):
 
@@ -24,6 +24,7 @@ import lineax as lx
 from jaxtyping import Array, Float
 
 from ._types import ArrayLike
+from .cells import lipschitz_from_products, lipschitz_matrix  # noqa: F401  (lipschitz_matrix: re-exported)
 from .config import NRNNConfig
 
 
@@ -56,29 +57,15 @@ def matrix_free(cfg: NRNNConfig, p: RecurrentParams, dtype) -> RecurrentParams:
     return p._replace(A=None, W=None, eps_add=jnp.asarray(eps_add, dtype), eps_mult=jnp.asarray(eps_mult, dtype))
 
 
-def lipschitz_matrix(m: Float[ArrayLike, "d d"], beta: float, gamma: float) -> Float[Array, "d d"]:
-    """β (M − Mᵀ) + (1 − β)(M + Mᵀ) − γ I   (docs/theory.md (1.4))."""
-    eye = jnp.eye(m.shape[0], dtype=m.dtype)
-    return beta * (m - m.T) + (1.0 - beta) * (m + m.T) - gamma * eye
-
-
 def products_matrix(p: RecurrentParams) -> Float[Array, "p d"]:
-    """M = [A; W], so that M h = (A h, W h) in one matrix product."""
+    """M = [A; W], so that M h = (A h, W h) in one matrix product (the Lipschitz drift from given matrices)."""
     return jnp.concatenate([p.A, p.W], axis=0)
 
 
-def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, "*batch d"], z: Float[Array, "*batch d"],
-          products: Float[Array, "*batch p"] | None = None) -> Float[Array, "*batch d"]:
-    """f(h, x) = α A h + tanh(W h + U x + b), with z = U x + b   (docs/theory.md (1.3)); h and z may carry
-    the same leading batch axes.
-
-    `products`: M h = (A h, W h) when already computed. The matrices enter the recurrence only through
-    these products, which is what `nrnn_jax.recurrence` exploits.
-    """
-    if products is None:
-        products = h @ products_matrix(p).T
-    d = h.shape[-1]  # h may carry leading batch axes
-    return cfg.alpha * products[..., :d] + jnp.tanh(products[..., d:] + z)
+def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, "*batch d"], z: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
+    """The Lipschitz drift α A h + tanh(W h + z) from the matrices of `p` (docs/theory.md (1.3)); h and z may
+    carry the same leading batch axes. A model's cell gives its own drift (`nrnn_jax.cells`)."""
+    return lipschitz_from_products(cfg.alpha, h, h @ products_matrix(p).T, z)
 
 
 def diffusion(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"]) -> lx.AbstractLinearOperator:
@@ -137,8 +124,8 @@ def _sde_update(cfg: NRNNConfig, p: RecurrentParams, h, f, dw):
     return h_det + noise + correction
 
 
-def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"],
-         xi: Float[Array, " m"] | None, f: Float[Array, " d"] | None = None) -> Float[Array, " d"]:
+def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], f: Float[Array, " d"],
+         xi: Float[Array, " m"] | None) -> Float[Array, " d"]:
     """One recurrence step of the configured convention and scheme, driven by the standard normals `xi`
     of shape (cfg.noise_dim,) (None: noise off, the test-time step).
 
@@ -146,10 +133,8 @@ def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Ar
     - "reference": the public code's rule h + (s ⊙ u) ⊙ f + ε_add ξ_add with u = 1 − ε_mult + ε_mult Φ(ζ),
       `xi` = (ξ_add, ζ) of shape (2 hidden,); with noise off, h + s ⊙ f (docs/theory.md (2.9)–(2.10)).
 
-    `f`: the drift f(h, x_k) when already computed (every scheme evaluates it once, at h).
+    `f`: the drift f(h, x_k) of the model's cell at h (every scheme evaluates it once, at h).
     """
-    if f is None:
-        f = drift(cfg, p, h, z)
     if cfg.convention == "reference":
         if xi is None:
             return h + p.step_size * f
@@ -173,15 +158,12 @@ def mean_step_size(cfg: NRNNConfig, p: RecurrentParams):
     return cfg.dt
 
 
-def mean_step_map(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"],
-                  f: Float[Array, " d"] | None = None) -> Float[Array, " d"]:
+def mean_step_map(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], f: Float[Array, " d"]) -> Float[Array, " d"]:
     """F_k(h): the deterministic map the expansion is taken around (docs/theory.md (3.1)–(3.2)).
 
     "sde": the Euler step h + δ f(h, x_k). "reference": the mean step h + s (1 − ε_mult/2) ⊙ f(h, x_k),
-    since E u = 1 − ε_mult/2; note that this is not the test-time step (u ≡ 1). `f` as in `step`.
+    since E u = 1 − ε_mult/2; note that this is not the test-time step (u ≡ 1). `f`: the drift f(h, x_k) at h.
     """
-    if f is None:
-        f = drift(cfg, p, h, z)
     return h + mean_step_size(cfg, p) * f
 
 
@@ -193,15 +175,15 @@ def expands_around_test_path(cfg: NRNNConfig) -> bool:
 
 
 def perturbation_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"],
-                        z: Float[Array, " d"]) -> lx.AbstractLinearOperator:
+                        f: Float[Array, " d"]) -> lx.AbstractLinearOperator:
     """G_k(h) with perturbation G_k η_k, Cov η_k = I, so that C_k = G_k G_kᵀ (docs/theory.md (3.2)).
 
     "sde": √δ σ(h). "reference": [diag(s ⊙ f(h, x_k)) ε_mult/√12 | ε_add I] (u − E u has variance
-    ε_mult²/12), giving C_k = diag(s ⊙ f)² ε_mult²/12 + ε_add² I.
+    ε_mult²/12), giving C_k = diag(s ⊙ f)² ε_mult²/12 + ε_add² I, with f the drift f(h, x_k) at h.
     """
     eps_add, eps_mult = noise_levels(cfg, p)
     if cfg.convention == "reference":
-        a = p.step_size * drift(cfg, p, h, z) * (eps_mult / jnp.sqrt(12.0))
+        a = p.step_size * f * (eps_mult / jnp.sqrt(12.0))
         eye = eps_add * jnp.eye(h.shape[0], dtype=h.dtype)
         return lx.MatrixLinearOperator(jnp.concatenate([jnp.diag(a), eye], axis=1))
     sqrt_dt = jnp.sqrt(jnp.asarray(cfg.dt, h.dtype))

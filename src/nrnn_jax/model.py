@@ -1,4 +1,4 @@
-"""`NoisyRNN`: linear encoder → noisy Lipschitz recurrent core → linear decoder (docs/theory.md §1–§2).
+"""`NoisyRNN`: linear encoder → noisy recurrent core (any cell) → linear decoder (docs/theory.md §1–§2, §8).
 
 The module is only the edge that holds parameters; the recursion itself is the pure
 `solvers.solve_batch`. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
@@ -11,19 +11,25 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from . import solvers
+from . import cells, solvers
 from .config import NRNNConfig
-from .dynamics import RecurrentParams, lipschitz_matrix
+from .dynamics import RecurrentParams
 from .validation import check_inputs, check_noise
 
 
 class NoisyRNN(nnx.Module):
-    """The noisy recurrent neural network of Lim et al. (2021), docs/theory.md §1–§2.
+    """The noisy recurrent neural network of Lim et al. (2021), docs/theory.md §1–§2, for any cell (§8).
 
     **Arguments:**
 
     - `cfg`: an `NRNNConfig`.
     - `rngs`: `flax.nnx.Rngs` for the initialisation.
+    - `cell`: a user cell (a `flax.nnx.Module` with `drift(h, z)` for one example, see `nrnn_jax.cells`);
+      None builds the built-in cell `cfg.cell`. With a user cell the model's configuration records
+      `cell="custom"`.
+
+    **Parts:** `model.encode(x)` = z (batch, T, hidden), the input drive; `model.cell` the drift;
+    `model.decode(h)` the logits of final states.
 
     **Calling:**
 
@@ -38,19 +44,24 @@ class NoisyRNN(nnx.Module):
     - `model.step_size`: the learnable per-unit step `s` of the reference convention (None under "sde").
     """
 
-    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs, cell: cells.Cell | None = None):
         if not isinstance(cfg, NRNNConfig):
             raise TypeError(f"NoisyRNN(cfg=...) expects an NRNNConfig, got {type(cfg).__name__}.")
         if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError("NRNNConfig.dtype='float64' needs 64-bit JAX: set jax.config.update("
                              "'jax_enable_x64', True) or run inside `with jax.enable_x64(True):`.")
-        self.cfg = cfg
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden
+        if cell is None and cfg.cell == "custom":
+            raise ValueError("NRNNConfig.cell='custom' means a user cell: pass it as NoisyRNN(cfg, rngs=rngs, "
+                             "cell=my_cell), or name a built-in cell (lipschitz, antisymmetric, gru, tanh).")
+        if cell is not None:
+            cells.check_cell(cell, d, dtype)
+            if not cells.is_built_in(cell, cfg.cell):
+                cfg = cfg.replace(cell="custom")
+        self.cfg = cfg
         self.encoder = nnx.Linear(cfg.input_dim, d, rngs=rngs, dtype=dtype, param_dtype=dtype)
-        std = cfg.init_std / d
-        self.M_A = nnx.Param(std * jax.random.normal(rngs.params(), (d, d), dtype))
-        self.M_W = nnx.Param(std * jax.random.normal(rngs.params(), (d, d), dtype))
+        self.cell = cells.make_cell(cfg, rngs) if cell is None else cell
         if cfg.convention == "reference":
             self.step_size = nnx.Param(jnp.full((d,), cfg.dt, dtype))
         else:
@@ -59,13 +70,14 @@ class NoisyRNN(nnx.Module):
 
     # -- the pieces the pure functions need ------------------------------------------------------
     def recurrent_params(self, noise_levels: tuple | None = None) -> RecurrentParams:
-        """A, W (docs/theory.md (1.4)), the step size s, and `noise_levels` = (ε_add, ε_mult) when given
-        (None: the configuration's levels apply)."""
-        cfg = self.cfg
+        """The parameters of the noise and the scheme: the step size s, and `noise_levels` = (ε_add, ε_mult)
+        when given (None: the configuration's levels apply); for the Lipschitz cell also its matrices A, W
+        (docs/theory.md (1.4); None for other cells)."""
         eps_add, eps_mult = (None, None) if noise_levels is None else noise_levels
+        lipschitz = isinstance(self.cell, cells.LipschitzCell)
         return RecurrentParams(
-            A=lipschitz_matrix(self.M_A[...], cfg.beta, cfg.gamma_a),
-            W=lipschitz_matrix(self.M_W[...], cfg.beta, cfg.gamma_w),
+            A=self.cell.A if lipschitz else None,
+            W=self.cell.W if lipschitz else None,
             step_size=None if self.step_size is None else self.step_size[...],
             eps_add=eps_add,
             eps_mult=eps_mult,
@@ -95,7 +107,7 @@ class NoisyRNN(nnx.Module):
         xi = self._noise(x, noise, key)
         p = self.recurrent_params(noise_levels)
         z = self.encode(x)
-        return solvers.solve_batch(self.cfg, p, z, xi, save=save)
+        return solvers.solve_batch(self.cfg, p, z, xi, save=save, cell=self.cell)
 
     def __call__(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch classes"]:
         return self.decode(self._solve(x, noise, key, "final", noise_levels))
@@ -110,8 +122,9 @@ class NoisyRNN(nnx.Module):
 
 
 def with_noise(model: NoisyRNN, eps_add: float, eps_mult: float) -> NoisyRNN:
-    """A copy of `model` with the same parameters and other noise levels (e.g. to measure a deterministic
-    model's explicit regularizer at the noise levels of a comparison)."""
-    copy = NoisyRNN(model.cfg.replace(eps_add=eps_add, eps_mult=eps_mult), rngs=nnx.Rngs(0))
-    nnx.update(copy, nnx.state(model))
+    """A copy of `model` with the same parameters (and cell) and other noise levels (e.g. to measure a
+    deterministic model's explicit regularizer at the noise levels of a comparison)."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)  # a new module sharing no mutable structure with `model`
+    copy.cfg = model.cfg.replace(eps_add=eps_add, eps_mult=eps_mult)
     return copy

@@ -35,7 +35,7 @@ import lineax as lx
 from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
-from . import dynamics, recurrence
+from . import cells, dynamics, recurrence
 from .losses import cross_entropy, masked_mean
 from .validation import check_choice, check_inputs, check_int, check_labels
 
@@ -199,51 +199,48 @@ def _probe_loss_terms(loss: LossFn, h, U, V) -> Terms:
     return Terms(value, Q, R, h)
 
 
-def _probe_cell(cfg, num_probes: int):
-    """The probe recursion of `probe_terms` for the Lipschitz model as a `nrnn_jax.recurrence` cell.
+def _probe_cell(cfg, from_products, num_probes: int):
+    """The probe recursion of `probe_terms` for a product cell f(h, z) = g(h, M h, z) as a
+    `nrnn_jax.recurrence` cell, so that the matrices enter only through the products M s.
 
-    State rows: h̄, then U (S rows), then V (S rows); products rows M s = (A s, W s). With
-    F(h) = h + c (α A h + tanh(W h + z)) (c = δ, or s(1 − ε_mult/2) under the reference convention) and
-    r = W h̄ + z, in closed form (docs/theory.md (3.14)):
-
-        J u = u + c (α A u + tanh'(r) ⊙ W u),
-        J v + ½ ∂²F[u, u] = v + c (α A v + tanh'(r) ⊙ W v + ½ tanh''(r) ⊙ (W u)²),
-
-    elementwise given the products, so the matrices enter only through M s. Tests check this cell against
-    the general Taylor-mode `probe_terms` (equal to rounding, values and gradients).
+    State rows: h̄, then U (S rows), then V (S rows); products rows M s. With F(h) = h + c g(h, M h, z)
+    (c = δ, or s(1 − ε_mult/2) under the reference convention), one Taylor-mode pass of g alone (elementwise
+    work, no matrix product) along the curve (h̄ + t u + t² v, M h̄ + t M u + t² M v) gives both
+    J u = u + c ∂g[u] and J v + ½ ∂²F[u, u] = v + c (∂g[v] + ½ ∂²g[u, u]) (docs/theory.md (3.14)).
+    Tests check this cell against the general Taylor-mode `probe_terms` (equal to rounding, values and
+    gradients).
     """
-    d, S = cfg.hidden, num_probes
+    S = num_probes
 
     def cell(state, prods, x_k, params):
         z_k, eta = x_k  # eta: (S, noise_dim)
-        a, w = prods[:, :d], prods[:, d:]
         h, U, V = state[0], state[1:1 + S], state[1 + S:]
-        t = jnp.tanh(w[0] + z_k)
-        f = cfg.alpha * a[0] + t
-        d1 = 1.0 - t * t  # tanh'
-        d2 = -2.0 * t * d1  # tanh''
+        ph, PU, PV = prods[0], prods[1:1 + S], prods[1 + S:]
+        g = lambda hh, pp: from_products(hh, pp, z_k)
+        taylor = lambda u, v, pu, pv: jet.jet(g, (h, ph), ((u, 2.0 * v), (pu, 2.0 * pv)))
+        fs, (G1, G2) = jax.vmap(taylor)(U, V, PU, PV)
+        f = fs[0]
         c = dynamics.mean_step_size(cfg, params)
         c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
-        h_next = dynamics.mean_step_map(cfg, params, h, z_k, f=f)
-        JU = U + c * (cfg.alpha * a[1:1 + S] + d1[None, :] * w[1:1 + S])
+        h_next = dynamics.mean_step_map(cfg, params, h, f)
         G_eta = jax.vmap(lambda e: dynamics.perturbation_factor_mv(cfg, params, h, f, e))(eta)
-        V_next = V + c * (cfg.alpha * a[1 + S:] + d1[None, :] * w[1 + S:] + 0.5 * d2[None, :] * w[1:1 + S] ** 2)
+        V_next = V + c * 0.5 * G2
         if dynamics.has_mean_shift(cfg):
             V_next = V_next + dynamics.stratonovich_shift(cfg, params, h, cfg.dt)[None, :]
-        return jnp.concatenate([h_next[None], JU + G_eta, V_next], axis=0)
+        return jnp.concatenate([h_next[None], U + c * G1 + G_eta, V_next], axis=0)
 
     return cell
 
 
-def _model_probe_terms(cfg, p, decode, z, y, probes) -> Terms:
-    """`probe_terms` for a whole batch of the Lipschitz model, run by `nrnn_jax.recurrence` (one batched
+def _model_probe_terms(cfg, p, drift: cells.Drift, decode, z, y, probes) -> Terms:
+    """`probe_terms` for a whole batch of a product cell, run by `nrnn_jax.recurrence` (one batched
     recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim)."""
     B, _, d = z.shape
     S = probes.shape[2]
     state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
     xs = (z, probes)
-    final = recurrence.recurrence(_probe_cell(cfg, S), dynamics.products_matrix(p), dynamics.matrix_free(cfg, p, z.dtype),
-                                  state0, xs)
+    final = recurrence.recurrence(_probe_cell(cfg, drift.from_products, S), drift.params,
+                                  dynamics.matrix_free(cfg, p, z.dtype), state0, xs)
 
     def per_example(s, y_i):
         loss = lambda h: cross_entropy(decode(h), y_i)
@@ -308,15 +305,17 @@ def continuous_terms(
 # The model-level entry point.
 # ------------------------------------------------------------------------------------------------------
 def _model_pieces(model, noise_levels):
-    """Per-example step map, perturbation factor and mean shift of the model's scheme (docs/theory.md (3.2), (3.5))."""
+    """The cell's drift, and the per-example step map, perturbation factor and mean shift of the model's
+    scheme (docs/theory.md (3.2), (3.5))."""
     cfg = model.cfg
     p = model.recurrent_params(noise_levels)
-    step = lambda h, z: dynamics.mean_step_map(cfg, p, h, z)
-    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, z)
+    drift = cells.pure(model.cell)
+    step = lambda h, z: dynamics.mean_step_map(cfg, p, h, drift(h, z))
+    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, drift(h, z))
     shift = None
     if dynamics.has_mean_shift(cfg):
         shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, cfg.dt)
-    return cfg, p, step, factor, shift
+    return cfg, p, drift, step, factor, shift
 
 
 def explicit_regularizer(
@@ -356,7 +355,7 @@ def explicit_regularizer(
     check_choice("", "method", method, METHODS)
     check_int("", "num_probes", num_probes, 1)
     check_choice("", "probe", probe, PROBES)
-    cfg, p, step, factor, shift = _model_pieces(model, noise_levels)
+    cfg, p, drift, step, factor, shift = _model_pieces(model, noise_levels)
     levels = dynamics.noise_levels(cfg, p)
     if all(isinstance(v, (int, float)) and v == 0 for v in levels):
         warnings.warn("explicit_regularizer: the noise levels are eps_add = eps_mult = 0, so the regularizer is 0; "
@@ -381,7 +380,6 @@ def explicit_regularizer(
             return exact_terms(step, factor, loss, h0, z_i, shift)
         if method == "probe":
             return probe_terms(step, factor, loss, h0, z_i, extra, shift)
-        drift = lambda h, u: dynamics.drift(cfg, p, h, u)
         sigma = lambda h, u: dynamics.diffusion(cfg, p, h)
         rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, 1.0))
         return continuous_terms(drift, sigma, loss, h0, z_i, cfg.dt, rate_shift)
@@ -389,8 +387,8 @@ def explicit_regularizer(
     B, T = x.shape[0], x.shape[1]
     if method == "probe":
         probes = draw_probes(key, (B, T, num_probes, cfg.noise_dim), probe, dtype)
-        if cfg.gradient == "adjoint":
-            terms = _model_probe_terms(cfg, p, decode, z, y, probes)
+        if cfg.gradient == "adjoint" and drift.has_products:
+            terms = _model_probe_terms(cfg, p, drift, decode, z, y, probes)
         else:
             terms = jax.vmap(per_example)(z, y, probes)
         samples = terms.value  # (B, S)

@@ -13,6 +13,7 @@ return its configuration, sweep and data set. `start_run` and `resume_run` are t
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -208,22 +209,59 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_run(run_dir: str | Path, member: int | None = None) -> NoisyRNN:
+def factory_path(factory) -> str:
+    """'module:qualname' of a cell factory, what a run directory records to rebuild a user cell."""
+    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__qualname__)}"
+
+
+def _import_factory(path: str):
+    module, _, qualname = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_cell_factory(run_dir: str | Path, cell=None):
+    """The cell factory a run needs: None for a built-in cell; for a user cell (`cell="custom"`) the given
+    `cell`, else the one recorded in config.json, imported (a factory defined in a notebook or a script's
+    `__main__` cannot be imported: pass it)."""
+    mcfg, _ = read_run_config(run_dir)
+    if mcfg.cell != "custom":
+        if cell is not None:
+            fail("", "cell", cell, f"{run_dir} was trained with the built-in cell {mcfg.cell!r}; pass no cell")
+        return None
+    if cell is not None:
+        return cell
+    path = json.loads((Path(run_dir) / "config.json").read_text()).get("cell_factory")
+    try:
+        if path is None or path.startswith("__main__:") or "<locals>" in path:
+            raise ImportError(path)
+        return _import_factory(path)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"{run_dir} was trained with a user cell ({path}) that cannot be imported from here; pass "
+                         "the same factory: load_run(run_dir, cell=factory)") from None
+
+
+def load_run(run_dir: str | Path, member: int | None = None, cell=None) -> NoisyRNN:
     """The trained model of a run directory written by `train_and_evaluate` / `nrnn-train`.
 
     For a sweep, `member` picks one member (with its own noise levels in its configuration); it is
-    required there and must be None for a single-model run."""
+    required there and must be None for a single-model run. A run of a user cell is rebuilt with `cell`, the
+    factory it was trained with (`train_and_evaluate(..., cell=factory)`); without it, the factory's
+    recorded import path is tried."""
+    cell = run_cell_factory(run_dir, cell)
     mcfg, tcfg = read_run_config(run_dir)
     sweep = read_run_sweep(run_dir)
     tx = make_optimizer(tcfg, 1, len(read_rollbacks(Path(run_dir))))  # the optimizer state's structure
     if sweep is None:
         if member is not None:
             fail("", "member", member, f"{run_dir} holds a single model, not a sweep")
-        graphdef, target = init_model_state(mcfg, tx, tcfg.seed)  # the structure, shapes and dtypes to restore into
+        graphdef, target = init_model_state(mcfg, tx, tcfg.seed, cell)  # the structure, shapes and dtypes to restore into
     else:
         if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < sweep.size:
             fail("", "member", member, f"{run_dir} holds a sweep of {sweep.size} models; pass member=0..{sweep.size - 1}")
-        graphdef, target = init_sweep_states(mcfg, tx, sweep)
+        graphdef, target = init_sweep_states(mcfg, tx, sweep, cell)
     sums = zero_sums(metric_names(tcfg), None if sweep is None else sweep.size)
     restored, _ = checkpoint.restore_checkpoint(Path(run_dir) / "checkpoints", {"state": target, "sums": sums})
     params = restored["state"].params

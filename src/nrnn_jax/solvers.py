@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
-from . import dynamics, recurrence
+from . import cells, dynamics, recurrence
 from .config import NRNNConfig
 from ._types import ArrayLike
 from .dynamics import RecurrentParams
@@ -90,13 +90,21 @@ class GridBrownianPath(_OnGrid, diffrax.AbstractBrownianPath):
         return inc
 
 
-def _drift_vf(cfg: NRNNConfig, batch: int, grid_dt: float, as_operator: bool):
+def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Array, "B d"]) -> Float[Array, "B d"]:
+    """The cell's drift for a batch: a product cell's products M h as one matrix product, then g per example;
+    any other cell vmapped."""
+    if drift.has_products:
+        return jax.vmap(drift.from_products)(h, h @ params.T, z)
+    return jax.vmap(lambda h_i, z_i: drift.fn(params, h_i, z_i))(h, z)
+
+
+def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool):
     """The drift on the flat state y = vec(h) of shape (B·d,), reading the input of the step t is in."""
 
     def vf(t, y, args):
-        M, z, p = args  # z time-major (T, B, d)
+        params, z, p = args  # z time-major (T, B, d)
         h = y.reshape(batch, -1)
-        f = dynamics.drift(cfg, p, h, z[_grid_index(t, grid_dt, z.shape[0])], products=h @ M.T)
+        f = batch_drift(drift, params, h, z[_grid_index(t, grid_dt, z.shape[0])])
         return lx.DiagonalLinearOperator(f.reshape(-1)) if as_operator else f.reshape(-1)
 
     return vf
@@ -113,15 +121,16 @@ _SDE_SOLVERS = {"euler": diffrax.Euler, "euler_heun": diffrax.EulerHeun, "milste
 
 
 def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"], xi, h0: Float[Array, "B d"],
-                  save: Save) -> Array:
+                  save: Save, drift: cells.Drift) -> Array:
     """The whole batch as ONE `diffrax.diffeqsolve` on the flat state vec(h) of shape (B·d,) (a batched
-    while loop, no vmap). Time-major: z (T, B, d), xi (T, B, noise_dim) or None; returns (B, d) or, with
-    `save="all"`, (T + 1, B, d)."""
+    while loop, no vmap). Time-major: z (T, B, d), xi (T, B, noise_dim) or None; `drift` the cell's pure
+    form (`cells.pure`), its arrays passed to the solve as `args`; returns (B, d) or, with `save="all"`,
+    (T + 1, B, d)."""
     T, B, d = z.shape
     if B > 1 and xi is not None and cfg.convention == "sde" and cfg.noise_kind == "scalar" and cfg.is_noisy:
         # One multiplicative Brownian motion per example: a dense σ over the flat batch would be
         # (B d) x (B (d + 1)), so the examples are solved one by one (vmapped).
-        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save)
+        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save, drift)
         out = jax.vmap(one, in_axes=(1, 1, 0), out_axes=0 if save == "final" else 1)(z, xi, h0)
         return out[:, 0] if save == "final" else out[:, :, 0]
     dtype = z.dtype
@@ -132,7 +141,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
             clock = jnp.broadcast_to(p.step_size, (T, B, d))
         else:
             clock = p.step_size[None, None, :] * dynamics.reference_multiplier(cfg, p, xi[..., d:])
-        terms = diffrax.ControlTerm(_drift_vf(cfg, B, grid_dt, True), GridIncrementPath(flat(clock), grid_dt))
+        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(flat(clock), grid_dt))
         if xi is not None and cfg.has_additive_noise:
             eps_add = dynamics.noise_levels(cfg, p)[0]
             additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(y, eps_add)),
@@ -141,7 +150,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         solver = diffrax.Euler()
     else:
         grid_dt = cfg.dt
-        terms = diffrax.ODETerm(_drift_vf(cfg, B, grid_dt, False))
+        terms = diffrax.ODETerm(_drift_vf(drift, B, grid_dt, False))
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
             dw = dynamics.increments(cfg, xi)
@@ -156,7 +165,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         t1=ts[-1],
         dt0=None,
         y0=h0.reshape(-1),
-        args=(dynamics.products_matrix(p), z, p),
+        args=(drift.params, z, p),
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts),
         adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
@@ -165,12 +174,13 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
     return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
 
 
-def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save):
-    """The plain per-example `lax.scan` of `dynamics.step` (JAX differentiates it; `gradient="autodiff"`)."""
+def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save, drift: cells.Drift):
+    """The plain per-example `lax.scan` of `dynamics.step` with the cell's drift (JAX differentiates it: the
+    generic path, `gradient="autodiff"` or a cell that is not a product cell)."""
 
     def body(h, inputs):
         z_k, xi_k = inputs
-        h_next = dynamics.step(cfg, p, h, z_k, xi_k)
+        h_next = dynamics.step(cfg, p, h, drift(h, z_k), xi_k)
         return h_next, (h_next if save == "all" else None)
 
     h_final, hs = jax.lax.scan(body, h0, (z, xi))
@@ -179,30 +189,27 @@ def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, 
     return jnp.concatenate([h0[None], hs], axis=0)
 
 
-def _cell(cfg: NRNNConfig):
-    """One step of the configured scheme for `nrnn_jax.recurrence`: the state is (1, hidden), the products
-    are M h = (A h, W h), the inputs are (z_k, ξ_k) with raw standard normals ξ_k (or None); the
-    parameters are the `RecurrentParams` without the matrices (the step size and the noise levels)."""
+def _cell(cfg: NRNNConfig, from_products):
+    """One step of the configured scheme for `nrnn_jax.recurrence`, for a product cell with drift
+    g(h, M h, z): the state is (1, hidden), the products M h, the inputs (z_k, ξ_k) with raw standard normals
+    ξ_k (or None); the parameters are the `RecurrentParams` without matrices (step size, noise levels)."""
 
     def cell(s, prods, x_k, params):
         z_k, xi_k = x_k
         h = s[0]
-        f = dynamics.drift(cfg, params, h, z_k, products=prods[0])
-        return dynamics.step(cfg, params, h, z_k, xi_k, f=f)[None]
+        return dynamics.step(cfg, params, h, from_products(h, prods[0], z_k), xi_k)[None]
 
     return cell
 
 
-def _diffrax_forward(cfg: NRNNConfig):
+def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
     """The forward states of the adjoint recurrence computed by `diffrax.diffeqsolve` (no autodiff through
     the solve: the recurrence's adjoint differentiates it)."""
 
     def forward(cell, M, params, state0, xs):
         z, xi = (None if a is None else jnp.swapaxes(a, 0, 1) for a in xs)  # time-major for the solve
-        d = cfg.hidden
-        p = params._replace(A=M[:d], W=M[d:])
-        hs = solve_diffrax(cfg, p, z, xi, state0[:, 0], "all")[:, :, None, :]  # (T + 1, B, 1, d)
-        return hs[:-1], hs[-1], None
+        hs = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M))[:, :, None, :]
+        return hs[:-1], hs[-1], None  # (T, B, 1, d), (B, 1, d)
 
     return forward
 
@@ -215,26 +222,32 @@ def solve_batch(
     *,
     h0: Float[ArrayLike, "B d"] | None = None,
     save: Save = "final",
+    cell=None,
 ) -> Array:
     """`solve` for a batch: z (B, T, hidden), xi (B, T, noise_dim) or None, h0 (B, hidden).
 
-    Returns (B, hidden) or, with `save="all"`, (B, T + 1, hidden). Under `cfg.gradient="adjoint"` the
-    backward pass is the discrete adjoint of `nrnn_jax.recurrence` whichever backend computed the forward
-    states; under `"autodiff"` JAX differentiates the backend's loop (`lax.scan`, or `diffeqsolve` with
+    Returns (B, hidden) or, with `save="all"`, (B, T + 1, hidden). `cell`: the drift, a `nrnn_jax.Cell` or
+    its pure form `cells.Drift` (None: the Lipschitz drift of the matrices `p.A`, `p.W`).
+
+    Fast path (a product cell under `cfg.gradient="adjoint"`): the backward pass is the discrete adjoint of
+    `nrnn_jax.recurrence` whichever backend computed the forward states. Generic path (any other cell, or
+    `"autodiff"`): JAX differentiates the backend's loop (`lax.scan`, or `diffeqsolve` with
     `RecursiveCheckpointAdjoint`).
     """
     if save not in ("final", "all"):
         check_choice("", "save", save, ("final", "all"))
     if h0 is None:
         h0 = jnp.zeros((z.shape[0], z.shape[-1]), z.dtype)
-    if cfg.gradient == "autodiff" and cfg.backend == "scan":
-        one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save)
+    drift = as_drift(cfg, p, cell)
+    if (cfg.gradient == "autodiff" or not drift.has_products) and cfg.backend == "scan":
+        one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save, drift)
         return jax.vmap(one, in_axes=(0, None if xi is None else 0, 0))(z, xi, h0)
-    if cfg.gradient == "autodiff":  # diffrax, differentiated by diffrax's RecursiveCheckpointAdjoint
-        out = solve_diffrax(cfg, p, jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1), h0, save)
+    if cfg.gradient == "autodiff" or not drift.has_products:  # diffrax's RecursiveCheckpointAdjoint
+        out = solve_diffrax(cfg, p, jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1), h0, save,
+                            drift)
         return out if save == "final" else jnp.swapaxes(out, 0, 1)
-    forward = _diffrax_forward(cfg) if cfg.backend == "diffrax" else recurrence.scan_forward
-    out = recurrence.recurrence(_cell(cfg), dynamics.products_matrix(p), dynamics.matrix_free(cfg, p, z.dtype),
+    forward = _diffrax_forward(cfg, drift) if cfg.backend == "diffrax" else recurrence.scan_forward
+    out = recurrence.recurrence(_cell(cfg, drift.from_products), drift.params, dynamics.matrix_free(cfg, p, z.dtype),
                                 h0[:, None, :], (z, xi), forward=forward, save=save)
     return out[:, 0] if save == "final" else jnp.swapaxes(out[:, :, 0], 0, 1)
 
@@ -247,6 +260,7 @@ def solve(
     *,
     h0: Float[ArrayLike, " d"] | None = None,
     save: Save = "final",
+    cell=None,
 ) -> Array:
     """Run the recurrence for one example on the configured backend.
 
@@ -258,9 +272,22 @@ def solve(
     - `xi`: standard normals of shape (T, cfg.noise_dim), or None for the deterministic recursion.
     - `h0`: the initial state (default zeros).
     - `save`: `"final"` for h_T of shape (hidden,), `"all"` for (h_0, …, h_T) of shape (T + 1, hidden).
+    - `cell`: the drift (a `nrnn_jax.Cell`); None: the Lipschitz drift of `p.A`, `p.W`.
 
     **Returns:** the final state or the whole trajectory. `solve_batch` runs a batch.
     """
     if h0 is None:
         h0 = jnp.zeros(z.shape[-1], z.dtype)
-    return solve_batch(cfg, p, z[None], None if xi is None else xi[None], h0=h0[None], save=save)[0]
+    return solve_batch(cfg, p, z[None], None if xi is None else xi[None], h0=h0[None], save=save, cell=cell)[0]
+
+
+def as_drift(cfg: NRNNConfig, p: RecurrentParams, cell=None) -> cells.Drift:
+    """The pure drift the solvers run: that of `cell` (a `Cell` or a `cells.Drift`), or with `cell=None` the
+    Lipschitz drift of the matrices in `p`."""
+    if isinstance(cell, cells.Drift):
+        return cell
+    if cell is None:
+        if p.A is None or p.W is None:
+            raise ValueError("solve: pass cell=... or RecurrentParams with the matrices A and W of the Lipschitz drift")
+        cell = cells.MatrixLipschitz(cfg.alpha, p.A, p.W)
+    return cells.pure(cell)

@@ -79,18 +79,25 @@ def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) 
     return optax.chain(*parts)
 
 
-def init_model_state(mcfg: NRNNConfig, tx: optax.GradientTransformation, seed: int):
-    """(graphdef, TrainState) of a fresh `NoisyRNN(mcfg, rngs=nnx.Rngs(seed))` with its noise key from seed."""
-    graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(seed)))
+def new_model(mcfg: NRNNConfig, seed: int, cell=None) -> NoisyRNN:
+    """`NoisyRNN(mcfg, rngs=nnx.Rngs(seed))`, with the cell `cell(mcfg, rngs=rngs)` when a cell factory (e.g. a
+    `Cell` subclass taking (cfg, *, rngs)) is given."""
+    rngs = nnx.Rngs(seed)
+    return NoisyRNN(mcfg, rngs=rngs, cell=None if cell is None else cell(mcfg, rngs=rngs))
+
+
+def init_model_state(mcfg: NRNNConfig, tx: optax.GradientTransformation, seed: int, cell=None):
+    """(graphdef, TrainState) of a fresh `new_model(mcfg, seed, cell)` with its noise key from seed."""
+    graphdef, params = nnx.split(new_model(mcfg, seed, cell))
     return graphdef, init_train_state(params, tx, seed)
 
 
-def init_sweep_states(mcfg: NRNNConfig, tx: optax.GradientTransformation, sweep: Sweep):
+def init_sweep_states(mcfg: NRNNConfig, tx: optax.GradientTransformation, sweep: Sweep, cell=None):
     """(graphdef, stacked TrainState): member i initialised exactly as a single run with
     `TrainConfig.seed = seed_i`. The graph holds `sweep.structure_config(mcfg)` (every noise term any member
     uses); the members' own levels are passed to the step (the initialisation does not depend on them)."""
     structure = sweep.structure_config(mcfg)
-    graphdef, states = zip(*(init_model_state(structure, tx, seed) for seed in sweep.member_seeds()))
+    graphdef, states = zip(*(init_model_state(structure, tx, seed, cell) for seed in sweep.member_seeds()))
     return graphdef[0], jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 

@@ -168,6 +168,7 @@ def train_and_evaluate(
     on_epoch_end: Callable[[int, NoisyRNN], dict[str, float]] | None = None,
     sweep: Sweep | None = None,
     devices: int | None = None,
+    cell: Callable | None = None,
 ) -> RunResult:
     """Train a `NoisyRNN` and evaluate it; the one training loop of the library.
 
@@ -189,6 +190,9 @@ def train_and_evaluate(
     - `devices`: data-parallel training over the first `devices` devices (a mesh split along the batch;
       `batch_size` must be divisible by it). None: the default device. Results equal those of one device
       up to the order of floating-point sums.
+    - `cell`: a user cell as a factory `cell(mcfg, rngs=rngs) -> Cell` (a `Cell` subclass with that
+      constructor qualifies), called once per model; the run records `cell="custom"` and the factory's
+      import path, from which `load_run` rebuilds it. None: the built-in `mcfg.cell`.
 
     Checkpoints (every `tcfg.checkpoint_every` steps and at each epoch end) hold the whole `TrainState`
     (parameters, optimizer state, step, PRNG key) and the running metric sums; the data order of an epoch
@@ -201,6 +205,13 @@ def train_and_evaluate(
         tcfg = tcfg.replace(data_dir=str(Path(tcfg.data_dir).expanduser().resolve()))
     data = data if data is not None else load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))
     mcfg = _fit_model_cfg(mcfg, data)
+    if cell is not None:
+        if not callable(cell):
+            fail("", "cell", cell, "expected a factory cell(cfg, rngs=rngs) -> Cell, e.g. a Cell subclass")
+        mcfg = mcfg.replace(cell="custom")
+    elif mcfg.cell == "custom":
+        raise ValueError("NRNNConfig.cell='custom' needs the user cell: train_and_evaluate(..., cell=factory) with "
+                         "factory(cfg, rngs=rngs) -> Cell")
     member_cfgs = [mcfg] if sweep is None else [sweep.member_config(mcfg, i) for i in range(sweep.size)]
     # A sweep may hold noise-free members (its deterministic baseline, trained on the same batches); it
     # needs noise in at least one member, a single run in itself.
@@ -225,10 +236,10 @@ def train_and_evaluate(
     tx = make_optimizer(tcfg, steps_per_epoch, len(rollbacks))
     n_members = None if sweep is None else sweep.size
     if sweep is None:
-        graphdef, state = init_model_state(mcfg, tx, tcfg.seed)
+        graphdef, state = init_model_state(mcfg, tx, tcfg.seed, cell)
         step_args = ()
     else:
-        graphdef, state = init_sweep_states(mcfg, tx, sweep)
+        graphdef, state = init_sweep_states(mcfg, tx, sweep, cell)
         step_args = (jnp.asarray(sweep.noise_levels(mcfg), jnp.dtype(mcfg.dtype)),)
     if replicated is not None:
         state = jax.device_put(state, replicated)
@@ -240,6 +251,8 @@ def train_and_evaluate(
     if run_dir is not None:
         run_dir = Path(run_dir)
         config = {"model": mcfg.to_dict(), "train": tcfg.to_dict()}
+        if cell is not None:
+            config["cell_factory"] = runs.factory_path(cell)
         if sweep is not None:
             config["sweep"] = sweep.to_dict()
         if resume:

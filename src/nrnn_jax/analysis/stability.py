@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import dynamics
+from .. import cells, dynamics
 from ..config import NRNNConfig
 from ..dynamics import RecurrentParams
 
@@ -67,6 +67,10 @@ def certificate(cfg: NRNNConfig, p: RecurrentParams, lipschitz: float = 1.0) -> 
     then NaN and c₁ is that of the drift f). `lyapunov_exponent` raises for the reference convention instead,
     since it has nothing to measure.
     """
+    if p.A is None or p.W is None:
+        raise ValueError(f"certificate: NRNNConfig.cell={cfg.cell!r} has no certificate: its assumptions (the drift "
+                         "α A h + tanh(W h) with h = 0 an equilibrium, docs/theory.md §5) hold for the Lipschitz cell "
+                         "only; measure the cell's exponent with lyapunov_exponent(cfg, p, cell=model.cell)")
     sym = 0.5 * (cfg.alpha * p.A + cfg.alpha * p.A.T)
     c1_drift = float(jnp.linalg.eigvalsh(sym)[-1] + lipschitz * jnp.linalg.norm(p.W, 2))
     if cfg.convention != "sde":
@@ -100,17 +104,18 @@ def _paths_randomness(key, num_paths: int, steps: int, d: int, m: int, dtype):
     return jax.vmap(one)(jax.random.split(key, num_paths))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "radius"))
-def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, h0, xi, radius: float):
-    """(1/t) Σ_k log(|h_{k+1}| / |h_k|) for each path (h0[i], xi[i]) of the unforced scheme, h renormalised to
-    `radius` after every step. Compiled once per configuration and shape."""
+@functools.partial(jax.jit, static_argnames=("cfg", "fn", "radius"))
+def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, fn, params, h0, xi, radius: float):
+    """(1/t) Σ_k log(|h_{k+1}| / |h_k|) for each path (h0[i], xi[i]) of the unforced scheme with the drift
+    fn(params, h, 0), h renormalised to `radius` after every step. Compiled once per configuration, drift and
+    shape."""
     z = jnp.zeros(h0.shape[-1], h0.dtype)
 
     def path(h0, xi):
         h0 = radius * h0 / jnp.linalg.norm(h0)
 
         def body(h, xi_k):
-            h1 = dynamics.step(cfg, p, h, z, xi_k)
+            h1 = dynamics.step(cfg, p, h, fn(params, h, z), xi_k)
             n = jnp.linalg.norm(h1)
             return radius * h1 / n, jnp.log(n / radius)
 
@@ -121,18 +126,31 @@ def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, h0, xi, radius: float):
 
 
 def lyapunov_exponent(cfg: NRNNConfig, p: RecurrentParams, *, t_max: float = 200.0, num_paths: int = 16,
-                      radius: float = 1e-6, seed: int = 0) -> tuple[float, float]:
+                      radius: float = 1e-6, seed: int = 0, cell=None) -> tuple[float, float]:
     """Top Lyapunov exponent of the equilibrium h = 0 of the unforced scheme `cfg.solver`, measured as
     (1/t) Σ log(|h_{k+1}| / |h_k|) with h renormalised to `radius` after each step (so that the model's
     own nonlinear step acts in its linear regime). Additive noise is left out (it removes the equilibrium).
+    `cell`: the drift (a model's `model.cell`; None: the Lipschitz drift of `p.A`, `p.W`); h = 0 must be an
+    equilibrium of the unforced cell, f(0, 0) = 0, else `ValueError`.
     Returns (mean over paths, standard error). Raises `ValueError` for the reference convention."""
     _check_sde(cfg, "lyapunov_exponent")
+    if cell is None:
+        if p.A is None or p.W is None:
+            raise ValueError("lyapunov_exponent: pass cell=model.cell, or RecurrentParams with the matrices A, W")
+        cell = cells.MatrixLipschitz(cfg.alpha, p.A, p.W)
+        d, dtype = p.A.shape[0], jnp.dtype(p.A.dtype)
+    else:
+        d, dtype = cfg.hidden, jnp.dtype(cfg.dtype)
+    drift = cells.pure(cell, products=False)
+    f0 = float(jnp.max(jnp.abs(drift(jnp.zeros(d, dtype), jnp.zeros(d, dtype)))))
+    if not f0 <= 1e-6:
+        raise ValueError(f"lyapunov_exponent: h = 0 is not an equilibrium of the unforced cell "
+                         f"(max |f(0, 0)| = {f0:.3g}; NRNNConfig.cell={cfg.cell!r}), so it has no exponent to "
+                         "measure; cells with f(0, 0) = 0 (e.g. no bias inside the drift) qualify")
     steps = int(round(t_max / cfg.dt))
-    d = p.A.shape[0]
     noiseless = cfg.replace(eps_add=0.0)  # the equilibrium's own noise: additive noise is excluded
-    h0, xi = _paths_randomness(jax.random.PRNGKey(seed), num_paths, steps, d, noiseless.noise_dim,
-                               jnp.dtype(p.A.dtype))
-    exps = np.asarray(_path_exponents(noiseless, p, h0, xi, radius))
+    h0, xi = _paths_randomness(jax.random.PRNGKey(seed), num_paths, steps, d, noiseless.noise_dim, dtype)
+    exps = np.asarray(_path_exponents(noiseless, p, drift.fn, drift.params, h0, xi, radius))
     return float(exps.mean()), float(exps.std(ddof=1) / np.sqrt(num_paths))
 
 
