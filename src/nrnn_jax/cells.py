@@ -277,6 +277,9 @@ class MatrixLipschitz:
 def check_cell(cell: Any, hidden: int, dtype) -> None:
     """Clear errors for a user cell: no `drift`, or a drift of the wrong shape or dtype (checked abstractly,
     without computing anything)."""
+    if isinstance(cell, str):
+        raise TypeError(f"NoisyRNN(cell={cell!r}): cell= takes a cell module; a built-in cell is chosen by name with "
+                        f"NRNNConfig(cell={cell!r}) ({', '.join(CELLS)})")
     if not callable(getattr(cell, "drift", None)):
         raise TypeError(f"NoisyRNN(cell=...): a cell needs a method drift(h, z) for one example (h, z of shape "
                         f"({hidden},)) returning dh/dt of shape ({hidden},); {type(cell).__name__} has none. "

@@ -23,4 +23,5 @@ def masked_mean(values: Float[Array, " b"], mask: Float[ArrayLike, " b"] | None)
 
 
 def correct(logits: Float[Array, "b c"], y: Int[ArrayLike, " b"]) -> Float[Array, " b"]:
-    return (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)
+    pred = jnp.argmax(logits, axis=-1)
+    return (pred == jnp.asarray(y).astype(pred.dtype)).astype(logits.dtype)  # int64 argmax under jax_enable_x64
