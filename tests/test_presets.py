@@ -60,7 +60,7 @@ def test_per_step_additive_noise_is_the_public_codes(name):
     p = NoisyRNN(mcfg, rngs=nnx.Rngs(0)).recurrent_params()
     h = z = jnp.zeros(d, jnp.float32)
     rest = jnp.zeros(mcfg.noise_dim - d, jnp.float32)
-    jac = jax.jacfwd(lambda a: step(mcfg, p, h, drift(mcfg, p, h, z), jnp.concatenate([a, rest])))(jnp.zeros(d, jnp.float32))
+    jac = jax.jacfwd(lambda a: step(mcfg, p, h, z, drift(mcfg, p, h, z), jnp.concatenate([a, rest])))(jnp.zeros(d, jnp.float32))
     public = PUBLIC_ADDITIVE_STD[name]
     assert public in (0.02, 0.05)
     np.testing.assert_allclose(np.diag(jac), public, rtol=1e-6)

@@ -28,7 +28,7 @@ def check_options(owner: str, field: str, value: Any) -> tuple[tuple[str, str], 
 
 CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "custom")
 CONVENTIONS = ("sde", "reference")
-NOISE_KINDS = ("diagonal", "scalar")
+NOISE_KINDS = ("diagonal", "scalar", "custom")
 SOLVERS = ("euler", "euler_heun", "milstein")
 BACKENDS = ("diffrax", "scan")
 GRADIENTS = ("adjoint", "autodiff")
@@ -39,6 +39,28 @@ REG_METHODS = ("exact", "probe")
 # Counter-based generators whose keys are uint32[2] (so the state's key and checkpoints have one layout).
 PRNGS = ("threefry2x32", "philox4x32")
 DIVERGENCE_POLICIES = ("raise", "rollback")
+
+
+def import_path(obj) -> str:
+    """'module:qualname' of a function or class, how run directories record user code."""
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _import_path(owner: str, field: str, path: str):
+    """The object an import path names; ValueError naming the field and saying what to pass otherwise."""
+    import importlib
+
+    module, _, qualname = path.partition(":")
+    try:
+        if module == "__main__" or "<locals>" in qualname or not qualname:
+            raise ImportError(path)
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError):
+        fail(owner, field, path, "this user code cannot be imported from here (defined in a notebook, a script's "
+             "__main__ or a function); pass the object itself, e.g. load_run(run_dir, diffusion=sigma)")
 
 
 class ConfigMixin:
@@ -87,7 +109,12 @@ class NRNNConfig(ConfigMixin):
     - `convention`: `"sde"` (the paper's Euler–Maruyama scheme, default) or `"reference"` (the public
       PyTorch code: h ← h + (s ⊙ u) ⊙ f + ε_add ξ with u ~ U[1 − ε_mult, 1]^d and a learnable step s).
     - `noise_kind`: `"diagonal"` (d independent Brownian motions) or `"scalar"` (multiplicative part driven
-      by one Brownian motion; the case of stochastic stabilisation, docs/theory.md (5.6)). Only for `"sde"`.
+      by one Brownian motion; the case of stochastic stabilisation, docs/theory.md (5.6)), or `"custom"`: the
+      user diffusion `diffusion`. Only for `"sde"`.
+    - `diffusion`: a user σ(h, z) for one example (h, z of shape (hidden,)), returning a diagonal (hidden,)
+      or a (hidden, m) matrix for m Brownian motions (`nrnn_jax.noise.CustomNoise`); it requires
+      `noise_kind="custom"` (`NoisyRNN(cfg, rngs=..., diffusion=sigma)` sets both), and ε_add = ε_mult = 0
+      (scale σ itself). Recorded in run directories by its import path.
     - `solver`: `"euler"` (Itô Euler–Maruyama, default), `"euler_heun"` (Stratonovich Euler–Heun) or
       `"milstein"` (Itô Milstein; requires commutative noise, so not scalar noise together with additive
       noise). Under `"reference"` only `"euler"` is defined.
@@ -112,12 +139,13 @@ class NRNNConfig(ConfigMixin):
     eps_mult: float = 0.0
     init_std: float = 0.1
     convention: Literal["sde", "reference"] = "sde"
-    noise_kind: Literal["diagonal", "scalar"] = "diagonal"
+    noise_kind: Literal["diagonal", "scalar", "custom"] = "diagonal"
     solver: Literal["euler", "euler_heun", "milstein"] = "euler"
     backend: Literal["diffrax", "scan"] = "diffrax"
     gradient: Literal["adjoint", "autodiff"] = "adjoint"
     dtype: Literal["float32", "float64"] = "float32"
     cell: str = "lipschitz"
+    diffusion: Any = None
 
     def __post_init__(self) -> None:
         own = "NRNNConfig"
@@ -137,11 +165,26 @@ class NRNNConfig(ConfigMixin):
                 fail(own, "eps_mult", self.eps_mult, "the reference convention draws u ~ U[1 - eps_mult, 1], "
                       "so eps_mult must lie in [0, 1]")
             if self.noise_kind != "diagonal":
-                fail(own, "noise_kind", self.noise_kind, "the reference convention has no scalar noise; "
-                      "use noise_kind='diagonal' or convention='sde'")
+                fail(own, "noise_kind", self.noise_kind, "the reference convention has its own noise (no scalar "
+                      "or user diffusion); use noise_kind='diagonal' or convention='sde'")
             if self.solver != "euler":
                 fail(own, "solver", self.solver, "the reference convention is a fixed update rule; "
                       "use solver='euler' or convention='sde'")
+        if isinstance(self.diffusion, str):  # an import path, as run directories record it
+            object.__setattr__(self, "diffusion", _import_path(own, "diffusion", self.diffusion))
+        if (self.diffusion is None) != (self.noise_kind != "custom"):
+            fail(own, "noise_kind" if self.diffusion is None else "diffusion",
+                 self.noise_kind if self.diffusion is None else self.diffusion,
+                 "a user diffusion goes with noise_kind='custom' and noise_kind='custom' needs diffusion=sigma "
+                 "(sigma(h, z) for one example); NoisyRNN(cfg, rngs=..., diffusion=sigma) sets both")
+        if self.diffusion is not None:
+            if not callable(self.diffusion):
+                fail(own, "diffusion", self.diffusion, "expected a function sigma(h, z) of one example")
+            if self.eps_add or self.eps_mult:
+                fail(own, "eps_add" if self.eps_add else "eps_mult", self.eps_add or self.eps_mult,
+                     "the noise levels do not apply to a user diffusion: set them to 0 and scale sigma itself")
+            from .noise import custom_shape  # validates the shape: (hidden,) or (hidden, m)
+            object.__setattr__(self, "_diffusion_shape", custom_shape(self.diffusion, self.hidden))
         if self.solver == "milstein" and self.noise_kind == "scalar" and self.eps_add > 0:
             fail(own, "solver", self.solver, "Milstein needs commutative noise, which scalar multiplicative "
                   "noise with eps_add > 0 is not; set eps_add=0, use noise_kind='diagonal', or pick "
@@ -157,11 +200,19 @@ class NRNNConfig(ConfigMixin):
         """
         if self.convention == "reference":
             return 2 * self.hidden
+        if self.noise_kind == "custom":
+            return self._diffusion_shape[1]
         return self.hidden + 1 if self.noise_kind == "scalar" else self.hidden
 
     @property
     def is_noisy(self) -> bool:
-        return self.eps_add > 0 or self.eps_mult > 0
+        return self.eps_add > 0 or self.eps_mult > 0 or self.diffusion is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.diffusion is not None:
+            d["diffusion"] = import_path(self.diffusion)
+        return d
 
     @property
     def has_additive_noise(self) -> bool:
@@ -313,6 +364,8 @@ class Sweep(ConfigMixin):
 # long form). tests/test_cli_workflow.py checks that every field of both classes has an entry.
 FIELD_HELP: dict[str, dict[str, str]] = {
     "NRNNConfig": {
+        "diffusion": "a user diffusion sigma(h, z) as an import path module:function (with --noise-kind custom "
+                     "and no eps levels)",
         "cell": "the drift f(h, z): lipschitz, antisymmetric, gru or tanh (a user cell: the Python API)",
         "input_dim": "input features per step (default: the data set's)",
         "hidden": "hidden units d",

@@ -27,6 +27,9 @@ class NoisyRNN(nnx.Module):
     - `cell`: a user cell (a `flax.nnx.Module` with `drift(h, z)` for one example, see `nrnn_jax.cells`);
       None builds the built-in cell `cfg.cell`. With a user cell the model's configuration records
       `cell="custom"`.
+    - `diffusion`: a user σ(h, z) for one example returning a diagonal (hidden,) or a (hidden, m) matrix
+      (`nrnn_jax.noise.CustomNoise`); sets `cfg.noise_kind="custom"` (the noise levels must be 0). None: the
+      configuration's diffusion.
 
     **Parts:** `model.encode(x)` = z (batch, T, hidden), the input drive; `model.cell` the drift;
     `model.decode(h)` the logits of final states.
@@ -44,12 +47,14 @@ class NoisyRNN(nnx.Module):
     - `model.step_size`: the learnable per-unit step `s` of the reference convention (None under "sde").
     """
 
-    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs, cell: cells.Cell | None = None):
+    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs, cell: cells.Cell | None = None, diffusion=None):
         if not isinstance(cfg, NRNNConfig):
             raise TypeError(f"NoisyRNN(cfg=...) expects an NRNNConfig, got {type(cfg).__name__}.")
         if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError("NRNNConfig.dtype='float64' needs 64-bit JAX: set jax.config.update("
                              "'jax_enable_x64', True) or run inside `with jax.enable_x64(True):`.")
+        if diffusion is not None:
+            cfg = cfg.replace(noise_kind="custom", diffusion=diffusion)
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden
         if cell is None and cfg.cell == "custom":

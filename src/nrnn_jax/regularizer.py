@@ -223,10 +223,10 @@ def _probe_cell(cfg, from_products, num_probes: int):
         c = dynamics.mean_step_size(cfg, params)
         c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
         h_next = dynamics.mean_step_map(cfg, params, h, f)
-        G_eta = jax.vmap(lambda e: dynamics.perturbation_factor_mv(cfg, params, h, f, e))(eta)
+        G_eta = jax.vmap(lambda e: dynamics.perturbation_factor_mv(cfg, params, h, z_k, f, e))(eta)
         V_next = V + c * 0.5 * G2
         if dynamics.has_mean_shift(cfg):
-            V_next = V_next + dynamics.stratonovich_shift(cfg, params, h, cfg.dt)[None, :]
+            V_next = V_next + dynamics.stratonovich_shift(cfg, params, h, z_k, cfg.dt)[None, :]
         return jnp.concatenate([h_next[None], U + c * G1 + G_eta, V_next], axis=0)
 
     return cell
@@ -311,10 +311,10 @@ def _model_pieces(model, noise_levels):
     p = model.recurrent_params(noise_levels)
     drift = cells.pure(model.cell)
     step = lambda h, z: dynamics.mean_step_map(cfg, p, h, drift(h, z))
-    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, drift(h, z))
+    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, z, drift(h, z))
     shift = None
     if dynamics.has_mean_shift(cfg):
-        shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, cfg.dt)
+        shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, z, cfg.dt)
     return cfg, p, drift, step, factor, shift
 
 
@@ -380,8 +380,8 @@ def explicit_regularizer(
             return exact_terms(step, factor, loss, h0, z_i, shift)
         if method == "probe":
             return probe_terms(step, factor, loss, h0, z_i, extra, shift)
-        sigma = lambda h, u: dynamics.diffusion(cfg, p, h)
-        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, 1.0))
+        sigma = lambda h, u: dynamics.diffusion(cfg, p, h, u)
+        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, u, 1.0))
         return continuous_terms(drift, sigma, loss, h0, z_i, cfg.dt, rate_shift)
 
     B, T = x.shape[0], x.shape[1]

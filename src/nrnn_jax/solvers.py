@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
-from . import cells, dynamics, recurrence
+from . import cells, dynamics, recurrence, schemes
+from . import noise as noise_lib
 from .config import NRNNConfig
 from ._types import ArrayLike
 from .dynamics import RecurrentParams
@@ -110,14 +111,23 @@ def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool)
     return vf
 
 
-def _diffusion_vf(cfg: NRNNConfig, batch: int):
-    """σ(h) on the flat state as a lineax operator from the flat noise (B·noise_dim,) to (B·d,)."""
-    if cfg.noise_kind == "scalar" and batch != 1:  # [ε_add I | ε_mult h] is (d, d + 1) for ONE example
-        raise ValueError("scalar noise couples the d components of one example: solve one example at a time.")
-    return lambda t, y, args: dynamics.diffusion(cfg, args[2], y)  # diagonal noise acts elementwise on vec(h)
+def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: float):
+    """σ(h, z) on the flat state as a lineax operator from the flat noise (B·noise_dim,) to (B·d,), reading
+    the input of the step t is in: one example, or a batch of an elementwise diffusion (diagonal, each entry
+    depending on its own coordinate: it acts on vec(h) entry by entry)."""
+    if not sigma.elementwise and batch != 1:  # e.g. [ε_add I | ε_mult h] is (d, d + 1) for ONE example
+        raise ValueError("this diffusion couples the components of one example: solve one example at a time.")
 
+    def vf(t, y, args):
+        _, z, p = args
+        h = y.reshape(batch, -1)
+        z_k = z[_grid_index(t, grid_dt, z.shape[0])]
+        levels = dynamics.noise_levels(cfg, p)
+        if batch == 1:
+            return sigma.operator(levels, h[0], z_k[0])
+        return lx.DiagonalLinearOperator(jax.vmap(lambda hh, zz: sigma.diagonal(levels, hh, zz))(h, z_k).reshape(-1))
 
-_SDE_SOLVERS = {"euler": diffrax.Euler, "euler_heun": diffrax.EulerHeun, "milstein": diffrax.ItoMilstein}
+    return vf
 
 
 def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"], xi, h0: Float[Array, "B d"],
@@ -127,35 +137,38 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
     form (`cells.pure`), its arrays passed to the solve as `args`; returns (B, d) or, with `save="all"`,
     (T + 1, B, d)."""
     T, B, d = z.shape
-    if B > 1 and xi is not None and cfg.convention == "sde" and cfg.noise_kind == "scalar" and cfg.is_noisy:
-        # One multiplicative Brownian motion per example: a dense σ over the flat batch would be
-        # (B d) x (B (d + 1)), so the examples are solved one by one (vmapped).
+    scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
+    if B > 1 and xi is not None and scheme.is_sde and not sigma.elementwise and cfg.is_noisy:
+        # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per
+        # example): a dense σ over the flat batch would be (B d) x (B m), so the examples are solved one by one
+        # (vmapped).
         one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save, drift)
         out = jax.vmap(one, in_axes=(1, 1, 0), out_axes=0 if save == "final" else 1)(z, xi, h0)
         return out[:, 0] if save == "final" else out[:, :, 0]
     dtype = z.dtype
     flat = lambda a: a.reshape(a.shape[0], -1)
-    if cfg.convention == "reference":
+    if not scheme.is_sde:  # the public code's rule: a control term driven by the per-step clock s ⊙ u
         grid_dt = 1.0
         if xi is None:
             clock = jnp.broadcast_to(p.step_size, (T, B, d))
         else:
-            clock = p.step_size[None, None, :] * dynamics.reference_multiplier(cfg, p, xi[..., d:])
+            clock = p.step_size[None, None, :] * scheme.multiplier(cfg, p, xi[..., d:])
         terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(flat(clock), grid_dt))
         if xi is not None and cfg.has_additive_noise:
             eps_add = dynamics.noise_levels(cfg, p)[0]
             additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(y, eps_add)),
                                            GridBrownianPath(flat(xi[..., :d]), grid_dt))
             terms = diffrax.MultiTerm(terms, additive)
-        solver = diffrax.Euler()
+        solver = scheme.diffrax_solver()
     else:
         grid_dt = cfg.dt
         terms = diffrax.ODETerm(_drift_vf(drift, B, grid_dt, False))
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
             dw = dynamics.increments(cfg, xi)
-            terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, B), GridBrownianPath(flat(dw), grid_dt)))
-            solver = _SDE_SOLVERS[cfg.solver]()
+            terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, sigma, B, grid_dt),
+                                                                 GridBrownianPath(flat(dw), grid_dt)))
+            solver = scheme.diffrax_solver()
     ts = grid_dt * jnp.arange(T + 1, dtype=dtype)
     saveat = diffrax.SaveAt(t1=True) if save == "final" else diffrax.SaveAt(t0=True, steps=True)
     sol = diffrax.diffeqsolve(
@@ -180,7 +193,7 @@ def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, 
 
     def body(h, inputs):
         z_k, xi_k = inputs
-        h_next = dynamics.step(cfg, p, h, drift(h, z_k), xi_k)
+        h_next = dynamics.step(cfg, p, h, z_k, drift(h, z_k), xi_k)
         return h_next, (h_next if save == "all" else None)
 
     h_final, hs = jax.lax.scan(body, h0, (z, xi))
@@ -197,7 +210,7 @@ def _cell(cfg: NRNNConfig, from_products):
     def cell(s, prods, x_k, params):
         z_k, xi_k = x_k
         h = s[0]
-        return dynamics.step(cfg, params, h, from_products(h, prods[0], z_k), xi_k)[None]
+        return dynamics.step(cfg, params, h, z_k, from_products(h, prods[0], z_k), xi_k)[None]
 
     return cell
 

@@ -67,6 +67,9 @@ def certificate(cfg: NRNNConfig, p: RecurrentParams, lipschitz: float = 1.0) -> 
     then NaN and c₁ is that of the drift f). `lyapunov_exponent` raises for the reference convention instead,
     since it has nothing to measure.
     """
+    if cfg.noise_kind == "custom":
+        raise ValueError("certificate: NRNNConfig.noise_kind='custom' has no certificate: the constants c2, c3 "
+                         "(docs/theory.md (5.4)-(5.7)) are derived for the built-in multiplicative noises only")
     if p.A is None or p.W is None:
         raise ValueError(f"certificate: NRNNConfig.cell={cfg.cell!r} has no certificate: its assumptions (the drift "
                          "α A h + tanh(W h) with h = 0 an equilibrium, docs/theory.md §5) hold for the Lipschitz cell "
@@ -115,7 +118,7 @@ def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, fn, params, h0, xi, rad
         h0 = radius * h0 / jnp.linalg.norm(h0)
 
         def body(h, xi_k):
-            h1 = dynamics.step(cfg, p, h, fn(params, h, z), xi_k)
+            h1 = dynamics.step(cfg, p, h, z, fn(params, h, z), xi_k)
             n = jnp.linalg.norm(h1)
             return radius * h1 / n, jnp.log(n / radius)
 

@@ -1,0 +1,160 @@
+"""Diffusions: the noise term σ(h, z) dB of the input-driven SDE, one class per kind (docs/theory.md (2.1)–(2.2), §8).
+
+A diffusion maps noise space R^m (m = `noise_dim(hidden)` Brownian motions) to state space R^d, for ONE
+example. The discretisations of `nrnn_jax.schemes` and the explicit regularizer use only the methods
+below, so a new kind of noise works with every scheme, backend and regularizer method.
+
+- `DiagonalNoise`: σ(h) = ε_add I + ε_mult diag(h) (additive, diagonal multiplicative, or their sum); m = d.
+- `ScalarNoise`: σ(h) = [ε_add I | ε_mult h]: additive noise plus ONE multiplicative Brownian motion
+  (the case of stochastic stabilisation, docs/theory.md (5.6)); m = d + 1.
+- `CustomNoise`: a user σ(h, z) returning a diagonal (d,) or a (d, m) matrix for m Brownian motions.
+
+`of(cfg)` is the one place where a configuration picks its diffusion.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+
+Levels = tuple  # (ε_add, ε_mult): numbers or JAX values (traced in a sweep over noise levels)
+
+
+class Noise:
+    """Base class of diffusions σ(h, z). Subclasses give `noise_dim`, `operator` and (for speed) `mv`;
+    `elementwise` says whether σ is diagonal with entries that depend on their own coordinate only, so
+    that a batch may be treated as one flat state (the diffrax backend's batched solve)."""
+
+    elementwise: bool = False
+
+    def noise_dim(self, hidden: int) -> int:
+        raise NotImplementedError
+
+    def operator(self, levels: Levels, h, z) -> lx.AbstractLinearOperator:
+        """σ(h, z) as a `lineax` operator from (m,) to (d,)."""
+        raise NotImplementedError
+
+    def mv(self, levels: Levels, h, z, dw):
+        """σ(h, z) ΔW without forming σ."""
+        return self.operator(levels, h, z).mv(dw)
+
+    def diagonal(self, levels: Levels, h, z):
+        """The diagonal of an elementwise σ, shape (d,)."""
+        raise NotImplementedError(f"{type(self).__name__} is not elementwise")
+
+    def column_derivative_sum(self, levels: Levels, h, z):
+        """Σ_j (∂σ_j/∂h) σ_j, by forward-mode autodiff (σ_j the j-th column): the Itô–Stratonovich drift
+        difference (times ½) and the mean of the Milstein terms."""
+        m = self.noise_dim(h.shape[0])
+        column = lambda hh, e: self.mv(levels, hh, z, e)
+        basis = jnp.eye(m, dtype=h.dtype)
+        return jnp.sum(jax.vmap(lambda e: jax.jvp(lambda hh: column(hh, e), (h,), (column(h, e),))[1])(basis), axis=0)
+
+    def milstein_correction(self, levels: Levels, h, z, dw, dt):
+        """½ Σ_{i,j} (L^i σ_j)(ΔW_i ΔW_j − δ_ij δ) with L^i = σ_iᵀ ∂/∂h: the Milstein terms for commutative
+        noise (L^i σ_j = L^j σ_i), by autodiff: ½ [∂(σ(·)ΔW)[σ ΔW] − δ Σ_j (∂σ_j) σ_j]."""
+        noise = self.mv(levels, h, z, dw)
+        both = jax.jvp(lambda hh: self.mv(levels, hh, z, dw), (h,), (noise,))[1]
+        return 0.5 * (both - dt * self.column_derivative_sum(levels, h, z))
+
+
+class DiagonalNoise(Noise):
+    """σ(h) = ε_add I + ε_mult diag(h): d independent Brownian motions (docs/theory.md (2.1))."""
+
+    elementwise = True
+
+    def noise_dim(self, hidden):
+        return hidden
+
+    def diagonal(self, levels, h, z):
+        eps_add, eps_mult = levels
+        return eps_add + eps_mult * h
+
+    def operator(self, levels, h, z):
+        return lx.DiagonalLinearOperator(self.diagonal(levels, h, z))
+
+    def mv(self, levels, h, z, dw):
+        return self.diagonal(levels, h, z) * dw
+
+    def column_derivative_sum(self, levels, h, z):
+        return levels[1] * self.diagonal(levels, h, z)
+
+    def milstein_correction(self, levels, h, z, dw, dt):  # closed form: ½ ε_mult σ_i (ΔW_i² − δ)
+        return 0.5 * levels[1] * self.diagonal(levels, h, z) * (dw * dw - dt)
+
+
+class ScalarNoise(Noise):
+    """σ(h) = [ε_add I | ε_mult h]: additive noise and one multiplicative Brownian motion β, ε_mult h dβ
+    (docs/theory.md (2.2)); noise columns: d additive, then β."""
+
+    def noise_dim(self, hidden):
+        return hidden + 1
+
+    def operator(self, levels, h, z):
+        eps_add, eps_mult = levels
+        eye = eps_add * jnp.eye(h.shape[0], dtype=h.dtype)
+        return lx.MatrixLinearOperator(jnp.concatenate([eye, eps_mult * h[:, None]], axis=1))
+
+    def mv(self, levels, h, z, dw):
+        eps_add, eps_mult = levels
+        return eps_add * dw[:h.shape[0]] + eps_mult * h * dw[h.shape[0]]
+
+    def column_derivative_sum(self, levels, h, z):
+        return levels[1] ** 2 * h
+
+    def milstein_correction(self, levels, h, z, dw, dt):
+        # commutative only without additive noise (the configuration checks it): ½ ε_mult² h (Δβ² − δ)
+        return 0.5 * levels[1] ** 2 * h * (dw[-1] ** 2 - dt)
+
+
+class CustomNoise(Noise):
+    """A user diffusion `fn(h, z)` for one example, returning a diagonal (d,) (d Brownian motions, σ =
+    diag(fn)) or a (d, m) matrix (m Brownian motions). The noise levels ε_add, ε_mult do not apply: scale σ
+    in `fn`. Milstein assumes commutative noise (L^i σ_j = L^j σ_i), e.g. σ_i depending on h_i only."""
+
+    def __init__(self, fn: Callable, diagonal: bool, m: int):
+        self.fn, self.is_diagonal, self.m = fn, diagonal, m
+        # elementwise only if σ_i depends on h_i alone, which cannot be told from the shape: a diagonal user σ
+        # is still solved one example at a time on the diffrax backend (exact for any σ)
+        self.elementwise = False
+
+    def noise_dim(self, hidden):
+        return self.m
+
+    def operator(self, levels, h, z):
+        s = self.fn(h, z)
+        return lx.DiagonalLinearOperator(s) if self.is_diagonal else lx.MatrixLinearOperator(s)
+
+    def mv(self, levels, h, z, dw):
+        s = self.fn(h, z)
+        return s * dw if self.is_diagonal else s @ dw
+
+
+def custom_shape(fn: Callable, hidden: int) -> tuple[bool, int]:
+    """(diagonal, m) of a user diffusion from its output shape for h, z of shape (hidden,); ValueError naming
+    the shape otherwise."""
+    x = jax.ShapeDtypeStruct((hidden,), jnp.float32)
+    try:
+        out = jax.eval_shape(fn, x, x)
+    except Exception as e:
+        raise ValueError(f"NRNNConfig.diffusion: the user diffusion failed for h, z of shape ({hidden},): "
+                         f"{type(e).__name__}: {e}") from e
+    shape = getattr(out, "shape", None)
+    if shape == (hidden,):
+        return True, hidden
+    if shape is not None and len(shape) == 2 and shape[0] == hidden and shape[1] >= 1:
+        return False, int(shape[1])
+    got = jax.tree.map(lambda a: tuple(a.shape), out)
+    raise ValueError(f"NRNNConfig.diffusion: σ(h, z) must return a diagonal of shape ({hidden},) or a matrix of "
+                     f"shape ({hidden}, m) for m Brownian motions; got {got}")
+
+
+def of(cfg) -> Noise:
+    """The diffusion of a configuration (`noise_kind`, and `diffusion` for a user one)."""
+    if cfg.noise_kind == "custom":
+        diagonal, m = cfg._diffusion_shape  # checked when the configuration was made
+        return CustomNoise(cfg.diffusion, diagonal, m)
+    return ScalarNoise() if cfg.noise_kind == "scalar" else DiagonalNoise()
