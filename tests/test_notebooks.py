@@ -21,7 +21,7 @@ def test_notebook_runs(path, monkeypatch):
 
 def test_notebooks_exist_with_stored_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_implicit_vs_explicit.ipynb", "02_stochastic_stabilization.ipynb",
-                                           "03_robustness.ipynb"]
+                                           "03_robustness.ipynb", "04_bring_your_own_cell.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]

@@ -10,10 +10,10 @@ import time
 import typing
 from pathlib import Path
 
-from .config import FIELD_HELP, NRNNConfig, Sweep, TrainConfig
+from .config import FIELD_HELP, NRNNConfig, Sweep, TrainConfig, _import_path
 from .data import LOADERS, load_dataset
 from .runs import (RESUMABLE_TRAIN_FIELDS, load_run_dataset, read_config_file, read_run_config, read_run_sweep,
-                   run_data_dir)
+                   run_cell_factory, run_data_dir)
 from .tables import format_table
 from .train import train_and_evaluate
 
@@ -128,6 +128,9 @@ def train_parser() -> argparse.ArgumentParser:
                           "environment variables or launcher) (default: off)")
     _add_preset_flag(parser, "start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
                      "--dataset mnist_pixel or mnist_permuted); other flags override its fields (default: none)")
+    parser.add_argument("--cell-factory", default=None, metavar="MODULE:NAME",
+                        help="a user cell: the import path of a factory NAME(cfg, rngs=rngs) -> Cell, e.g. a Cell "
+                             "subclass (the run records it; --resume imports it again). Built-in cells: --cell")
     parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
                         help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, "
                              "permutation=numpy (default: the loader's defaults)")
@@ -217,14 +220,18 @@ def train_main(argv: list[str] | None = None) -> int:
             jax.distributed.initialize()
         train_flags, model_flags = _collect(args, TrainConfig), _collect(args, NRNNConfig)
         if args.resume is not None:
+            if args.cell_factory is not None:
+                raise ValueError("--cell-factory starts a new run; --resume imports the run's own cell factory")
             mcfg, tcfg, sweep, data = _resume_settings(args, train_flags, model_flags)
             run_dir = args.resume
+            cell = run_cell_factory(run_dir)
         else:
             mcfg, tcfg, sweep, data = _new_run_settings(args, train_flags, model_flags)
             run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+            cell = None if args.cell_factory is None else _import_path("", "--cell-factory", args.cell_factory)
         result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=_progress(args),
                                     resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
-                                    devices=args.devices)
+                                    devices=args.devices, cell=cell)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nrnn-train: error: {e}", file=sys.stderr)
         return 2

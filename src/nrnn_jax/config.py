@@ -60,7 +60,7 @@ def _import_path(owner: str, field: str, path: str):
         return obj
     except (ImportError, AttributeError):
         fail(owner, field, path, "this user code cannot be imported from here (defined in a notebook, a script's "
-             "__main__ or a function); pass the object itself, e.g. load_run(run_dir, diffusion=sigma)")
+             "__main__ or a function); pass the object itself, e.g. load_run(run_dir, cell=factory, diffusion=sigma)")
 
 
 class ConfigMixin:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
-from ._types import ArrayLike
 from . import noise, schemes
 from .cells import lipschitz_from_products, lipschitz_matrix  # noqa: F401  (lipschitz_matrix: re-exported)
 from .config import NRNNConfig

@@ -357,7 +357,7 @@ def explicit_regularizer(
     check_choice("", "probe", probe, PROBES)
     cfg, p, drift, step, factor, shift = _model_pieces(model, noise_levels)
     levels = dynamics.noise_levels(cfg, p)
-    if all(isinstance(v, (int, float)) and v == 0 for v in levels):
+    if cfg.noise_kind != "custom" and all(isinstance(v, (int, float)) and v == 0 for v in levels):
         warnings.warn("explicit_regularizer: the noise levels are eps_add = eps_mult = 0, so the regularizer is 0; "
                       "pass noise_levels=(eps_add, eps_mult) or use nrnn_jax.with_noise(model, eps_add, eps_mult).",
                       stacklevel=2)

@@ -13,7 +13,6 @@ return its configuration, sweep and data set. `start_run` and `resume_run` are t
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from flax import nnx
 
 from . import checkpoint
-from .config import NRNNConfig, Sweep, TrainConfig
+from .config import NRNNConfig, Sweep, TrainConfig, _import_path
 from .data import Dataset, load_dataset
 from .model import NoisyRNN
 from .state import TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, unstack, zero_sums
@@ -126,14 +125,28 @@ def previous_train_time(run_dir: Path) -> float:
     return float(json.loads(path.read_text()).get("train_time_s", 0.0)) if path.exists() else 0.0
 
 
-def read_run_config(run_dir: str | Path) -> tuple[NRNNConfig, TrainConfig]:
-    """The model and training configurations of a run directory."""
+def _run_json(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing.")
-    cfg = json.loads(path.read_text())
-    return NRNNConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"])
+    return json.loads(path.read_text())
+
+
+def read_run_config(run_dir: str | Path, diffusion=None) -> tuple[NRNNConfig, TrainConfig]:
+    """The model and training configurations of a run directory. A run with a user diffusion records its
+    import path; `diffusion` passes the function instead (needed when it cannot be imported from here)."""
+    cfg = _run_json(run_dir)
+    model = dict(cfg["model"])
+    if diffusion is not None:
+        if model.get("diffusion") is None:
+            fail("", "diffusion", diffusion, f"{run_dir} was trained without a user diffusion; pass none")
+        model["diffusion"] = diffusion
+    return NRNNConfig.from_dict(model), TrainConfig.from_dict(cfg["train"])
+
+
+def _read_train_config(run_dir: str | Path) -> TrainConfig:
+    return TrainConfig.from_dict(_run_json(run_dir)["train"])
 
 
 def read_run_sweep(run_dir: str | Path) -> Sweep | None:
@@ -150,7 +163,7 @@ def run_data_dir(run_dir: str | Path, data_dir: str | Path | None = None) -> str
     versions, is taken as given if it exists from here, else relative to the run directory's ancestors."""
     if data_dir is not None:
         return str(Path(data_dir).expanduser().resolve())
-    _, tcfg = read_run_config(run_dir)
+    tcfg = _read_train_config(run_dir)
     stored = tcfg.data_dir
     if stored is None:
         return None
@@ -167,7 +180,7 @@ def run_data_dir(run_dir: str | Path, data_dir: str | Path | None = None) -> str
 def load_run_dataset(run_dir: str | Path, data_dir: str | Path | None = None) -> Dataset:
     """The data set a run was trained on, read from `run_data_dir(run_dir, data_dir)`: `data_dir` overrides
     the run's stored directory; a stored directory that no longer exists falls back to $NRNN_DATA."""
-    _, tcfg = read_run_config(run_dir)
+    tcfg = _read_train_config(run_dir)
     where = run_data_dir(run_dir, data_dir)
     try:
         return load_dataset(tcfg.dataset, where, **dict(tcfg.data_options))
@@ -209,49 +222,36 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def factory_path(factory) -> str:
-    """'module:qualname' of a cell factory, what a run directory records to rebuild a user cell."""
-    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__qualname__)}"
-
-
-def _import_factory(path: str):
-    module, _, qualname = path.partition(":")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def run_cell_factory(run_dir: str | Path, cell=None):
     """The cell factory a run needs: None for a built-in cell; for a user cell (`cell="custom"`) the given
     `cell`, else the one recorded in config.json, imported (a factory defined in a notebook or a script's
     `__main__` cannot be imported: pass it)."""
-    mcfg, _ = read_run_config(run_dir)
-    if mcfg.cell != "custom":
+    if _run_json(run_dir)["model"].get("cell", "lipschitz") != "custom":
         if cell is not None:
-            fail("", "cell", cell, f"{run_dir} was trained with the built-in cell {mcfg.cell!r}; pass no cell")
+            fail("", "cell", cell, f"{run_dir} was trained with the built-in cell "
+                 f"{_run_json(run_dir)['model'].get('cell', 'lipschitz')!r}; pass no cell")
         return None
     if cell is not None:
         return cell
-    path = json.loads((Path(run_dir) / "config.json").read_text()).get("cell_factory")
+    path = _run_json(run_dir).get("cell_factory")
+    if path is None:
+        fail("", "cell", None, f"{run_dir} was trained with a user cell; pass its factory: load_run(run_dir, cell=factory)")
     try:
-        if path is None or path.startswith("__main__:") or "<locals>" in path:
-            raise ImportError(path)
-        return _import_factory(path)
-    except (ImportError, AttributeError, ValueError):
+        return _import_path("", "cell", path)
+    except ValueError:
         raise ValueError(f"{run_dir} was trained with a user cell ({path}) that cannot be imported from here; pass "
                          "the same factory: load_run(run_dir, cell=factory)") from None
 
 
-def load_run(run_dir: str | Path, member: int | None = None, cell=None) -> NoisyRNN:
+def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusion=None) -> NoisyRNN:
     """The trained model of a run directory written by `train_and_evaluate` / `nrnn-train`.
 
     For a sweep, `member` picks one member (with its own noise levels in its configuration); it is
     required there and must be None for a single-model run. A run of a user cell is rebuilt with `cell`, the
     factory it was trained with (`train_and_evaluate(..., cell=factory)`); without it, the factory's
-    recorded import path is tried."""
+    recorded import path is tried. The same for a user diffusion σ(h, z) and `diffusion`."""
     cell = run_cell_factory(run_dir, cell)
-    mcfg, tcfg = read_run_config(run_dir)
+    mcfg, tcfg = read_run_config(run_dir, diffusion)
     sweep = read_run_sweep(run_dir)
     tx = make_optimizer(tcfg, 1, len(read_rollbacks(Path(run_dir))))  # the optimizer state's structure
     if sweep is None:

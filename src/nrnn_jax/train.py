@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from . import checkpoint, dynamics, metrics_log, runs
-from .config import NRNNConfig, Sweep, TrainConfig
+from .config import NRNNConfig, Sweep, TrainConfig, import_path
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
 from .losses import correct, cross_entropy, masked_mean
@@ -252,7 +252,7 @@ def train_and_evaluate(
         run_dir = Path(run_dir)
         config = {"model": mcfg.to_dict(), "train": tcfg.to_dict()}
         if cell is not None:
-            config["cell_factory"] = runs.factory_path(cell)
+            config["cell_factory"] = import_path(cell)
         if sweep is not None:
             config["sweep"] = sweep.to_dict()
         if resume:
