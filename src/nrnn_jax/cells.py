@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, PyTree
 
+from ._types import ArrayLike
 from .config import NRNNConfig
 
 CELLS = ("lipschitz", "antisymmetric", "gru", "tanh")
@@ -71,7 +72,7 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
 
-def lipschitz_matrix(m: Float[Array, "d d"], beta: float, gamma: float) -> Float[Array, "d d"]:
+def lipschitz_matrix(m: Float[ArrayLike, "d d"], beta: float, gamma: float) -> Float[Array, "d d"]:
     """β (M − Mᵀ) + (1 − β)(M + Mᵀ) − γ I   (docs/theory.md (1.4))."""
     eye = jnp.eye(m.shape[0], dtype=m.dtype)
     return beta * (m - m.T) + (1.0 - beta) * (m + m.T) - gamma * eye

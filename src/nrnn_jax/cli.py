@@ -130,7 +130,8 @@ def train_parser() -> argparse.ArgumentParser:
                      "--dataset mnist_pixel or mnist_permuted); other flags override its fields (default: none)")
     parser.add_argument("--cell-factory", default=None, metavar="MODULE:NAME",
                         help="a user cell: the import path of a factory NAME(cfg, rngs=rngs) -> Cell, e.g. a Cell "
-                             "subclass (the run records it; --resume imports it again). Built-in cells: --cell")
+                             "subclass (the run records it; --resume imports it again). Built-in cells: --cell "
+                             "(default: none, the built-in cell of --cell)")
     parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
                         help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, "
                              "permutation=numpy (default: the loader's defaults)")

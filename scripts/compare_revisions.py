@@ -1,0 +1,115 @@
+"""Train-step time of this checkout against another git revision, in one process, the two taking turns.
+
+    python scripts/compare_revisions.py --rev e52d302 --shape ecg --repeats 7
+    python scripts/compare_revisions.py --rev HEAD~3 --shape paper --variants implicit-diffrax,explicit-probe
+
+The revision's `src/nrnn_jax` is exported with `git archive` into a temporary directory and imported under
+another name (the package uses relative imports only), so both versions are compiled and timed in the same
+process, alternating step by step: a drift of the machine's speed hits both alike. Prints the median step
+time of each variant for both versions, the ratio this/revision, and whether the two give the same loss and
+explicit regularizer on the first step (same initialisation and data; a changed numerical result shows up here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "paper": dict(T=784, hidden=128, batch=128, input_dim=1, num_classes=10, dt=0.03),
+    "ecg": dict(T=140, hidden=64, batch=64, input_dim=1, num_classes=2, dt=0.1),
+    "small": dict(T=28, hidden=32, batch=32, input_dim=28, num_classes=10, dt=0.1),
+}
+VARIANTS = {  # name: (backend, mode, reg_method)
+    "implicit-diffrax": ("diffrax", "implicit", "probe"),
+    "implicit-scan": ("scan", "implicit", "probe"),
+    "explicit-probe": ("scan", "explicit", "probe"),
+    "explicit-exact": ("scan", "explicit", "exact"),
+}
+
+
+def import_revision(rev: str, where: Path):
+    """The package of `rev` imported as `nrnn_jax_rev`."""
+    blob = subprocess.run(["git", "archive", rev, "src/nrnn_jax"], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(where, filter="data")
+    (where / "src" / "nrnn_jax").rename(where / "nrnn_jax_rev")
+    sys.path.insert(0, str(where))
+    return importlib.import_module("nrnn_jax_rev")
+
+
+def build(nj, shape: dict, backend: str, mode: str, method: str):
+    mcfg = nj.NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"],
+                         dt=shape["dt"], eps_add=0.02, eps_mult=0.02, backend=backend)
+    tcfg = nj.TrainConfig(mode=mode, lr=1e-3, reg_method=method, num_probes=1)
+    tx = nj.make_optimizer(tcfg, 100)
+    graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
+    state = nj.init_train_state(params, tx, seed=0)
+    step = nj.make_train_step(graphdef, tx, tcfg)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((shape["batch"], shape["T"], shape["input_dim"])).astype(np.float32)
+    y = rng.integers(0, shape["num_classes"], shape["batch"]).astype(np.int32)
+    mask = np.ones(shape["batch"], np.float32)
+    box = [state]
+    box[0], metrics = step(box[0], x, y, mask)  # compile; the first step's loss
+    first_loss = (float(metrics["loss"]), float(metrics.get("reg", 0.0)))  # reg: explicit mode
+
+    def run():
+        t0 = time.perf_counter()
+        box[0], _ = step(box[0], x, y, mask)
+        jax.block_until_ready(box[0])
+        return time.perf_counter() - t0
+
+    run()
+    return run, first_loss
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", required=True, help="the git revision to compare with (e.g. a commit hash)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="ecg")
+    parser.add_argument("--variants", default="implicit-diffrax,implicit-scan,explicit-probe")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    import nrnn_jax as this
+
+    shape = SHAPES[args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        other = import_revision(args.rev, Path(tmp))
+        runners, losses = {}, {}
+        for name in args.variants.split(","):
+            for label, nj in (("this", this), (args.rev, other)):
+                runners[(name, label)], losses[(name, label)] = build(nj, shape, *VARIANTS[name])
+        times = {k: [] for k in runners}
+        for _ in range(args.repeats):
+            for k, run in runners.items():
+                times[k].append(run())
+    print(f"{jax.devices()[0].device_kind}, shape {args.shape} {shape}, median of {args.repeats} steps, "
+          f"versions taking turns\n")
+    print(f"| variant | this checkout (ms) | {args.rev} (ms) | ratio | first-step (loss, reg) equal |")
+    print("|---|---|---|---|---|")
+    for name in args.variants.split(","):
+        a, b = (statistics.median(times[(name, lab)]) for lab in ("this", args.rev))
+        same = losses[(name, "this")] == losses[(name, args.rev)]
+        shown = ", ".join(f"{v:.7g}" for v in losses[(name, "this")])
+        rel = max(abs(u - v) / max(abs(v), 1e-30) for u, v in zip(losses[(name, "this")], losses[(name, args.rev)]))
+        print(f"| {name} | {1e3 * a:.1f} | {1e3 * b:.1f} | {a / b:.3f} | {'yes' if same else f'rel. diff {rel:.1e}'} "
+              f"({shown}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
