@@ -67,6 +67,37 @@ class ProductCell(Cell):
     def drift(self, h, z):
         return self.drift_from_products(h, self.products_matrix() @ h, z)
 
+    def drift_taylor(self, h, prods, z, U, V, PU, PV):
+        """g and its Taylor coefficients along the curves (h + t u + t² v, M h + t M u + t² M v), one curve per
+        row of U, V (S, d) with products PU = U Mᵀ, PV = V Mᵀ (S, p): returns (g, G1, G2) with g (d,) the drift,
+        G1 (S, d) the rows ∂g[u, M u] and G2 (S, d) the rows ∂g[v, M v] + ½ ∂²g[(u, M u), (u, M u)]
+        (docs/theory.md (8.4)). By Taylor mode (`jax.experimental.jet`); a cell may override it with a closed
+        form (the Lipschitz cell does)."""
+        return taylor_by_jet(self.drift_from_products, h, prods, z, U, V, PU, PV)
+
+
+def taylor_by_jet(from_products, h, prods, z, U, V, PU, PV):
+    """`ProductCell.drift_taylor` by one Taylor-mode pass of g per curve."""
+    from jax.experimental import jet
+
+    g = lambda hh, pp: from_products(hh, pp, z)
+    taylor = lambda u, v, pu, pv: jet.jet(g, (h, prods), ((u, 2.0 * v), (pu, 2.0 * pv)))
+    fs, (G1, G2) = jax.vmap(taylor)(U, V, PU, PV)
+    return fs[0], G1, 0.5 * G2
+
+
+def lipschitz_taylor(alpha: float, h, prods, z, U, V, PU, PV):
+    """`drift_taylor` of the Lipschitz drift in closed form (docs/theory.md (3.14)): with r = W h + z,
+    G1 = α A u + tanh'(r) ⊙ W u and G2 = α A v + tanh'(r) ⊙ W v + ½ tanh''(r) ⊙ (W u)²."""
+    d = h.shape[-1]
+    t = jnp.tanh(prods[d:] + z)
+    d1 = 1.0 - t * t  # tanh'
+    d2 = -2.0 * t * d1  # tanh''
+    f = alpha * prods[:d] + t
+    G1 = alpha * PU[:, :d] + d1[None, :] * PU[:, d:]
+    G2 = alpha * PV[:, :d] + d1[None, :] * PV[:, d:] + 0.5 * d2[None, :] * PU[:, d:] ** 2
+    return f, G1, G2
+
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
@@ -108,6 +139,9 @@ class LipschitzCell(ProductCell):
 
     def drift_from_products(self, h, prods, z):
         return lipschitz_from_products(self.alpha, h, prods, z)
+
+    def drift_taylor(self, h, prods, z, U, V, PU, PV):
+        return lipschitz_taylor(self.alpha, h, prods, z, U, V, PU, PV)
 
 
 class AntisymmetricCell(ProductCell):
@@ -216,11 +250,13 @@ class Drift(NamedTuple):
     - `params`: the arrays: M = `products_matrix()` for a product cell, the cell's `nnx` state otherwise.
     - `fn(params, h, z)`: the drift for one example.
     - `from_products(h, prods, z)`: a product cell's g (None for a generic cell); reads no arrays.
+    - `taylor`: a product cell's `drift_taylor` (None for a generic cell).
     """
 
     params: PyTree
     fn: Callable
     from_products: Callable | None
+    taylor: Callable | None = None
 
     def __call__(self, h, z):
         return self.fn(self.params, h, z)
@@ -250,10 +286,10 @@ def pure(cell, products: bool = True) -> Drift:
     a product cell; its `fn` is then hashable (usable as a static argument of `jax.jit`)."""
     if isinstance(cell, MatrixLipschitz):
         return Drift(cell.products_matrix(), _matrix_lipschitz_fn(cell.alpha),
-                     cell.drift_from_products if products else None)
+                     cell.drift_from_products if products else None, cell.drift_taylor if products else None)
     if isinstance(cell, ProductCell) and products:
         g = cell.drift_from_products
-        return Drift(cell.products_matrix(), lambda M, h, z: g(h, M @ h, z), g)
+        return Drift(cell.products_matrix(), lambda M, h, z: g(h, M @ h, z), g, cell.drift_taylor)
     graphdef, state = nnx.split(cell)
     return Drift(state, _GraphDrift(graphdef), None)
 
@@ -273,6 +309,9 @@ class MatrixLipschitz:
 
     def drift(self, h, z):
         return self.drift_from_products(h, self.products_matrix() @ h, z)
+
+    def drift_taylor(self, h, prods, z, U, V, PU, PV):
+        return lipschitz_taylor(self.alpha, h, prods, z, U, V, PU, PV)
 
 
 def check_cell(cell: Any, hidden: int, dtype) -> None:

@@ -25,8 +25,9 @@ Levels = tuple  # (ε_add, ε_mult): numbers or JAX values (traced in a sweep ov
 
 class Noise:
     """Base class of diffusions σ(h, z). Subclasses give `noise_dim`, `operator` and (for speed) `mv`;
-    `elementwise` says whether σ is diagonal with entries that depend on their own coordinate only, so
-    that a batch may be treated as one flat state (the diffrax backend's batched solve)."""
+    `elementwise` says whether σ is diagonal with entries that depend on their own coordinate only, and
+    not on the input z, so that a batch may be treated as one flat state (the diffrax backend's batched
+    solve)."""
 
     elementwise: bool = False
 

@@ -199,32 +199,28 @@ def _probe_loss_terms(loss: LossFn, h, U, V) -> Terms:
     return Terms(value, Q, R, h)
 
 
-def _probe_cell(cfg, from_products, num_probes: int):
+def _probe_cell(cfg, taylor, num_probes: int):
     """The probe recursion of `probe_terms` for a product cell f(h, z) = g(h, M h, z) as a
     `nrnn_jax.recurrence` cell, so that the matrices enter only through the products M s.
 
     State rows: h̄, then U (S rows), then V (S rows); products rows M s. With F(h) = h + c g(h, M h, z)
-    (c = δ, or s(1 − ε_mult/2) under the reference convention), one Taylor-mode pass of g alone (elementwise
-    work, no matrix product) along the curve (h̄ + t u + t² v, M h̄ + t M u + t² M v) gives both
-    J u = u + c ∂g[u] and J v + ½ ∂²F[u, u] = v + c (∂g[v] + ½ ∂²g[u, u]) (docs/theory.md (3.14)).
-    Tests check this cell against the general Taylor-mode `probe_terms` (equal to rounding, values and
-    gradients).
+    (c = δ, or s(1 − ε_mult/2) under the reference convention), the cell's `drift_taylor` gives g's Taylor
+    coefficients along (h̄ + t u + t² v, M h̄ + t M u + t² M v) from the products alone (elementwise work, no
+    matrix product): J u = u + c ∂g[u] and J v + ½ ∂²F[u, u] = v + c (∂g[v] + ½ ∂²g[u, u])
+    (docs/theory.md (3.14), (8.4)); by Taylor mode by default, in closed form for the Lipschitz cell. Tests
+    check this cell against the general Taylor-mode `probe_terms` (equal to rounding, values and gradients).
     """
     S = num_probes
 
     def cell(state, prods, x_k, params):
         z_k, eta = x_k  # eta: (S, noise_dim)
         h, U, V = state[0], state[1:1 + S], state[1 + S:]
-        ph, PU, PV = prods[0], prods[1:1 + S], prods[1 + S:]
-        g = lambda hh, pp: from_products(hh, pp, z_k)
-        taylor = lambda u, v, pu, pv: jet.jet(g, (h, ph), ((u, 2.0 * v), (pu, 2.0 * pv)))
-        fs, (G1, G2) = jax.vmap(taylor)(U, V, PU, PV)
-        f = fs[0]
+        f, G1, G2 = taylor(h, prods[0], z_k, U, V, prods[1:1 + S], prods[1 + S:])
         c = dynamics.mean_step_size(cfg, params)
         c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
         h_next = dynamics.mean_step_map(cfg, params, h, f)
         G_eta = jax.vmap(lambda e: dynamics.perturbation_factor_mv(cfg, params, h, z_k, f, e))(eta)
-        V_next = V + c * 0.5 * G2
+        V_next = V + c * G2
         if dynamics.has_mean_shift(cfg):
             V_next = V_next + dynamics.stratonovich_shift(cfg, params, h, z_k, cfg.dt)[None, :]
         return jnp.concatenate([h_next[None], U + c * G1 + G_eta, V_next], axis=0)
@@ -239,7 +235,7 @@ def _model_probe_terms(cfg, p, drift: cells.Drift, decode, z, y, probes) -> Term
     S = probes.shape[2]
     state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
     xs = (z, probes)
-    final = recurrence.recurrence(_probe_cell(cfg, drift.from_products, S), drift.params,
+    final = recurrence.recurrence(_probe_cell(cfg, drift.taylor, S), drift.params,
                                   dynamics.matrix_free(cfg, p, z.dtype), state0, xs)
 
     def per_example(s, y_i):

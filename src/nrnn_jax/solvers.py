@@ -114,18 +114,16 @@ def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool)
 def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: float):
     """σ(h, z) on the flat state as a lineax operator from the flat noise (B·noise_dim,) to (B·d,), reading
     the input of the step t is in: one example, or a batch of an elementwise diffusion (diagonal, each entry
-    depending on its own coordinate: it acts on vec(h) entry by entry)."""
+    depending on its own coordinate and not on the input: it acts on vec(h) entry by entry)."""
     if not sigma.elementwise and batch != 1:  # e.g. [ε_add I | ε_mult h] is (d, d + 1) for ONE example
         raise ValueError("this diffusion couples the components of one example: solve one example at a time.")
 
     def vf(t, y, args):
         _, z, p = args
-        h = y.reshape(batch, -1)
-        z_k = z[_grid_index(t, grid_dt, z.shape[0])]
         levels = dynamics.noise_levels(cfg, p)
-        if batch == 1:
-            return sigma.operator(levels, h[0], z_k[0])
-        return lx.DiagonalLinearOperator(jax.vmap(lambda hh, zz: sigma.diagonal(levels, hh, zz))(h, z_k).reshape(-1))
+        if batch != 1:  # elementwise (the built-in diagonal noise): σ of the flat state, entry by entry
+            return lx.DiagonalLinearOperator(sigma.diagonal(levels, y, None))
+        return sigma.operator(levels, y, z[_grid_index(t, grid_dt, z.shape[0])][0])
 
     return vf
 
