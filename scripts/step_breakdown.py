@@ -1,6 +1,7 @@
 """Where the time of one train step goes, at the paper shape (T 784, hidden 128, batch 128; implicit mode, scan
-backend): drawing the injected noise (threefry2x32 and philox4x32), the forward recurrence alone, forward and
-backward with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process.
+backend): the step's matrix products alone (the floor of any implementation under this compiler's dot),
+drawing the injected noise (threefry2x32 and philox4x32), the forward recurrence alone, forward and backward
+with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process.
 
     PYTHONPATH=src python scripts/step_breakdown.py [--repeats 7] [--shape paper|ecg|small]
 """
@@ -51,7 +52,21 @@ def main() -> None:
         run()  # compile and warm up
         return run
 
+    # The step's matrix products alone, with nothing else: per step the forward products M h (B x d by d x 2d),
+    # per step the backward products Mᵀ μ (B x 2d by 2d x d), and after the loop ∂L/∂M as one product over all
+    # steps and examples (2d x TB by TB x d). What any implementation of this recurrence must multiply.
+    M = jax.random.normal(jax.random.PRNGKey(1), (2 * d, d)) / d
+
+    @jax.jit
+    def products_only(h0, mu0):
+        h_fin, hs = jax.lax.scan(lambda h, _: (jnp.tanh((h @ M.T)[:, :d]), h), h0, None, length=T)
+        mu_fin, mus = jax.lax.scan(lambda mu, _: (jnp.tanh(mu @ M), jnp.concatenate([mu, mu], 1)), mu0, None, length=T)
+        return h_fin, mu_fin, mus.reshape(-1, 2 * d).T @ hs.reshape(-1, d)
+
+    h0 = jax.random.normal(jax.random.PRNGKey(2), (B, d))
+    flops = 3 * 2 * B * d * 2 * d * T
     parts = {
+        f"matrix products alone ({flops / 1e9:.1f} GFLOP: forward, backward, ∂L/∂M)": timed(products_only, h0, h0 @ M.T),
         "noise draw, threefry2x32": timed(normal, jax.random.key(0, impl="threefry2x32")),
         "noise draw, philox4x32": timed(normal, jax.random.key(0, impl="philox4x32")),
         "forward recurrence (fixed noise)": timed(forward, params, x, xi),
