@@ -60,7 +60,11 @@ def main() -> None:
     @jax.jit
     def products_only(h0, mu0):
         h_fin, hs = jax.lax.scan(lambda h, _: (jnp.tanh((h @ M.T)[:, :d]), h), h0, None, length=T)
-        mu_fin, mus = jax.lax.scan(lambda mu, _: (jnp.tanh(mu @ M), jnp.concatenate([mu, mu], 1)), mu0, None, length=T)
+        def back(mu, _):  # μ (B, 2d) -> Mᵀ-product (B, d) -> the next μ (B, 2d)
+            lam = jnp.tanh(mu @ M)
+            return jnp.concatenate([lam, lam], 1), mu
+
+        mu_fin, mus = jax.lax.scan(back, mu0, None, length=T)
         return h_fin, mu_fin, mus.reshape(-1, 2 * d).T @ hs.reshape(-1, d)
 
     h0 = jax.random.normal(jax.random.PRNGKey(2), (B, d))

@@ -129,7 +129,7 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
 
 
 def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"], xi, h0: Float[Array, "B d"],
-                  save: Save, drift: cells.Drift) -> Array:
+                  save: Save, drift: cells.Drift, forward_only: bool = False) -> Array:
     """The whole batch as ONE `diffrax.diffeqsolve` on the flat state vec(h) of shape (B·d,) (a batched
     while loop, no vmap). Time-major: z (T, B, d), xi (T, B, noise_dim) or None; `drift` the cell's pure
     form (`cells.pure`), its arrays passed to the solve as `args`; returns (B, d) or, with `save="all"`,
@@ -140,7 +140,8 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per
         # example): a dense σ over the flat batch would be (B d) x (B m), so the examples are solved one by one
         # (vmapped).
-        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save, drift)
+        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save, drift,
+                                                    forward_only)
         out = jax.vmap(one, in_axes=(1, 1, 0), out_axes=0 if save == "final" else 1)(z, xi, h0)
         return out[:, 0] if save == "final" else out[:, :, 0]
     dtype = z.dtype
@@ -179,8 +180,11 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         args=(drift.params, z, p),
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts),
-        adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
+        # forward_only: the states feed the discrete adjoint, nothing differentiates the solve, so a plain
+        # while loop (diffrax.ForwardMode) rather than the checkpointed one reverse mode would need
+        adjoint=diffrax.ForwardMode() if forward_only else diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
         max_steps=T,
+        throw=False,
     )
     return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
 
@@ -219,7 +223,8 @@ def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
 
     def forward(cell, M, params, state0, xs):
         z, xi = (None if a is None else jnp.swapaxes(a, 0, 1) for a in xs)  # time-major for the solve
-        hs = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M))[:, :, None, :]
+        hs = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
+                           forward_only=True)[:, :, None, :]
         return hs[:-1], hs[-1], None  # (T, B, 1, d), (B, 1, d)
 
     return forward
