@@ -4,7 +4,6 @@ call the library and plot."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom in the quick setting (NRNN_QUICK=1), on a copy: stored outputs stay."""
 
-import os
 from pathlib import Path
 
 import nbformat
