@@ -12,7 +12,8 @@ standard error, at ε_add = ε_mult = 0.05 (agreement expected) and 2.0 (the exp
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import time
 
 import jax
@@ -21,6 +22,9 @@ import numpy as np
 from flax import nnx
 
 import nrnn_jax as nj
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import time_interleaved  # noqa: E402  (scripts/benchmark.py: the cells and methods take turns)
 
 
 class GatedLeakyCell(nj.Cell):
@@ -97,10 +101,7 @@ def main(argv=None) -> int:
     cells = args.cells.split(",")
     methods = args.methods.split(",")
     runners = {(c, m): cost_runner(c, m, args) for c in cells for m in methods}
-    times = {k: [] for k in runners}
-    for _ in range(args.repeats):  # interleaved
-        for k, run in runners.items():
-            times[k].append(run())
+    medians = time_interleaved(runners, args.repeats)
     print(f"{jax.devices()[0].device_kind}, batch {args.batch}, T {args.T}, hidden {args.hidden}, float32, scan backend; "
           f"median of {args.repeats} (ms per batch, value + parameter gradient)\n")
     head = "| cell | path | " + " | ".join(f"{m} (ms)" for m in methods) + " | MC/exact at ε = 0.05 | MC/exact at ε = 2 |"
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     for c in cells:
         small, big = monte_carlo(c, 0.05, args.mc_samples), monte_carlo(c, 2.0, args.mc_samples)
         path = "fast" if isinstance(make_model(c, nj.NRNNConfig(hidden=4)).cell, nj.ProductCell) else "generic"
-        cols = " | ".join(f"{1e3 * statistics.median(times[(c, m)]):.1f}" for m in methods)
+        cols = " | ".join(f"{1e3 * medians[(c, m)]:.1f}" for m in methods)
         print(f"| {c} | {path} | {cols} | {small[0]:.4f} ± {small[1]:.4f} | {big[0]:.3f} ± {big[1]:.3f} |")
     return 0
 

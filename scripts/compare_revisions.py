@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,9 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import time_interleaved  # noqa: E402  (scripts/benchmark.py: the variants take turns)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -93,16 +95,13 @@ def main(argv=None) -> int:
         for name in args.variants.split(","):
             for label, nj in (("this", this), (args.rev, other)):
                 runners[(name, label)], losses[(name, label)] = build(nj, shape, *VARIANTS[name])
-        times = {k: [] for k in runners}
-        for _ in range(args.repeats):
-            for k, run in runners.items():
-                times[k].append(run())
+        medians = time_interleaved(runners, args.repeats)
     print(f"{jax.devices()[0].device_kind}, shape {args.shape} {shape}, median of {args.repeats} steps, "
           f"versions taking turns\n")
     print(f"| variant | this checkout (ms) | {args.rev} (ms) | ratio | first-step (loss, reg) equal |")
     print("|---|---|---|---|---|")
     for name in args.variants.split(","):
-        a, b = (statistics.median(times[(name, lab)]) for lab in ("this", args.rev))
+        a, b = (medians[(name, lab)] for lab in ("this", args.rev))
         same = losses[(name, "this")] == losses[(name, args.rev)]
         shown = ", ".join(f"{v:.7g}" for v in losses[(name, "this")])
         rel = max(abs(u - v) / max(abs(v), 1e-30) for u, v in zip(losses[(name, "this")], losses[(name, args.rev)]))

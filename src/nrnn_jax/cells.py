@@ -301,6 +301,14 @@ class MatrixLipschitz:
     def __init__(self, alpha: float, A, W):
         self.alpha, self.A, self.W = alpha, A, W
 
+    @classmethod
+    def of(cls, cfg: NRNNConfig, p, where: str) -> "MatrixLipschitz":
+        """The Lipschitz drift of the matrices in `p` (a `RecurrentParams`); ValueError if `p` has none."""
+        if p.A is None or p.W is None:
+            raise ValueError(f"{where}: pass cell=model.cell, or RecurrentParams with the matrices A and W of the "
+                             "Lipschitz drift")
+        return cls(cfg.alpha, p.A, p.W)
+
     def products_matrix(self):
         return jnp.concatenate([self.A, self.W], axis=0)
 

@@ -23,6 +23,7 @@ import lineax as lx
 from jaxtyping import Array, Float
 
 from . import noise, schemes
+from .schemes import noise_levels  # the one definition, shared with the schemes
 from .cells import lipschitz_from_products, lipschitz_matrix  # noqa: F401  (lipschitz_matrix: re-exported)
 from .config import NRNNConfig
 
@@ -42,11 +43,6 @@ class RecurrentParams(NamedTuple):
     step_size: Float[Array, " hidden"] | None = None
     eps_add: Float[Array, ""] | float | None = None
     eps_mult: Float[Array, ""] | float | None = None
-
-
-def noise_levels(cfg: NRNNConfig, p: RecurrentParams):
-    """(ε_add, ε_mult): the parameters' values when set, else the configuration's."""
-    return (cfg.eps_add if p.eps_add is None else p.eps_add, cfg.eps_mult if p.eps_mult is None else p.eps_mult)
 
 
 def matrix_free(cfg: NRNNConfig, p: RecurrentParams, dtype) -> RecurrentParams:
@@ -84,11 +80,6 @@ def diffusion_mv(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], dw:
 def increments(cfg: NRNNConfig, xi: Float[Array, "... m"]) -> Float[Array, "... m"]:
     """The Brownian increments ΔW = √δ ξ of the SDE convention (docs/theory.md (2.3))."""
     return jnp.sqrt(jnp.asarray(cfg.dt, xi.dtype)) * xi
-
-
-def reference_multiplier(cfg: NRNNConfig, p: RecurrentParams, zeta: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
-    """u ~ U[1 − ε_mult, 1] from a standard normal ζ via the normal CDF (docs/theory.md (2.10))."""
-    return schemes.PublicCodeRule.multiplier(cfg, p, zeta)
 
 
 def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"], f: Float[Array, " d"],
@@ -158,4 +149,4 @@ def stratonovich_shift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"
     """dt · ½ Σ_j (∂σ_j/∂h) σ_j: the mean drift a Stratonovich scheme (Euler–Heun) adds (docs/theory.md (3.5));
     in closed form for the built-in diffusions, by autodiff for a user one. Zero for the Itô schemes
     (Euler–Maruyama, Milstein), whose extra terms have mean zero."""
-    return schemes.EulerHeun().mean_shift(cfg, p, noise.of(cfg), h, z, dt)
+    return schemes.SCHEMES["euler_heun"].mean_shift(cfg, p, noise.of(cfg), h, z, dt)

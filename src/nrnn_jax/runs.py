@@ -226,14 +226,15 @@ def run_cell_factory(run_dir: str | Path, cell=None):
     """The cell factory a run needs: None for a built-in cell; for a user cell (`cell="custom"`) the given
     `cell`, else the one recorded in config.json, imported (a factory defined in a notebook or a script's
     `__main__` cannot be imported: pass it)."""
-    if _run_json(run_dir)["model"].get("cell", "lipschitz") != "custom":
+    saved = _run_json(run_dir)
+    name = saved["model"].get("cell", "lipschitz")
+    if name != "custom":
         if cell is not None:
-            fail("", "cell", cell, f"{run_dir} was trained with the built-in cell "
-                 f"{_run_json(run_dir)['model'].get('cell', 'lipschitz')!r}; pass no cell")
+            fail("", "cell", cell, f"{run_dir} was trained with the built-in cell {name!r}; pass no cell")
         return None
     if cell is not None:
         return cell
-    path = _run_json(run_dir).get("cell_factory")
+    path = saved.get("cell_factory")
     if path is None:
         fail("", "cell", None, f"{run_dir} was trained with a user cell; pass its factory: load_run(run_dir, cell=factory)")
     try:

@@ -24,7 +24,8 @@ import lineax as lx
 from .noise import Noise
 
 
-def _levels(cfg, p):
+def noise_levels(cfg, p):
+    """(ε_add, ε_mult): the parameters' values when set (e.g. traced in a sweep), else the configuration's."""
     return (cfg.eps_add if p.eps_add is None else p.eps_add, cfg.eps_mult if p.eps_mult is None else p.eps_mult)
 
 
@@ -50,13 +51,13 @@ class Scheme:
     def perturbation_factor(self, cfg, p, noise: Noise, h, z, f) -> lx.AbstractLinearOperator:
         """G_k(h): √δ σ(h, z) for the SDE schemes."""
         sqrt_dt = jnp.sqrt(jnp.asarray(cfg.dt, h.dtype))
-        op = noise.operator(_levels(cfg, p), h, z)
+        op = noise.operator(noise_levels(cfg, p), h, z)
         if isinstance(op, lx.DiagonalLinearOperator):
             return lx.DiagonalLinearOperator(sqrt_dt * op.diagonal)
         return lx.MatrixLinearOperator(sqrt_dt * op.as_matrix())
 
     def perturbation_factor_mv(self, cfg, p, noise: Noise, h, z, f, eta):
-        return jnp.sqrt(jnp.asarray(cfg.dt, h.dtype)) * noise.mv(_levels(cfg, p), h, z, eta)
+        return jnp.sqrt(jnp.asarray(cfg.dt, h.dtype)) * noise.mv(noise_levels(cfg, p), h, z, eta)
 
     def mean_shift(self, cfg, p, noise: Noise, h, z, dt):
         """The O(ε²) mean the scheme adds beyond F_k over a time `dt` (zero for Itô schemes)."""
@@ -82,7 +83,7 @@ class EulerMaruyama(_SDEScheme):
     name = "euler"
 
     def update(self, cfg, p, noise, h, z, f, dw):
-        return h + cfg.dt * f + noise.mv(_levels(cfg, p), h, z, dw)
+        return h + cfg.dt * f + noise.mv(noise_levels(cfg, p), h, z, dw)
 
     def diffrax_solver(self):
         return diffrax.Euler()
@@ -96,12 +97,12 @@ class EulerHeun(_SDEScheme):
     has_mean_shift = True
 
     def update(self, cfg, p, noise, h, z, f, dw):
-        levels = _levels(cfg, p)
+        levels = noise_levels(cfg, p)
         first = noise.mv(levels, h, z, dw)
         return h + cfg.dt * f + 0.5 * (first + noise.mv(levels, h + first, z, dw))
 
     def mean_shift(self, cfg, p, noise, h, z, dt):
-        return 0.5 * dt * noise.column_derivative_sum(_levels(cfg, p), h, z)
+        return 0.5 * dt * noise.column_derivative_sum(noise_levels(cfg, p), h, z)
 
     def diffrax_solver(self):
         return diffrax.EulerHeun()
@@ -114,7 +115,7 @@ class Milstein(_SDEScheme):
     name = "milstein"
 
     def update(self, cfg, p, noise, h, z, f, dw):
-        levels = _levels(cfg, p)
+        levels = noise_levels(cfg, p)
         return h + cfg.dt * f + noise.mv(levels, h, z, dw) + noise.milstein_correction(levels, h, z, dw, cfg.dt)
 
     def diffrax_solver(self):
@@ -136,27 +137,27 @@ class PublicCodeRule(Scheme):
     @staticmethod
     def multiplier(cfg, p, zeta):
         """u ~ U[1 − ε_mult, 1] from a standard normal ζ via the normal CDF (docs/theory.md (2.10))."""
-        eps_mult = _levels(cfg, p)[1]
+        eps_mult = noise_levels(cfg, p)[1]
         return 1.0 - eps_mult + eps_mult * jax.scipy.stats.norm.cdf(zeta)
 
     def step(self, cfg, p, noise, h, z, f, xi):
         if xi is None:
             return h + p.step_size * f
         d = h.shape[0]
-        return h + p.step_size * self.multiplier(cfg, p, xi[d:]) * f + _levels(cfg, p)[0] * xi[:d]
+        return h + p.step_size * self.multiplier(cfg, p, xi[d:]) * f + noise_levels(cfg, p)[0] * xi[:d]
 
     def mean_step_size(self, cfg, p):
-        return p.step_size * (1.0 - 0.5 * _levels(cfg, p)[1])
+        return p.step_size * (1.0 - 0.5 * noise_levels(cfg, p)[1])
 
     def perturbation_factor(self, cfg, p, noise, h, z, f):
         """[diag(s ⊙ f) ε_mult/√12 | ε_add I] (u − E u has variance ε_mult²/12)."""
-        eps_add, eps_mult = _levels(cfg, p)
+        eps_add, eps_mult = noise_levels(cfg, p)
         a = p.step_size * f * (eps_mult / jnp.sqrt(12.0))
         eye = eps_add * jnp.eye(h.shape[0], dtype=h.dtype)
         return lx.MatrixLinearOperator(jnp.concatenate([jnp.diag(a), eye], axis=1))
 
     def perturbation_factor_mv(self, cfg, p, noise, h, z, f, eta):
-        eps_add, eps_mult = _levels(cfg, p)
+        eps_add, eps_mult = noise_levels(cfg, p)
         d = h.shape[0]
         return p.step_size * f * (eps_mult / jnp.sqrt(12.0)) * eta[:d] + eps_add * eta[d:]
 

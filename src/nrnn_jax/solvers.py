@@ -302,8 +302,4 @@ def as_drift(cfg: NRNNConfig, p: RecurrentParams, cell=None) -> cells.Drift:
     Lipschitz drift of the matrices in `p`."""
     if isinstance(cell, cells.Drift):
         return cell
-    if cell is None:
-        if p.A is None or p.W is None:
-            raise ValueError("solve: pass cell=... or RecurrentParams with the matrices A and W of the Lipschitz drift")
-        cell = cells.MatrixLipschitz(cfg.alpha, p.A, p.W)
-    return cells.pure(cell)
+    return cells.pure(cells.MatrixLipschitz.of(cfg, p, "solve") if cell is None else cell)

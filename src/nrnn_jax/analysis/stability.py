@@ -138,9 +138,7 @@ def lyapunov_exponent(cfg: NRNNConfig, p: RecurrentParams, *, t_max: float = 200
     Returns (mean over paths, standard error). Raises `ValueError` for the reference convention."""
     _check_sde(cfg, "lyapunov_exponent")
     if cell is None:
-        if p.A is None or p.W is None:
-            raise ValueError("lyapunov_exponent: pass cell=model.cell, or RecurrentParams with the matrices A, W")
-        cell = cells.MatrixLipschitz(cfg.alpha, p.A, p.W)
+        cell = cells.MatrixLipschitz.of(cfg, p, "lyapunov_exponent")
         d, dtype = p.A.shape[0], jnp.dtype(p.A.dtype)
     else:
         d, dtype = cfg.hidden, jnp.dtype(cfg.dtype)
