@@ -37,3 +37,23 @@ def test_grid_path_returns_the_given_increments():
     np.testing.assert_allclose(path.evaluate(3 * dt), inc[:3].sum(0))
     assert path.t1 == pytest.approx(0.6)
     np.testing.assert_array_equal(GridIncrementPath(inc, 1.0).evaluate(5.0, 6.0), inc[5])
+
+
+def test_batch_major_grid_path_reads_the_step_in_place():
+    """A batch-major path (B, T, m) returns step k of every example, flattened to (B·m,): the same numbers as
+    the time-major path of the transposed array; with `normals=True` it scales standard normals by √δ."""
+    xi = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 2))
+    dt = 0.25
+    time_major = GridBrownianPath(jnp.swapaxes(xi, 0, 1).reshape(5, 6), dt)
+    batch_major = GridBrownianPath(xi, dt, batch_major=True)
+    scaled = GridBrownianPath(xi / jnp.sqrt(dt), dt, batch_major=True, normals=True)
+    assert batch_major.t1 == pytest.approx(5 * dt)
+    for k in range(5):
+        t0, t1 = k * dt, (k + 1) * dt
+        np.testing.assert_array_equal(batch_major.evaluate(t0, t1), xi[:, k].reshape(-1))
+        np.testing.assert_array_equal(batch_major.evaluate(t0, t1), time_major.evaluate(t0, t1))
+        np.testing.assert_allclose(scaled.evaluate(t0, t1), xi[:, k].reshape(-1), rtol=1e-6)
+    for k in range(6):  # W(t_k), the cumulative sum, for k = 0 (zero) .. T
+        np.testing.assert_allclose(batch_major.evaluate(k * dt), xi[:, :k].sum(1).reshape(-1), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(scaled.evaluate(k * dt), xi[:, :k].sum(1).reshape(-1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(time_major.evaluate(k * dt), batch_major.evaluate(k * dt), rtol=1e-6, atol=1e-7)

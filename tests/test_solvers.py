@@ -206,3 +206,29 @@ def test_reference_convention_matches_the_public_update_rule():
     on_diffrax = NoisyRNN(cfg.replace(backend="diffrax"), rngs=nnx.Rngs(1))
     on_diffrax.step_size[...] = model.step_size[...]
     np.testing.assert_allclose(on_diffrax(x, noise=xi), torch_like(True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("kw", [dict(), dict(solver="euler_heun"), dict(solver="milstein"), dict(noise_kind="scalar"),
+                                dict(convention="reference")], ids=lambda kw: "-".join(kw.values()) or "euler")
+def test_diffrax_forward_carries_the_products_of_every_step(kw):
+    """The diffrax forward of the discrete adjoint (`for_adjoint=True`) carries P = M h with the state: the
+    saved products are M h_k of the saved states, and the states are those of the plain solve and of the
+    scan."""
+    from nrnn_jax import solvers
+    from nrnn_jax.dynamics import products_matrix
+
+    cfg = NRNNConfig(input_dim=2, hidden=5, eps_add=0.2, eps_mult=0.3, init_std=2.0, dtype="float64", **kw)
+    params = NoisyRNN(cfg, rngs=nnx.Rngs(0)).recurrent_params()
+    B, T = 3, 9
+    z = jax.random.normal(jax.random.PRNGKey(0), (B, T, 5), jnp.float64)
+    xi = jax.random.normal(jax.random.PRNGKey(1), (B, T, cfg.noise_dim), jnp.float64)
+    h0 = jax.random.normal(jax.random.PRNGKey(2), (B, 5), jnp.float64)
+    drift = solvers.as_drift(cfg, params)
+    hs, prods = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift, for_adjoint=True)
+    assert hs.shape == (T + 1, B, 5) and prods.shape == (T + 1, B, 10)
+    np.testing.assert_allclose(prods, hs @ products_matrix(params).T, rtol=1e-13, atol=1e-13)
+    plain = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift)
+    np.testing.assert_allclose(hs, plain, rtol=1e-13, atol=1e-13)
+    scan = solvers.solve_batch(cfg.replace(backend="scan"), params, z, xi, h0=h0, save="all")
+    np.testing.assert_allclose(jnp.swapaxes(hs, 0, 1), scan, rtol=1e-12, atol=1e-12)

@@ -35,7 +35,9 @@ from .validation import check_choice
 # g(state (K, d), products (K, p), x_k (pytree, one example), params) -> state (K, d)
 Cell = Callable[[Array, Array, PyTree, Any], Array]
 # forward(cell, M, params, state0 (B, K, d), xs (leaves (B, T, ...)))
-#   -> (states_in (T, B, K, d), final (B, K, d), products (T, B, K, p) or None)
+#   -> (states (T or T + 1, B, K, d), final (B, K, d), products (T or T + 1, B, K, p) or None)
+# where states[k] is the state entering step k (a forward that saves T + 1 states, the final one last, returns
+# them whole: the adjoint reads the first T in place rather than copying them out)
 Forward = Callable[..., tuple[Array, Array, Array | None]]
 
 
@@ -77,25 +79,29 @@ def scan_forward(cell: Cell, M, params, state0, xs):
     return states_in, final, prods
 
 
-def _output(states_in, final, save_all: bool):
-    return jnp.concatenate([states_in, final[None]]) if save_all else final
+def _output(states, final, save_all: bool, T: int):
+    if not save_all:
+        return final
+    return states if states.shape[0] == T + 1 else jnp.concatenate([states, final[None]])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _recurrence(cell, forward, save_all, M, params, state0, xs):
-    states_in, final, _ = forward(cell, M, params, state0, xs)
-    return _output(states_in, final, save_all)
+    states, final, _ = forward(cell, M, params, state0, xs)
+    return _output(states, final, save_all, num_steps(xs))
 
 
 def _recurrence_fwd(cell, forward, save_all, M, params, state0, xs):
-    states_in, final, prods = forward(cell, M, params, state0, xs)
+    T = num_steps(xs)
+    states, final, prods = forward(cell, M, params, state0, xs)
     if prods is None:
-        prods = _products(states_in, M)  # one product over all steps and examples
-    return _output(states_in, final, save_all), (M, params, states_in, prods, xs)
+        prods = _products(states[:T], M)  # one product over all steps and examples
+    return _output(states, final, save_all, T), (M, params, states, prods, xs)
 
 
 def _recurrence_bwd(cell, forward, save_all, residuals, g):
-    M, params, states_in, prods, xs = residuals
+    M, params, states, prods, xs = residuals
+    T = num_steps(xs)
     step = _batched(cell)
     if save_all:
         g_final, g_steps = g[-1], g[:-1]
@@ -104,7 +110,8 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
 
     def body(carry, inputs):
         lam, dparams = carry
-        k, s, prod, g_k = inputs
+        k, g_k = inputs
+        s, prod = states[k], prods[k]  # read in place (they may hold a last row beyond step T - 1)
         _, vjp = jax.vjp(step, s, prod, _at_step(xs, k), params)
         ds, dprod, dx, dtheta = vjp(lam)
         lam_prev = ds + _products(dprod, M.T)  # + Mᵀ μ_k
@@ -114,10 +121,8 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
         return (lam_prev, dparams), (dprod, dx)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    steps = jnp.arange(states_in.shape[0])
-    (lam0, dparams), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros), (steps, states_in, prods, g_steps),
-                                                  reverse=True)
-    dM = _outer_sum(dprods, states_in)  # one product over all steps and examples
+    (lam0, dparams), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros), (jnp.arange(T), g_steps), reverse=True)
+    dM = _outer_sum(dprods, states[:T])  # one product over all steps and examples
     return dM, dparams, lam0, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), dxs)
 
 

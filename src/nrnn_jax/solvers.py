@@ -41,11 +41,24 @@ def _grid_index(t, dt: float, n: int):
     return jnp.clip(jnp.round(t / dt).astype(jnp.int32), 0, n - 1)
 
 
-class _OnGrid:
-    """Shared by the grid paths: increments (T, m) on the grid t_k = k δ, k = 0..T."""
+def _at(a, k, time_axis: int):
+    """Step k of `a` along its time axis (read in place: a dynamic slice, no transposed copy)."""
+    return jax.lax.dynamic_index_in_dim(a, k, axis=time_axis, keepdims=False)
 
-    increments: Float[Array, "T m"]
+
+class _OnGrid:
+    """Shared by the grid paths: increments on the grid t_k = k δ, k = 0..T, time-major (T, m) or
+    batch-major (B, T, m)."""
+
+    increments: Array
     dt: float
+    batch_major: bool
+
+    normals: bool
+
+    @property
+    def _time_axis(self) -> int:
+        return 1 if self.batch_major else 0
 
     @property
     def t0(self):
@@ -53,35 +66,55 @@ class _OnGrid:
 
     @property
     def t1(self):
-        return self.dt * self.increments.shape[0]
+        return self.dt * self.increments.shape[self._time_axis]
+
+    def _flat(self, a):
+        return a.reshape(-1) if self.batch_major else a
 
     def _evaluate(self, t0, t1):
-        n = self.increments.shape[0]
-        if t1 is None:
-            values = jnp.concatenate([jnp.zeros_like(self.increments[:1]), jnp.cumsum(self.increments, 0)])
-            return values[jnp.clip(jnp.round(t0 / self.dt).astype(jnp.int32), 0, n)]
-        return self.increments[_grid_index(t0, self.dt, n)]
+        axis = self._time_axis
+        n = self.increments.shape[axis]
+        if t1 is None:  # W(t_k): the sum of the first k increments
+            k = jnp.clip(jnp.round(t0 / self.dt).astype(jnp.int32), 0, n)
+            first_k = (jnp.arange(n) < k).reshape((n,) + (1,) * (self.increments.ndim - axis - 1))
+            increments = self.increments
+            if self.normals:
+                increments = jnp.sqrt(jnp.asarray(self.dt, increments.dtype)) * increments
+            return self._flat(jnp.sum(jnp.where(first_k, increments, 0), axis))
+        inc = _at(self.increments, _grid_index(t0, self.dt, n), axis)
+        if self.normals:  # ΔW_k = √δ ξ_k formed at the step, as the scan backend's step does
+            inc = jnp.sqrt(jnp.asarray(self.dt, inc.dtype)) * inc
+        return self._flat(inc)
 
 
 class GridIncrementPath(_OnGrid, diffrax.AbstractPath):
     """A control path given by its increments on the fixed grid t_k = k δ, k = 0..T.
 
     `evaluate(t_k, t_{k+1})` returns `increments[k]`; `evaluate(t_k)` the cumulative sum up to t_k. Only
-    whole grid steps may be requested, which is what a fixed-grid solve does.
+    whole grid steps may be requested, which is what a fixed-grid solve does. With `batch_major=True` the
+    increments are (B, T, m), read in place, and a step's increments come flattened to (B·m,) (the flat
+    batch state of `solve_batch`'s diffrax solve).
     """
 
-    increments: Float[Array, "T m"]
+    increments: Float[Array, "T m"] | Float[Array, "B T m"]
     dt: float = eqx.field(static=True)
+    batch_major: bool = eqx.field(static=True, default=False)
+    normals: bool = eqx.field(static=True, default=False)
 
     def evaluate(self, t0, t1=None, left: bool = True):
         return self._evaluate(t0, t1)
 
 
 class GridBrownianPath(_OnGrid, diffrax.AbstractBrownianPath):
-    """A Brownian path made of pre-sampled increments ΔW_k on the grid (differentiable, exact)."""
+    """A Brownian path made of pre-sampled increments ΔW_k on the grid (differentiable, exact); time-major
+    (T, m), or batch-major (B, T, m) with `batch_major=True` (a step's increments then flattened to (B·m,)).
+    With `normals=True` the array holds standard normals ξ_k and the path returns ΔW_k = √δ ξ_k, formed at
+    the step it is asked for (no scaled copy of the whole array)."""
 
-    increments: Float[Array, "T m"]
+    increments: Float[Array, "T m"] | Float[Array, "B T m"]
     dt: float = eqx.field(static=True)
+    batch_major: bool = eqx.field(static=True, default=False)
+    normals: bool = eqx.field(static=True, default=False)
     levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
@@ -89,6 +122,59 @@ class GridBrownianPath(_OnGrid, diffrax.AbstractBrownianPath):
         if use_levy and t1 is not None:
             return diffrax.BrownianIncrement(dt=t1 - t0, W=inc)
         return inc
+
+
+class _WithProducts(eqx.Module):
+    """The solve's `args` with the products P = M h of the state a step starts from (`_CarryProducts`)."""
+
+    args: tuple
+    products: Array
+
+
+def _unpack(y, args):
+    """The flat state h, the args (params, z, p), and the products M h when the solve carries them (None
+    otherwise): y is h, or the carried (h, P) itself when diffrax checks the terms against the solve's y0."""
+    args, prods = (args.args, args.products) if isinstance(args, _WithProducts) else (args, None)
+    if isinstance(y, tuple):
+        y, prods = y
+    return y, args, prods
+
+
+class _CarryProducts(diffrax.AbstractWrappedSolver):
+    """Wraps a diffrax solver of the flat state h so that the solve carries the products P = M h beside it:
+    the solve's state is (h, P), the wrapped solver steps h with P handed to the drift (which then does not
+    multiply again), and the new products M h_{k+1} are formed once, after the step. `SaveAt(steps=True)`
+    then saves the products of every step with the states, which is what the discrete adjoint of
+    `nrnn_jax.recurrence` needs; without them it would form them again after the loop (6.6 GFLOP at the
+    paper shape). Valid for solvers that evaluate the drift at the start of the step only (every solver
+    this module uses: Euler, EulerHeun, ItoMilstein)."""
+
+    solver: diffrax.AbstractSolver
+    batch: int = eqx.field(static=True)
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return diffrax.LocalLinearInterpolation
+
+    def products(self, h, M):
+        """P = M h for every example of the flat batch state, as one matrix product."""
+        return (h.reshape(self.batch, -1) @ M.T).reshape(-1)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0[0], _WithProducts(args, y0[1]))
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        h1, _, _, solver_state, result = self.solver.step(terms, t0, t1, y0[0], _WithProducts(args, y0[1]),
+                                                          solver_state, made_jump)
+        y1 = (h1, self.products(h1, args[0]))  # args = (M, z, p)
+        return y1, None, dict(y0=y0, y1=y1), solver_state, result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0[0], _WithProducts(args, y0[1]))
 
 
 def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Array, "B d"]) -> Float[Array, "B d"]:
@@ -100,13 +186,23 @@ def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Arr
 
 
 def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool):
-    """The drift on the flat state y = vec(h) of shape (B·d,), reading the input of the step t is in."""
+    """The drift on the flat state y = vec(h) of shape (B·d,), reading the input of the step t is in (z
+    batch-major (B, T, d), read in place), and the products M h from the args when the solve carries them
+    (`_CarryProducts`)."""
 
     def vf(t, y, args):
-        params, z, p = args  # z time-major (T, B, d)
+        carried = isinstance(y, tuple)  # diffrax checking the terms against the carried (h, P)
+        y, (params, z, p), prods = _unpack(y, args)
         h = y.reshape(batch, -1)
-        f = batch_drift(drift, params, h, z[_grid_index(t, grid_dt, z.shape[0])])
-        return lx.DiagonalLinearOperator(f.reshape(-1)) if as_operator else f.reshape(-1)
+        z_k = _at(z, _grid_index(t, grid_dt, z.shape[1]), 1)
+        if prods is None:
+            f = batch_drift(drift, params, h, z_k)
+        else:
+            f = jax.vmap(drift.from_products)(h, prods.reshape(batch, -1), z_k)
+        if as_operator:
+            return lx.DiagonalLinearOperator(f.reshape(-1))
+        # on the carried state: P has no drift of its own (`_CarryProducts` sets it after each step)
+        return (f.reshape(-1), jnp.zeros_like(prods)) if carried else f.reshape(-1)
 
     return vf
 
@@ -119,44 +215,47 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
         raise ValueError("this diffusion couples the components of one example: solve one example at a time.")
 
     def vf(t, y, args):
-        _, z, p = args
+        y, (_, z, p), _ = _unpack(y, args)
         levels = dynamics.noise_levels(cfg, p)
         if batch != 1:  # elementwise (the built-in diagonal noise): σ of the flat state, entry by entry
             return lx.DiagonalLinearOperator(sigma.diagonal(levels, y, None))
-        return sigma.operator(levels, y, z[_grid_index(t, grid_dt, z.shape[0])][0])
+        return sigma.operator(levels, y, _at(z[0], _grid_index(t, grid_dt, z.shape[1]), 0))
 
     return vf
 
 
-def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"], xi, h0: Float[Array, "B d"],
-                  save: Save, drift: cells.Drift, forward_only: bool = False) -> Array:
+def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"], xi, h0: Float[Array, "B d"],
+                  save: Save, drift: cells.Drift, for_adjoint: bool = False):
     """The whole batch as ONE `diffrax.diffeqsolve` on the flat state vec(h) of shape (B·d,) (a batched
-    while loop, no vmap). Time-major: z (T, B, d), xi (T, B, noise_dim) or None; `drift` the cell's pure
-    form (`cells.pure`), its arrays passed to the solve as `args`; returns (B, d) or, with `save="all"`,
-    (T + 1, B, d)."""
-    T, B, d = z.shape
+    while loop, no vmap). Batch-major inputs, read in place: z (B, T, d), xi (B, T, noise_dim) or None;
+    `drift` the cell's pure form (`cells.pure`), its arrays passed to the solve as `args`. Returns (B, d)
+    or, with `save="all"`, time-major (T + 1, B, d).
+
+    `for_adjoint=True` (a product cell whose gradient is the discrete adjoint): nothing differentiates the
+    solve, so it runs as a plain while loop (`diffrax.ForwardMode`), carries the products P = M h with the
+    state (`_CarryProducts`), and returns the states and the products of every step, (T + 1, B, d) and
+    (T + 1, B, p)."""
+    B, T, d = z.shape
     scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
     if B > 1 and xi is not None and scheme.is_sde and not sigma.elementwise and cfg.is_noisy:
         # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per
         # example): a dense σ over the flat batch would be (B d) x (B m), so the examples are solved one by one
         # (vmapped).
-        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[:, None], xi_i[:, None], h0_i[None], save, drift,
-                                                    forward_only)
-        out = jax.vmap(one, in_axes=(1, 1, 0), out_axes=0 if save == "final" else 1)(z, xi, h0)
-        return out[:, 0] if save == "final" else out[:, :, 0]
-    dtype = z.dtype
-    flat = lambda a: a.reshape(a.shape[0], -1)
+        one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[None], xi_i[None], h0_i[None], save, drift,
+                                                    for_adjoint)
+        out = jax.vmap(one, out_axes=0 if save == "final" else 1)(z, xi, h0)
+        return jax.tree.map(lambda a: a[:, 0] if save == "final" else a[:, :, 0], out)
     if not scheme.is_sde:  # the public code's rule: a control term driven by the per-step clock s ⊙ u
         grid_dt = 1.0
         if xi is None:
-            clock = jnp.broadcast_to(p.step_size, (T, B, d))
+            clock = jnp.broadcast_to(p.step_size, (B, T, d))
         else:
             clock = p.step_size[None, None, :] * scheme.multiplier(cfg, p, xi[..., d:])
-        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(flat(clock), grid_dt))
+        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(clock, grid_dt, True))
         if xi is not None and cfg.has_additive_noise:
             eps_add = dynamics.noise_levels(cfg, p)[0]
-            additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(y, eps_add)),
-                                           GridBrownianPath(flat(xi[..., :d]), grid_dt))
+            additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(_unpack(y, args)[0], eps_add)),
+                                           GridBrownianPath(xi[..., :d], grid_dt, True))
             terms = diffrax.MultiTerm(terms, additive)
         solver = scheme.diffrax_solver()
     else:
@@ -164,11 +263,16 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         terms = diffrax.ODETerm(_drift_vf(drift, B, grid_dt, False))
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
-            dw = dynamics.increments(cfg, xi)
+            # ΔW_k = √δ ξ_k (dynamics.increments) formed at each step
             terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, sigma, B, grid_dt),
-                                                                 GridBrownianPath(flat(dw), grid_dt)))
+                                                                 GridBrownianPath(xi, grid_dt, True, True)))
             solver = scheme.diffrax_solver()
-    ts = grid_dt * jnp.arange(T + 1, dtype=dtype)
+    ts = grid_dt * jnp.arange(T + 1, dtype=z.dtype)
+    y0 = h0.reshape(-1)
+    if for_adjoint:
+        solver = _CarryProducts(solver, B)
+        y0 = (y0, solver.products(y0, drift.params))
+        save = "all"
     saveat = diffrax.SaveAt(t1=True) if save == "final" else diffrax.SaveAt(t0=True, steps=True)
     sol = diffrax.diffeqsolve(
         terms,
@@ -176,16 +280,19 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T B d"],
         t0=ts[0],
         t1=ts[-1],
         dt0=None,
-        y0=h0.reshape(-1),
+        y0=y0,
         args=(drift.params, z, p),
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts),
-        # forward_only: the states feed the discrete adjoint, nothing differentiates the solve, so a plain
+        # for_adjoint: the states feed the discrete adjoint, nothing differentiates the solve, so a plain
         # while loop (diffrax.ForwardMode) rather than the checkpointed one reverse mode would need
-        adjoint=diffrax.ForwardMode() if forward_only else diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
+        adjoint=diffrax.ForwardMode() if for_adjoint else diffrax.RecursiveCheckpointAdjoint(checkpoints=T),
         max_steps=T,
         throw=False,
     )
+    if for_adjoint:
+        hs, prods = sol.ys
+        return hs.reshape(T + 1, B, d), prods.reshape(T + 1, B, -1)
     return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
 
 
@@ -218,14 +325,13 @@ def _cell(cfg: NRNNConfig, from_products):
 
 
 def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
-    """The forward states of the adjoint recurrence computed by `diffrax.diffeqsolve` (no autodiff through
-    the solve: the recurrence's adjoint differentiates it)."""
+    """The forward states and products of the adjoint recurrence computed by `diffrax.diffeqsolve` (no
+    autodiff through the solve: the recurrence's adjoint differentiates it)."""
 
     def forward(cell, M, params, state0, xs):
-        z, xi = (None if a is None else jnp.swapaxes(a, 0, 1) for a in xs)  # time-major for the solve
-        hs = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
-                           forward_only=True)[:, :, None, :]
-        return hs[:-1], hs[-1], None  # (T, B, 1, d), (B, 1, d)
+        z, xi = xs
+        hs, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M), for_adjoint=True)
+        return hs[:, :, None, :], hs[-1, :, None, :], prods[:, :, None, :]  # (T + 1, B, 1, d), (B, 1, d), (T + 1, B, 1, p)
 
     return forward
 
@@ -252,15 +358,15 @@ def solve_batch(
     """
     if save not in ("final", "all"):
         check_choice("", "save", save, ("final", "all"))
-    if h0 is None:
-        h0 = jnp.zeros((z.shape[0], z.shape[-1]), z.dtype)
+    z = jnp.asarray(z)
+    xi = None if xi is None else jnp.asarray(xi)
+    h0 = jnp.zeros((z.shape[0], z.shape[-1]), z.dtype) if h0 is None else jnp.asarray(h0)
     drift = as_drift(cfg, p, cell)
     if (cfg.gradient == "autodiff" or not drift.has_products) and cfg.backend == "scan":
         one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save, drift)
         return jax.vmap(one, in_axes=(0, None if xi is None else 0, 0))(z, xi, h0)
     if cfg.gradient == "autodiff" or not drift.has_products:  # diffrax's RecursiveCheckpointAdjoint
-        out = solve_diffrax(cfg, p, jnp.swapaxes(z, 0, 1), None if xi is None else jnp.swapaxes(xi, 0, 1), h0, save,
-                            drift)
+        out = solve_diffrax(cfg, p, z, xi, h0, save, drift)
         return out if save == "final" else jnp.swapaxes(out, 0, 1)
     forward = _diffrax_forward(cfg, drift) if cfg.backend == "diffrax" else recurrence.scan_forward
     out = recurrence.recurrence(_cell(cfg, drift.from_products), drift.params, dynamics.matrix_free(cfg, p, z.dtype),
