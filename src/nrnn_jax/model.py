@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from . import cells, solvers
+from . import cells, prng, solvers
 from .config import NRNNConfig
 from .dynamics import RecurrentParams
 from .validation import check_inputs, check_noise
@@ -100,7 +100,7 @@ class NoisyRNN(nnx.Module):
             raise ValueError("NoisyRNN: pass either noise=xi or key=key, not both.")
         if key is not None:
             shape = (x.shape[0], x.shape[1], self.cfg.noise_dim)
-            return jax.random.normal(key, shape, jnp.dtype(self.cfg.dtype))
+            return prng.normal(key, shape, jnp.dtype(self.cfg.dtype))
         if noise is not None:
             check_noise(noise, x.shape[0], x.shape[1], self.cfg.noise_dim)
             return jnp.asarray(noise, jnp.dtype(self.cfg.dtype))

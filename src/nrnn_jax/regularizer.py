@@ -35,7 +35,7 @@ import lineax as lx
 from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
-from . import cells, dynamics, recurrence
+from . import cells, dynamics, prng, recurrence
 from .losses import cross_entropy, masked_mean
 from .validation import check_choice, check_inputs, check_int, check_labels
 
@@ -156,7 +156,7 @@ def draw_probes(key, shape: tuple[int, ...], kind: str, dtype) -> Array:
     """Probe vectors with mean 0 and identity covariance: standard normal or Rademacher (±1)."""
     check_choice("", "probe", kind, PROBES)
     if kind == "gaussian":
-        return jax.random.normal(key, shape, dtype)
+        return prng.normal(key, shape, dtype)
     return jax.random.rademacher(key, shape, dtype)
 
 
@@ -426,6 +426,6 @@ def antithetic_monte_carlo(model, x, y, num_samples: int, key: Array, clean_loss
     if clean_loss is None:
         clean_loss = explicit_regularizer(model, x, y).clean_loss
     x = jnp.asarray(x, jnp.dtype(model.cfg.dtype))
-    xi = jax.random.normal(key, (num_samples,) + x.shape[:2] + (model.cfg.noise_dim,), x.dtype)
+    xi = prng.normal(key, (num_samples,) + x.shape[:2] + (model.cfg.noise_dim,), x.dtype)
     loss = lambda noise: jnp.mean(cross_entropy(model(x, noise=noise), y))
     return jax.jit(jax.vmap(lambda s: 0.5 * (loss(s) + loss(-s)) - clean_loss))(xi)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
-from . import cells, dynamics, recurrence, schemes
+from . import cells, dynamics, prng, recurrence, schemes
 from . import noise as noise_lib
 from .config import NRNNConfig
 from ._types import ArrayLike
@@ -33,7 +33,7 @@ Save = Literal["final", "all"]
 
 def brownian_increments(key: Array, shape: tuple[int, ...], dt: float, dtype=jnp.float32) -> Array:
     """Independent Brownian increments ΔW ~ N(0, δ I) of the given shape (time on the second-last axis)."""
-    return jnp.sqrt(jnp.asarray(dt, dtype)) * jax.random.normal(key, shape, dtype)
+    return jnp.sqrt(jnp.asarray(dt, dtype)) * prng.normal(key, shape, dtype)
 
 
 def _grid_index(t, dt: float, n: int):
