@@ -1,6 +1,7 @@
 """Where the time of one train step goes, at the paper shape (T 784, hidden 128, batch 128; implicit mode, scan
 backend): the step's matrix products alone (the floor of any implementation under this compiler's dot),
-drawing the injected noise (threefry2x32 and philox4x32), the forward recurrence alone, forward and backward
+drawing the injected noise (threefry2x32 through `jax.random.normal` and through the library's fused
+`nrnn_jax.prng.normal`, and philox4x32), the forward recurrence alone, forward and backward
 with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process.
 
     PYTHONPATH=src python scripts/step_breakdown.py [--repeats 7] [--shape paper|ecg|small]
@@ -21,7 +22,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import SHAPES, build_jax  # noqa: E402
 
-from nrnn_jax import NoisyRNN, NRNNConfig  # noqa: E402
+from nrnn_jax import NoisyRNN, NRNNConfig, prng  # noqa: E402
 from nrnn_jax.losses import cross_entropy, masked_mean  # noqa: E402
 
 
@@ -39,6 +40,7 @@ def main() -> None:
     y = jnp.arange(B) % sh["num_classes"]
     mask = jnp.ones(B)
     normal = jax.jit(lambda k: jax.random.normal(k, (B, T, mcfg.noise_dim), jnp.float32))
+    fused = jax.jit(lambda k: prng.normal(k, (B, T, mcfg.noise_dim), jnp.float32))  # the same numbers
     xi = normal(jax.random.key(0))
     forward = jax.jit(lambda p, x, xi: nnx.merge(graphdef, p)(x, noise=xi))
     loss = lambda p, x, y, mask, xi: masked_mean(cross_entropy(nnx.merge(graphdef, p)(x, noise=xi), y), mask)
@@ -71,7 +73,9 @@ def main() -> None:
     flops = 3 * 2 * B * d * 2 * d * T
     parts = {
         f"matrix products alone ({flops / 1e9:.1f} GFLOP: forward, backward, ∂L/∂M)": timed(products_only, h0, h0 @ M.T),
-        "noise draw, threefry2x32": timed(normal, jax.random.key(0, impl="threefry2x32")),
+        "noise draw, threefry2x32, jax.random.normal": timed(normal, jax.random.key(0, impl="threefry2x32")),
+        "noise draw, threefry2x32, nrnn_jax.prng.normal (the library's; the same numbers)":
+            timed(fused, jax.random.key(0, impl="threefry2x32")),
         "noise draw, philox4x32": timed(normal, jax.random.key(0, impl="philox4x32")),
         "forward recurrence (fixed noise)": timed(forward, params, x, xi),
         "forward + backward (fixed noise)": timed(grad, params, x, y, mask, xi),

@@ -233,9 +233,10 @@ class TrainConfig(ConfigMixin):
       clips the global gradient norm; `weight_decay` adds decoupled weight decay.
     - `reg_weight` (λ), `reg_method` ("exact" or "probe"), `num_probes`: explicit mode only.
     - `checkpoint_every`: also checkpoint every this many steps (0: only at the end of each epoch).
-    - `prng`: the generator of the injected noise and the probes: "threefry2x32" (JAX's default) or
-      "philox4x32" (Philox4x32-10, about 3x faster to draw on CPU: at the pixel-MNIST shape the noise is
-      12.8 M normals per step). Both give independent standard normals; they give different draws.
+    - `prng`: the generator of the injected noise and the probes: "threefry2x32" (JAX's default; drawn by
+      `nrnn_jax.prng.normal`, which gives `jax.random.normal`'s numbers in one fused pass) or "philox4x32"
+      (Philox4x32-10, through `jax.random.normal`). Both give independent standard normals; they give
+      different draws.
     - `on_divergence`: what a non-finite loss or gradient does. "raise" (default): stop with
       `TrainingDiverged`, keeping the last good checkpoint. "rollback": go back to the state at the start of
       the epoch, multiply the learning rate by `rollback_lr_factor`, clip the global gradient norm at
