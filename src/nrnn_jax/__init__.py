@@ -15,7 +15,8 @@ The public API (the theory is in the repository's docs/theory.md):
 - Data: `load_dataset`, `Dataset`.
 - Analyses: the `nrnn_jax.analysis` package.
 
-Everything else stays importable from its module (`nrnn_jax.dynamics`, `nrnn_jax.recurrence`, …).
+Everything else stays importable from its module (`nrnn_jax.dynamics`, `nrnn_jax.recurrence`,
+`nrnn_jax.prng`, …).
 """
 
 from .config import NRNNConfig as NRNNConfig
