@@ -62,3 +62,19 @@ def test_threefry2x32_known_answer():
     np.testing.assert_array_equal(np.concatenate([np.asarray(g) for g in got]), np.array([0xC4923A9C, 0x483DF7A0], u))
     got = prng.threefry2x32(u(0), u(0), jnp.array([u(0)]), jnp.array([u(0)]))
     np.testing.assert_array_equal(np.concatenate([np.asarray(g) for g in got]), np.array([0x6B200159, 0x99BA4EFE], u))
+
+
+@pytest.mark.usefixtures("x64")
+def test_float32_draw_under_x64_is_still_fused_and_equal():
+    key = jax.random.key(5)
+    assert prng.fused(key, (6, 7), jnp.float32)
+    got = prng.normal(key, (6, 7), jnp.float32)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(_bits(got), _bits(jax.random.normal(key, (6, 7), jnp.float32)))
+
+
+def test_non_partitionable_threefry_falls_back():
+    key = jax.random.key(5)
+    with jax.threefry_partitionable(False):
+        assert not prng.fused(key, (6, 7), jnp.float32)
+        np.testing.assert_array_equal(prng.normal(key, (6, 7)), jax.random.normal(key, (6, 7)))
