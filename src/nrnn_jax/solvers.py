@@ -53,7 +53,6 @@ class _OnGrid:
     increments: Array
     dt: float
     batch_major: bool
-
     normals: bool
 
     @property
@@ -71,20 +70,19 @@ class _OnGrid:
     def _flat(self, a):
         return a.reshape(-1) if self.batch_major else a
 
+    def _scaled(self, a):
+        """The increments of the stored values: ΔW = √δ ξ for standard normals (formed where they are read, as
+        the scan backend's step does), the values themselves otherwise."""
+        return jnp.sqrt(jnp.asarray(self.dt, a.dtype)) * a if self.normals else a
+
     def _evaluate(self, t0, t1):
         axis = self._time_axis
         n = self.increments.shape[axis]
-        if t1 is None:  # W(t_k): the sum of the first k increments
-            k = jnp.clip(jnp.round(t0 / self.dt).astype(jnp.int32), 0, n)
+        if t1 is None:  # W(t_k): the sum of the first k increments, k = 0..n
+            k = _grid_index(t0, self.dt, n + 1)
             first_k = (jnp.arange(n) < k).reshape((n,) + (1,) * (self.increments.ndim - axis - 1))
-            increments = self.increments
-            if self.normals:
-                increments = jnp.sqrt(jnp.asarray(self.dt, increments.dtype)) * increments
-            return self._flat(jnp.sum(jnp.where(first_k, increments, 0), axis))
-        inc = _at(self.increments, _grid_index(t0, self.dt, n), axis)
-        if self.normals:  # ΔW_k = √δ ξ_k formed at the step, as the scan backend's step does
-            inc = jnp.sqrt(jnp.asarray(self.dt, inc.dtype)) * inc
-        return self._flat(inc)
+            return self._flat(jnp.sum(jnp.where(first_k, self._scaled(self.increments), 0), axis))
+        return self._flat(self._scaled(_at(self.increments, _grid_index(t0, self.dt, n), axis)))
 
 
 class GridIncrementPath(_OnGrid, diffrax.AbstractPath):
@@ -254,8 +252,8 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(clock, grid_dt, True))
         if xi is not None and cfg.has_additive_noise:
             eps_add = dynamics.noise_levels(cfg, p)[0]
-            additive = diffrax.ControlTerm(lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(_unpack(y, args)[0], eps_add)),
-                                           GridBrownianPath(xi[..., :d], grid_dt, True))
+            sigma_add = lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(_unpack(y, args)[0], eps_add))
+            additive = diffrax.ControlTerm(sigma_add, GridBrownianPath(xi[..., :d], grid_dt, True))
             terms = diffrax.MultiTerm(terms, additive)
         solver = scheme.diffrax_solver()
     else:
@@ -330,8 +328,10 @@ def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
 
     def forward(cell, M, params, state0, xs):
         z, xi = xs
-        hs, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M), for_adjoint=True)
-        return hs[:, :, None, :], hs[-1, :, None, :], prods[:, :, None, :]  # (T + 1, B, 1, d), (B, 1, d), (T + 1, B, 1, p)
+        hs, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
+                                  for_adjoint=True)
+        # (T + 1, B, 1, d), (B, 1, d), (T + 1, B, 1, p)
+        return hs[:, :, None, :], hs[-1, :, None, :], prods[:, :, None, :]
 
     return forward
 
