@@ -2,7 +2,10 @@
 results.md hold what the saved runs give when measured again."""
 
 import copy
+import dataclasses
 import json
+
+import pytest
 
 import numpy as np
 
@@ -127,6 +130,49 @@ def test_compare_layout_and_contents(tmp_path, capsys):
     assert robustness_main([str(out / "implicit/seed0"), "--kind", "white", "--strengths", "0,0.5"]) == 0
     assert "white 0.5" in capsys.readouterr().out
     assert compare_main(["--dataset", "nope", "--out", str(tmp_path / "x")]) == 2
+    _check_resume(cc, out, saved, data)
+
+
+def _check_resume(cc, out, saved, data):
+    """run_compare(resume=True) over a finished comparison trains and measures nothing and gives the same
+    summary; a run whose record is lost is continued from its checkpoint (finished: nothing to train) and
+    measured again to the same numbers; other measurement settings measure again but train nothing."""
+    calls = {"train": [], "analyse": 0}
+    real_train, real_analyse = compare.train_and_evaluate, compare.analyse
+
+    def train(*args, **kw):
+        calls["train"].append(kw["resume"])
+        return real_train(*args, **kw)
+
+    def analyse(*args, **kw):
+        calls["analyse"] += 1
+        return real_analyse(*args, **kw)
+
+    compare.train_and_evaluate, compare.analyse = train, analyse
+    try:
+        again = json.loads(json.dumps(run_compare(cc, out, log=None, resume=True)))
+        assert calls == {"train": [], "analyse": 0}
+        assert again["runs"] == saved["runs"] and again["aggregate"] == saved["aggregate"]
+        assert json.loads((out / "summary.json").read_text())["runs"] == saved["runs"]
+
+        (out / "implicit/seed0/compare.json").unlink()  # e.g. killed after training, before its record
+        again = json.loads(json.dumps(run_compare(cc, out, log=None, resume=True)))
+        assert calls == {"train": [True], "analyse": 1}
+        assert again["runs"]["implicit"][0]["analysis"] == saved["runs"]["implicit"][0]["analysis"]
+        assert again["runs"]["implicit"][0]["summary"]["test_acc"] == saved["runs"]["implicit"][0]["summary"]["test_acc"]
+
+        calls.update(train=[], analyse=0)
+        other = dataclasses.replace(cc, lanczos_steps=3, modes=("explicit", "deterministic"))
+        again = run_compare(other, out, log=None, resume=True)
+        assert calls == {"train": [], "analyse": 2}  # the chosen explicit run and the deterministic one
+        assert list(again["runs"]) == ["deterministic", "explicit"]
+        assert len(again["runs"]["explicit"][0]["analysis"]["hessian_ritz"]) == 3
+        assert again["runs"]["explicit"][0]["lambda_scores"] == saved["runs"]["explicit"][0]["lambda_scores"]
+    finally:
+        compare.train_and_evaluate, compare.analyse = real_train, real_analyse
+    for bad in (("nope",), (), ("implicit", "implicit"), "implicit"):
+        with pytest.raises(ValueError, match=r"CompareConfig\.modes=.*distinct modes out of 'deterministic'"):
+            compare.check_compare_config(dataclasses.replace(cc, modes=bad))
 
 
 def test_plot_all_leaves_the_backend_alone(tmp_path):

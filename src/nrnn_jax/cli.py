@@ -10,7 +10,7 @@ import time
 import typing
 from pathlib import Path
 
-from .config import FIELD_HELP, NRNNConfig, Sweep, TrainConfig, _import_path
+from .config import FIELD_HELP, MODES, NRNNConfig, Sweep, TrainConfig, _import_path
 from .data import LOADERS, load_dataset
 from .runs import (RESUMABLE_TRAIN_FIELDS, load_run_dataset, read_config_file, read_run_config, read_run_sweep,
                    run_cell_factory, run_data_dir)
@@ -269,6 +269,13 @@ def compare_parser() -> argparse.ArgumentParser:
                         help="explicit λ grid, comma-separated, chosen on validation (default: the data set's)")
     parser.add_argument("--backend", choices=("scan", "diffrax"), default="scan",
                         help="model backend (default: %(default)s)")
+    parser.add_argument("--modes", type=_parse_tuple(str.strip), default=MODES, metavar="M1,M2,...",
+                        help="the modes to train and measure, out of " + ",".join(MODES) + " (default: all); "
+                             "e.g. one process per mode, then a last --resume call over all modes gathers them")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs and measurements already in --out made with the same settings, "
+                             "continue interrupted runs from their checkpoints, and do the rest (default: train "
+                             "every run afresh)")
     parser.add_argument("--analysis-examples", type=int, default=256,
                         help="training examples for the Hessian, test examples for DeepFool and the "
                              "regularizer (default: %(default)s)")
@@ -296,11 +303,11 @@ def compare_main(argv: list[str] | None = None) -> int:
         cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, preset=args.preset, seeds=args.seeds,
                            epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
-                           curve_examples=args.curve_examples, model=_collect(args, NRNNConfig),
+                           curve_examples=args.curve_examples, modes=args.modes, model=_collect(args, NRNNConfig),
                            train={k: v for k, v in (("lr", args.lr), ("lr_decay_epochs", args.lr_decay_epochs),
                                                     ("batch_size", args.batch_size)) if v is not None})
         check_compare_config(cc)  # before anything is loaded or trained
-        summary = run_compare(cc, args.out)
+        summary = run_compare(cc, args.out, resume=args.resume)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
         return 2

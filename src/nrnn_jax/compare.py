@@ -14,6 +14,12 @@ Output layout (a public contract):
     OUT/summary.json                      settings, per-run measurements, per-mode mean ± std
     OUT/results.md                        the Markdown table
     OUT/robustness.png, hessian.png, margins.png, stability.png
+
+Each run directory also holds `compare.json`: the run's summary, history and measurements with the settings
+they were made under. `run_compare(..., resume=True)` reuses a run whose `compare.json` matches the settings,
+continues an interrupted one from its checkpoint, and trains the others; `CompareConfig.modes` restricts a call
+to some modes. So a comparison can be split over processes (one per mode, e.g. sharing one GPU) and then
+gathered by a last `resume=True` call over all modes that trains and measures nothing again.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .evaluate import evaluate
 from .model import with_noise
 from .perturbations import white_noise
 from .regularizer import explicit_regularizer
+from .runs import load_run, write_json
 from .tables import format_table
 from .train import train_and_evaluate
 from .validation import check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail
@@ -115,6 +122,7 @@ class CompareConfig:
     curve_examples: int | None = None  # test examples for the robustness curves (None: the whole test split)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # NRNNConfig fields overriding DEFAULTS' model
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig fields overriding the training
+    modes: tuple[str, ...] = MODES  # the modes this call trains and measures (summary.json holds those)
 
 
 def check_compare_config(cc: CompareConfig) -> "CompareSettings":
@@ -134,6 +142,9 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
     check_real(own, "lyapunov_time", cc.lyapunov_time, 0.0, lo_open=True)
     if cc.curve_examples is not None:
         check_int(own, "curve_examples", cc.curve_examples, 1)
+    if (isinstance(cc.modes, str) or not isinstance(cc.modes, (tuple, list)) or not cc.modes
+            or any(m not in MODES for m in cc.modes) or len(set(cc.modes)) != len(cc.modes)):
+        fail(own, "modes", cc.modes, "expected a non-empty tuple of distinct modes out of " + ", ".join(map(repr, MODES)))
     if not isinstance(cc.model, dict):
         fail(own, "model", cc.model, "expected a dict of NRNNConfig fields")
     for name in ("input_dim", "num_classes", "backend"):
@@ -265,8 +276,32 @@ def compare_settings(cc: CompareConfig) -> CompareSettings:
                            select_white=[v * scale for v in spec["select_white"]], input_scale=scale)
 
 
-def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, Any]:
-    """Train and analyse all modes for all seeds; write the layout of the module docstring."""
+class _RunRecord:
+    """`run_dir/compare.json`: the run's result (summary and history) under the run's configuration `key`, and
+    each measurement of it with the settings it was made with. When resuming, `get(part, compute, settings)`
+    returns the stored part if it was made under the same key and settings, else computes and stores it;
+    retraining (the "run" part) drops the measurements of the previous model."""
+
+    def __init__(self, run_dir: Path, key: dict, resume: bool):
+        self.path, self.key = run_dir / "compare.json", json.loads(json.dumps(key))
+        saved = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        self.parts: dict[str, Any] = dict(saved.get("parts", {})) if saved.get("key") == self.key else {}
+
+    def get(self, part: str, compute, settings: Any = None):
+        settings = json.loads(json.dumps(settings))
+        if part not in self.parts or self.parts[part]["settings"] != settings:
+            entry = {"settings": settings, "value": json.loads(json.dumps(compute()))}
+            self.parts = {part: entry} if part == "run" else {**self.parts, part: entry}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, {"key": self.key, "parts": self.parts})
+        return self.parts[part]["value"]
+
+
+def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool = False) -> dict[str, Any]:
+    """Train and analyse the modes `cc.modes` (default: all) for all seeds; write the layout of the module
+    docstring. `resume=True` reuses what earlier calls into `out` trained and measured under the same settings
+    (each run's compare.json), continues interrupted runs from their checkpoints (a run made with other
+    settings is refused with the reason), and does the rest; False trains every run afresh, replacing it."""
     log = log or (lambda message: None)
     st = check_compare_config(cc)  # every setting, before anything is loaded or trained
     data = load_dataset(cc.dataset, cc.data_dir, **st.data_options)
@@ -275,7 +310,7 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
     base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **st.model)
     train_kw = dict(st.train)
     white_eval = tuple(s for s in st.curves.get("white", []) if s > 0)
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    runs: dict[str, list[dict]] = {m: [] for m in MODES if m in cc.modes}
     t0 = time.perf_counter()
     track = None
     if cc.track_regularizer:
@@ -286,38 +321,63 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print) -> dict[str, A
             noisy = with_noise(model, base.eps_add, base.eps_mult)
             reg = explicit_regularizer(noisy, x_v, y_v, method="probe", num_probes=16, key=jax.random.PRNGKey(epoch))
             return {"val_reg": float(reg.value)}
+    # what a run's measurements depend on besides its own configuration
+    measured_with = {"noise": base.to_dict(), "curves": st.curves,
+                     **{k: getattr(cc, k) for k in ("analysis_examples", "lanczos_steps", "hutchinson_samples",
+                                                    "lyapunov_time", "curve_examples")}}
+
+    def trained(mcfg: NRNNConfig, tcfg: TrainConfig, run_dir: Path):
+        """(record, {"summary", "history"}, model()) of the run in `run_dir`: reused, continued or trained."""
+        record = _RunRecord(run_dir, {"model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                                      "track_regularizer": cc.track_regularizer}, resume)
+        fresh = []
+
+        def train():
+            continuing = resume and (run_dir / "config.json").exists()
+            r = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=False, log=None, resume=continuing,
+                                   overwrite=not continuing, on_epoch_end=track)
+            fresh.append(r.model)
+            return {"summary": r.summary, "history": r.history}
+
+        run = record.get("run", train)
+        return record, run, lambda: fresh[0] if fresh else load_run(run_dir)
+
     for seed in cc.seeds:
         common = dict(dataset=cc.dataset, data_dir=cc.data_dir, data_options=st.data_options, seed=seed,
                       eval_white_noise=white_eval, **train_kw)
         for mode in ("deterministic", "implicit"):
+            if mode not in cc.modes:
+                continue
             mcfg = base if mode == "implicit" else base.replace(eps_add=0.0, eps_mult=0.0)
-            r = train_and_evaluate(mcfg, TrainConfig(mode=mode, **common), out / mode / f"seed{seed}", data=data,
-                                   progress=False, log=None, overwrite=True, on_epoch_end=track)
-            log(f"[{cc.dataset}] seed {seed} {mode}: test acc {r.summary['test_acc']:.4f}")
-            runs[mode].append({"seed": seed, "run_dir": str(out / mode / f"seed{seed}"), "summary": r.summary,
-                               "history": r.history,
-                               "analysis": analyse(r.model, data, st.curves, cc, seed, base)})
+            run_dir = out / mode / f"seed{seed}"
+            record, run, model = trained(mcfg, TrainConfig(mode=mode, **common), run_dir)
+            log(f"[{cc.dataset}] seed {seed} {mode}: test acc {run['summary']['test_acc']:.4f}")
+            runs[mode].append({"seed": seed, "run_dir": str(run_dir), **run,
+                               "analysis": record.get("analysis", lambda: analyse(model(), data, st.curves, cc, seed,
+                                                                                  base), measured_with)})
+        if "explicit" not in cc.modes:
+            continue
         candidates = []
         for lam in st.lambdas:
             run_dir = out / "explicit" / f"seed{seed}-lam{lam:g}"
-            r = train_and_evaluate(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir, data=data,
-                                   progress=False, log=None, overwrite=True, on_epoch_end=track)
-            score = _selection_score(r.model, data, st.select_white, seed)
-            log(f"[{cc.dataset}] seed {seed} explicit λ={lam:g}: test acc {r.summary['test_acc']:.4f}, "
+            record, run, model = trained(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir)
+            score = record.get("selection_score", lambda: _selection_score(model(), data, st.select_white, seed),
+                               st.select_white)
+            log(f"[{cc.dataset}] seed {seed} explicit λ={lam:g}: test acc {run['summary']['test_acc']:.4f}, "
                 f"validation score {score:.4f}")
-            candidates.append((score, lam, run_dir, r))
-        score, lam, run_dir, r = max(candidates, key=lambda c: c[0])
-        runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), "summary": r.summary, "lambda": lam,
-                                 "history": r.history,
+            candidates.append((score, lam, run_dir, record, run, model))
+        score, lam, run_dir, record, run, model = max(candidates, key=lambda c: c[0])
+        runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), **run, "lambda": lam,
                                  "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
-                                 "analysis": analyse(r.model, data, st.curves, cc, seed, base)})
+                                 "analysis": record.get("analysis", lambda: analyse(model(), data, st.curves, cc,
+                                                                                    seed, base), measured_with)})
     summary = {"settings": {**dataclasses.asdict(cc), "preset": st.preset, "model": dataclasses.asdict(base),
                             "train": train_kw, "data_options": st.data_options, "input_scale": st.input_scale,
                             "lambdas": list(st.lambdas), "selection_white": st.select_white,
                             "selection_rule": "max mean(clean val acc, val acc under white noise of each "
                                               "selection strength)"},
                "runs": runs, "aggregate": aggregate(runs), "time_s": time.perf_counter() - t0}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     (out / "results.md").write_text(results_table(summary))
     plot_all(summary, out)
     return summary

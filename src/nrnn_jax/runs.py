@@ -14,6 +14,7 @@ return its configuration, sweep and data set. `start_run` and `resume_run` are t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON atomically (a temporary file, then a rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write `obj` as JSON atomically (a temporary file of this process, then a rename): a reader never sees
+    a partial file, also while other processes write the same path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     tmp.replace(path)
 
