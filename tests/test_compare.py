@@ -11,7 +11,7 @@ import numpy as np
 
 from nrnn_jax import evaluate, explicit_regularizer, load_dataset, load_run, predict_logits, with_noise
 from nrnn_jax.analysis import certificate
-from nrnn_jax.cli import compare_main, robustness_main
+from nrnn_jax.cli import compare_main, compare_parser, robustness_main
 from nrnn_jax import compare
 from nrnn_jax.compare import CompareConfig, aggregate, run_compare
 from nrnn_jax.perturbations import white_noise
@@ -170,6 +170,11 @@ def _check_resume(cc, out, saved, data):
         assert again["runs"]["explicit"][0]["lambda_scores"] == saved["runs"]["explicit"][0]["lambda_scores"]
     finally:
         compare.train_and_evaluate, compare.analyse = real_train, real_analyse
+    # the command line: --modes and --resume reach CompareConfig and run_compare; a bad mode is named
+    args = compare_parser()
+    parsed = args.parse_args(["--out", "o", "--modes", "implicit, explicit", "--resume"])
+    assert parsed.modes == ("implicit", "explicit") and parsed.resume
+    assert compare_main(["--dataset", "digits", "--out", str(out), "--modes", "implicit,nope", "--resume"]) == 2
     for bad in (("nope",), (), ("implicit", "implicit"), "implicit"):
         with pytest.raises(ValueError, match=r"CompareConfig\.modes=.*distinct modes out of 'deterministic'"):
             compare.check_compare_config(dataclasses.replace(cc, modes=bad))
