@@ -119,15 +119,21 @@ def test_preset_reaches_run_compare_and_the_command_lines(monkeypatch, tmp_path,
     # nrnn-compare --preset NAME builds CompareConfig(preset=NAME); its help lists the names
     got = []
 
-    def fake_run(cc, out):
-        got.append(cc)
+    def fake_run(cc, out, resume):
+        got.append((cc, resume))
         (out / "results.md").write_text("table")
         return {"time_s": 0.0}
 
     monkeypatch.setattr(compare, "run_compare", fake_run)
     assert cli.compare_main(["--dataset", "mnist_pixel", "--preset", "nrnn-high", "--out", str(tmp_path),
                              "--epochs", "1"]) == 0
-    assert got[0].preset == "nrnn-high" and got[0].dataset == "mnist_pixel" and got[0].epochs == 1
+    cc, resume = got[0]
+    assert cc.preset == "nrnn-high" and cc.dataset == "mnist_pixel" and cc.epochs == 1
+    assert cc.modes == ("deterministic", "implicit", "explicit") and not resume
+    # --modes and --resume reach CompareConfig.modes and run_compare(resume=...)
+    assert cli.compare_main(["--dataset", "mnist_pixel", "--preset", "nrnn-high", "--out", str(tmp_path),
+                             "--modes", "implicit", "--resume"]) == 0
+    assert got[1][0].modes == ("implicit",) and got[1][1] is True
     with pytest.raises(SystemExit):
         cli.compare_main(["--help"])
     help_text = capsys.readouterr().out
