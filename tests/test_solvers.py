@@ -214,7 +214,7 @@ def test_reference_convention_matches_the_public_update_rule():
 def test_diffrax_forward_carries_the_products_of_every_step(kw):
     """The diffrax forward of the discrete adjoint (`for_adjoint=True`) carries P = M h with the state: the
     saved products are M h_k of the saved states, and the states are those of the plain solve and of the
-    scan."""
+    scan; both diffrax loops (`NRNNConfig.diffrax_loop`) agree."""
     from nrnn_jax import solvers
     from nrnn_jax.dynamics import products_matrix
 
@@ -232,3 +232,16 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     np.testing.assert_allclose(hs, plain, rtol=1e-13, atol=1e-13)
     scan = solvers.solve_batch(cfg.replace(backend="scan"), params, z, xi, h0=h0, save="all")
     np.testing.assert_allclose(jnp.swapaxes(hs, 0, 1), scan, rtol=1e-12, atol=1e-12)
+
+    # diffrax_loop: the solver stepped by a lax.scan (default) and by diffeqsolve take the same steps: the same
+    # states and products, the same solves, and the same gradients when JAX differentiates either loop
+    assert cfg.diffrax_loop == "steps"
+    other = cfg.replace(diffrax_loop="diffeqsolve")
+    for a, b in zip(solvers.solve_diffrax(other, params, z, xi, h0, "all", drift, for_adjoint=True), (hs, prods)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    for save in ("all", "final"):
+        np.testing.assert_allclose(solvers.solve_diffrax(other, params, z, xi, h0, save, drift),
+                                   solvers.solve_diffrax(cfg, params, z, xi, h0, save, drift), rtol=1e-13, atol=1e-13)
+    grad = lambda c: jax.grad(lambda z_: jnp.sum(jnp.sin(solvers.solve_diffrax(c, params, z_, xi, h0, "final",
+                                                                                  drift))))(z)
+    np.testing.assert_allclose(grad(other), grad(cfg), rtol=1e-12, atol=1e-12)

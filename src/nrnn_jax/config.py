@@ -31,6 +31,7 @@ CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar", "custom")
 SOLVERS = ("euler", "euler_heun", "milstein")
 BACKENDS = ("diffrax", "scan")
+DIFFRAX_LOOPS = ("steps", "diffeqsolve")
 GRADIENTS = ("adjoint", "autodiff")
 DTYPES = ("float32", "float64")
 MODES = ("deterministic", "implicit", "explicit")
@@ -118,8 +119,13 @@ class NRNNConfig(ConfigMixin):
     - `solver`: `"euler"` (Itô Euler–Maruyama, default), `"euler_heun"` (Stratonovich Euler–Heun) or
       `"milstein"` (Itô Milstein; requires commutative noise, so not scalar noise together with additive
       noise). Under `"reference"` only `"euler"` is defined.
-    - `backend`: `"diffrax"` (default; `diffrax.diffeqsolve` on the step grid) or `"scan"` (a `lax.scan`
-      fast path giving the same numbers).
+    - `backend`: `"diffrax"` (default; a diffrax solver on the step grid) or `"scan"` (a `lax.scan` of the
+      library's own step, giving the same numbers).
+    - `diffrax_loop` (diffrax backend): what steps the diffrax solver through the grid. `"steps"` (default):
+      a `lax.scan` of `solver.step` (diffrax's manual stepping); `"diffeqsolve"`: `diffrax.diffeqsolve`
+      with `StepTo` on the grid (and `RecursiveCheckpointAdjoint` when JAX differentiates it). The same steps
+      and numbers; "steps" leaves out diffeqsolve's loop bookkeeping (step-size control, time clipping,
+      counters, predicated saves), which a GPU pays per step as kernel launches.
     - `gradient`: `"adjoint"` (default; the exact discrete adjoint of `nrnn_jax.recurrence`: a reverse
       scan of the hidden-state cotangent, the matrix gradients as one product after the loop — the same
       gradients, faster, reverse mode only) or `"autodiff"` (JAX differentiates the backend's loop; use it
@@ -142,6 +148,7 @@ class NRNNConfig(ConfigMixin):
     noise_kind: Literal["diagonal", "scalar", "custom"] = "diagonal"
     solver: Literal["euler", "euler_heun", "milstein"] = "euler"
     backend: Literal["diffrax", "scan"] = "diffrax"
+    diffrax_loop: Literal["steps", "diffeqsolve"] = "steps"
     gradient: Literal["adjoint", "autodiff"] = "adjoint"
     dtype: Literal["float32", "float64"] = "float32"
     cell: str = "lipschitz"
@@ -158,7 +165,8 @@ class NRNNConfig(ConfigMixin):
         for name in ("gamma_a", "gamma_w", "eps_add", "eps_mult", "init_std"):
             check_real(own, name, getattr(self, name), 0.0)
         for name, choices in (("convention", CONVENTIONS), ("noise_kind", NOISE_KINDS), ("solver", SOLVERS),
-                              ("backend", BACKENDS), ("gradient", GRADIENTS), ("dtype", DTYPES)):
+                              ("backend", BACKENDS), ("diffrax_loop", DIFFRAX_LOOPS), ("gradient", GRADIENTS),
+                              ("dtype", DTYPES)):
             check_choice(own, name, getattr(self, name), choices)
         if self.convention == "reference":
             if self.eps_mult > 1.0:
@@ -382,7 +390,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "convention": "sde: the paper's Euler–Maruyama scheme; reference: the public PyTorch update rule",
         "noise_kind": "diagonal: d Brownian motions; scalar: one for the multiplicative part (sde only)",
         "solver": "euler (Itô), euler_heun (Stratonovich) or milstein (Itô, commutative noise)",
-        "backend": "diffrax (diffeqsolve) or scan (a lax.scan fast path, same numbers)",
+        "backend": "diffrax (a diffrax solver on the step grid) or scan (the library's own step, same numbers)",
+        "diffrax_loop": "steps (a lax.scan of the diffrax solver's step) or diffeqsolve (diffrax.diffeqsolve)",
         "gradient": "adjoint (exact discrete adjoint, reverse mode) or autodiff (JAX through the loop)",
         "dtype": "float32 or float64 (float64 needs jax_enable_x64)",
     },

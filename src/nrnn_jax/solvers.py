@@ -1,7 +1,8 @@
 """Solving the input-driven recurrence: a diffrax backend and a `lax.scan` fast path (docs/theory.md §1–§2).
 
 Both backends take the same pre-sampled standard normals ξ (T, noise_dim) and produce the same numbers:
-the diffrax backend drives `diffrax.diffeqsolve` with fixed steps on the exact grid t_k = k δ, a Brownian
+the diffrax backend steps a diffrax solver (terms, solver, paths) on the exact grid t_k = k δ, by a `lax.scan`
+of `solver.step` (default) or by `diffrax.diffeqsolve` (`NRNNConfig.diffrax_loop`), with a Brownian
 path made of the increments ΔW_k = √δ ξ_k, and a drift that reads the input of the step it is in (the
 input is piecewise constant: x(t) = x_k on [kδ, (k+1)δ)). Every supported solver evaluates the drift at
 the start of the step only, so the input a step sees is exact.
@@ -68,7 +69,7 @@ class _OnGrid:
         return self.dt * self.increments.shape[self._time_axis]
 
     def _flat(self, a):
-        return a.reshape(-1) if self.batch_major else a
+        return a.reshape(-1) if self.batch_major and self.flat else a
 
     def _scaled(self, a):
         """The increments of the stored values: ΔW = √δ ξ for standard normals (formed where they are read, as
@@ -90,14 +91,15 @@ class GridIncrementPath(_OnGrid, diffrax.AbstractPath):
 
     `evaluate(t_k, t_{k+1})` returns `increments[k]`; `evaluate(t_k)` the cumulative sum up to t_k. Only
     whole grid steps may be requested, which is what a fixed-grid solve does. With `batch_major=True` the
-    increments are (B, T, m), read in place, and a step's increments come flattened to (B·m,) (the flat
-    batch state of `solve_batch`'s diffrax solve).
+    increments are (B, T, m), read in place, and a step's increments come as (B, m), or flattened to (B·m,)
+    with `flat=True` (for a flat batch state).
     """
 
     increments: Float[Array, "T m"] | Float[Array, "B T m"]
     dt: float = eqx.field(static=True)
     batch_major: bool = eqx.field(static=True, default=False)
     normals: bool = eqx.field(static=True, default=False)
+    flat: bool = eqx.field(static=True, default=True)
 
     def evaluate(self, t0, t1=None, left: bool = True):
         return self._evaluate(t0, t1)
@@ -105,14 +107,15 @@ class GridIncrementPath(_OnGrid, diffrax.AbstractPath):
 
 class GridBrownianPath(_OnGrid, diffrax.AbstractBrownianPath):
     """A Brownian path made of pre-sampled increments ΔW_k on the grid (differentiable, exact); time-major
-    (T, m), or batch-major (B, T, m) with `batch_major=True` (a step's increments then flattened to (B·m,)).
-    With `normals=True` the array holds standard normals ξ_k and the path returns ΔW_k = √δ ξ_k, formed at
-    the step it is asked for (no scaled copy of the whole array)."""
+    (T, m), or batch-major (B, T, m) with `batch_major=True` (a step's increments then (B, m), or flattened
+    to (B·m,) with `flat=True`). With `normals=True` the array holds standard normals ξ_k and the path returns
+    ΔW_k = √δ ξ_k, formed at the step it is asked for (no scaled copy of the whole array)."""
 
     increments: Float[Array, "T m"] | Float[Array, "B T m"]
     dt: float = eqx.field(static=True)
     batch_major: bool = eqx.field(static=True, default=False)
     normals: bool = eqx.field(static=True, default=False)
+    flat: bool = eqx.field(static=True, default=True)
     levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
@@ -146,8 +149,9 @@ class _CarryProducts(diffrax.AbstractWrappedSolver):
     ItoMilstein).
 
     The discrete adjoint of `nrnn_jax.recurrence` needs the states and products of every step; without the
-    products it would form them again after the loop (6.6 GFLOP at the paper shape). The solver keeps both
-    histories itself: its state holds (T + 1)-row arrays of h and P (T = `steps`), step k writes row k + 1 in
+    products it would form them again after the loop (6.6 GFLOP at the paper shape). Stepped on the grid by a
+    `lax.scan` (`_step_on_grid`), the scan stacks them. Under `diffrax.diffeqsolve` (`steps` = T) the solver
+    keeps both histories itself: its state holds (T + 1)-row arrays of h and P, step k writes row k + 1 in
     place, and `SaveAt(t1=True, solver_state=True)` returns them. `SaveAt(steps=True)` would store the same
     rows through a predicated write that reads each row back first (it must keep the row of a rejected
     step): two more reads, a reduction and two more writes per step, which at these sizes cost about as much
@@ -156,7 +160,7 @@ class _CarryProducts(diffrax.AbstractWrappedSolver):
 
     solver: diffrax.AbstractSolver
     batch: int = eqx.field(static=True)
-    steps: int = eqx.field(static=True)
+    steps: int | None = eqx.field(static=True, default=None)
 
     @property
     def term_structure(self):
@@ -167,24 +171,51 @@ class _CarryProducts(diffrax.AbstractWrappedSolver):
         return diffrax.LocalLinearInterpolation
 
     def products(self, h, M):
-        """P = M h for every example of the flat batch state, as one matrix product."""
-        return (h.reshape(self.batch, -1) @ M.T).reshape(-1)
+        """P = M h for every example of the batch state ((B, d), or flat (d,) for one example), as one matrix
+        product; (B, p) or (p,)."""
+        return (h.reshape(self.batch, -1) @ M.T).reshape(h.shape[:-1] + (-1,))
 
     def init(self, terms, t0, t1, y0, args):
         inner = self.solver.init(terms, t0, t1, y0[0], _WithProducts(args, y0[1]))
+        if self.steps is None:
+            return inner
         history = tuple(jnp.zeros((self.steps + 1,) + y.shape, y.dtype).at[0].set(y) for y in y0)
         return inner, jnp.zeros((), jnp.int32), history
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        inner, k, history = solver_state
+        inner = solver_state if self.steps is None else solver_state[0]
         h1, _, _, inner, result = self.solver.step(terms, t0, t1, y0[0], _WithProducts(args, y0[1]), inner,
                                                    made_jump)
         y1 = (h1, self.products(h1, args[0]))  # args = (M, z, p)
+        if self.steps is None:
+            return y1, None, dict(y0=y0, y1=y1), inner, result
+        _, k, history = solver_state
         history = tuple(jax.lax.dynamic_update_index_in_dim(a, y, k + 1, 0) for a, y in zip(history, y1))
         return y1, None, dict(y0=y0, y1=y1), (inner, k + 1, history), result
 
     def func(self, terms, t0, y0, args):
         return self.solver.func(terms, t0, y0[0], _WithProducts(args, y0[1]))
+
+
+def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_all: bool):
+    """diffrax's manual stepping (`solver.init`, then `solver.step` from t_k to t_{k+1}, the documented way to
+    use a diffrax solver without `diffeqsolve`) as a `lax.scan` over the grid t_k = k δ: the same steps as
+    `diffeqsolve` with `StepTo` on that grid takes, without its loop's bookkeeping (time clipping, step-size
+    control, counters, predicated saves), which on a GPU costs a kernel launch per item and step. Returns
+    the final state or, with `save_all`, the T + 1 states stacked (a pytree like y0)."""
+    dtype = jax.tree.leaves(y0)[0].dtype
+    state = solver.init(terms, jnp.zeros((), dtype), jnp.asarray(grid_dt, dtype), y0, args)
+
+    def body(carry, k):
+        y, state = carry
+        t0, t1 = grid_dt * k.astype(dtype), grid_dt * (k + 1).astype(dtype)  # as ts = δ · arange(T + 1)
+        y, _, _, state, _ = solver.step(terms, t0, t1, y, args, state, made_jump=False)
+        return (y, state), (y if save_all else None)
+
+    (y_final, _), ys = jax.lax.scan(body, (y0, state), jnp.arange(num_steps))
+    if not save_all:
+        return y_final
+    return jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), y0, ys)
 
 
 def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Array, "B d"]) -> Float[Array, "B d"]:
@@ -196,7 +227,7 @@ def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Arr
 
 
 def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool):
-    """The drift on the flat state y = vec(h) of shape (B·d,), reading the input of the step t is in (z
+    """The drift on the batch state y (B, d) (or flat (d,) for one example), reading the input of the step t is in (z
     batch-major (B, T, d), read in place), and the products M h from the args when the solve carries them
     (`_CarryProducts`)."""
 
@@ -209,10 +240,11 @@ def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool)
             f = batch_drift(drift, params, h, z_k)
         else:
             f = jax.vmap(drift.from_products)(h, prods.reshape(batch, -1), z_k)
+        f = f.reshape(y.shape)
         if as_operator:
-            return lx.DiagonalLinearOperator(f.reshape(-1))
+            return lx.DiagonalLinearOperator(f)
         # on the carried state: P has no drift of its own (`_CarryProducts` sets it after each step)
-        return (f.reshape(-1), jnp.zeros_like(prods)) if carried else f.reshape(-1)
+        return (f, jnp.zeros_like(prods)) if carried else f
 
     return vf
 
@@ -227,7 +259,7 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
     def vf(t, y, args):
         y, (_, z, p), _ = _unpack(y, args)
         levels = dynamics.noise_levels(cfg, p)
-        if batch != 1:  # elementwise (the built-in diagonal noise): σ of the flat state, entry by entry
+        if sigma.elementwise:  # the built-in diagonal noise: σ of the batch state, entry by entry
             return lx.DiagonalLinearOperator(sigma.diagonal(levels, y, None))
         return sigma.operator(levels, y, _at(z[0], _grid_index(t, grid_dt, z.shape[1]), 0))
 
@@ -236,18 +268,22 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
 
 def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"], xi, h0: Float[Array, "B d"],
                   save: Save, drift: cells.Drift, for_adjoint: bool = False):
-    """The whole batch as ONE `diffrax.diffeqsolve` on the flat state vec(h) of shape (B·d,) (a batched
-    while loop, no vmap). Batch-major inputs, read in place: z (B, T, d), xi (B, T, noise_dim) or None;
+    """The whole batch as ONE diffrax solve on the flat state vec(h) of shape (B·d,) (a batched loop, no
+    vmap): diffrax terms and solver, stepped on the grid by `cfg.diffrax_loop`, "steps" (a `lax.scan` of
+    `solver.step`, `_step_on_grid`) or "diffeqsolve" (`diffrax.diffeqsolve` with `StepTo` on the grid). Both
+    take the same steps. Batch-major inputs, read in place: z (B, T, d), xi (B, T, noise_dim) or None;
     `drift` the cell's pure form (`cells.pure`), its arrays passed to the solve as `args`. Returns (B, d)
     or, with `save="all"`, time-major (T + 1, B, d).
 
     `for_adjoint=True` (a product cell whose gradient is the discrete adjoint): nothing differentiates the
-    solve, so it runs as a plain while loop (`diffrax.ForwardMode`), carries the products P = M h with the
-    state (`_CarryProducts`), and returns the states and the products of every step, (T + 1, B, d) and
-    (T + 1, B, p)."""
+    solve (under diffeqsolve it runs as a plain while loop, `diffrax.ForwardMode`); it carries the products
+    P = M h with the state (`_CarryProducts`) and returns the states and the products of every step,
+    (T + 1, B, d) and (T + 1, B, p)."""
     B, T, d = z.shape
     scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
-    if B > 1 and xi is not None and scheme.is_sde and not sigma.elementwise and cfg.is_noisy:
+    # a diffusion coupling the components of one example: the state is vec(h) of one example, σ a matrix
+    coupled = xi is not None and scheme.is_sde and not sigma.elementwise and cfg.is_noisy
+    if B > 1 and coupled:
         # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per
         # example): a dense σ over the flat batch would be (B d) x (B m), so the examples are solved one by one
         # (vmapped).
@@ -261,11 +297,11 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
             clock = jnp.broadcast_to(p.step_size, (B, T, d))
         else:
             clock = p.step_size[None, None, :] * scheme.multiplier(cfg, p, xi[..., d:])
-        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(clock, grid_dt, True))
+        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(clock, grid_dt, True, flat=False))
         if xi is not None and cfg.has_additive_noise:
             eps_add = dynamics.noise_levels(cfg, p)[0]
             sigma_add = lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(_unpack(y, args)[0], eps_add))
-            additive = diffrax.ControlTerm(sigma_add, GridBrownianPath(xi[..., :d], grid_dt, True))
+            additive = diffrax.ControlTerm(sigma_add, GridBrownianPath(xi[..., :d], grid_dt, True, flat=False))
             terms = diffrax.MultiTerm(terms, additive)
         solver = scheme.diffrax_solver()
     else:
@@ -275,15 +311,23 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         if xi is not None and cfg.is_noisy:
             # ΔW_k = √δ ξ_k (dynamics.increments) formed at each step
             terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, sigma, B, grid_dt),
-                                                                 GridBrownianPath(xi, grid_dt, True, True)))
+                                                                 GridBrownianPath(xi, grid_dt, True, True, flat=coupled)))
             solver = scheme.diffrax_solver()
     ts = grid_dt * jnp.arange(T + 1, dtype=z.dtype)
-    y0 = h0.reshape(-1)
+    y0 = h0.reshape(-1) if coupled else h0  # (B, d): the update vectorises along d (flat: 2-3x slower on CPU)
+    args = (drift.params, z, p)
+    stepped = cfg.diffrax_loop == "steps"
     if for_adjoint:
-        solver = _CarryProducts(solver, B, T)
+        # under diffeqsolve the histories of h and P are kept in the solver's state (`_CarryProducts`)
+        solver = _CarryProducts(solver, B, None if stepped else T)
         y0 = (y0, solver.products(y0, drift.params))
         save = "all"
-    if for_adjoint:  # the histories of h and P are in the solver's state (`_CarryProducts`)
+    if stepped:
+        out = _step_on_grid(terms, solver, grid_dt, T, y0, args, save == "all")
+        if for_adjoint:
+            return out[0].reshape(T + 1, B, d), out[1].reshape(T + 1, B, -1)
+        return out.reshape(B, d) if save == "final" else out.reshape(T + 1, B, d)
+    if for_adjoint:
         saveat = diffrax.SaveAt(t1=True, solver_state=True)
     else:
         saveat = diffrax.SaveAt(t1=True) if save == "final" else diffrax.SaveAt(t0=True, steps=True)
@@ -294,7 +338,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         t1=ts[-1],
         dt0=None,
         y0=y0,
-        args=(drift.params, z, p),
+        args=args,
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts),
         # for_adjoint: the states feed the discrete adjoint, nothing differentiates the solve, so a plain
@@ -338,7 +382,7 @@ def _cell(cfg: NRNNConfig, from_products):
 
 
 def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
-    """The forward states and products of the adjoint recurrence computed by `diffrax.diffeqsolve` (no
+    """The forward states and products of the adjoint recurrence computed by the diffrax solve (no
     autodiff through the solve: the recurrence's adjoint differentiates it)."""
 
     def forward(cell, M, params, state0, xs):
