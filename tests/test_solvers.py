@@ -225,8 +225,10 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     xi = jax.random.normal(jax.random.PRNGKey(1), (B, T, cfg.noise_dim), jnp.float64)
     h0 = jax.random.normal(jax.random.PRNGKey(2), (B, 5), jnp.float64)
     drift = solvers.as_drift(cfg, params)
-    hs, prods = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift, for_adjoint=True)
-    assert hs.shape == (T + 1, B, 5) and prods.shape == (T + 1, B, 10)
+    hs, final, prods = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift, for_adjoint=True)
+    assert hs.shape == (T, B, 5) and prods.shape == (T, B, 10)  # the states entering the steps
+    hs = jnp.concatenate([hs, final[None]])
+    prods = jnp.concatenate([prods, final[None] @ products_matrix(params).T])
     np.testing.assert_allclose(prods, hs @ products_matrix(params).T, rtol=1e-13, atol=1e-13)
     plain = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift)
     np.testing.assert_allclose(hs, plain, rtol=1e-13, atol=1e-13)
@@ -237,7 +239,9 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     # states and products, the same solves, and the same gradients when JAX differentiates either loop
     assert cfg.diffrax_loop == "steps"
     other = cfg.replace(diffrax_loop="diffeqsolve")
-    for a, b in zip(solvers.solve_diffrax(other, params, z, xi, h0, "all", drift, for_adjoint=True), (hs, prods)):
+    hs2, final2, prods2 = solvers.solve_diffrax(other, params, z, xi, h0, "all", drift, for_adjoint=True)
+    assert hs2.shape == (T + 1, B, 5) and prods2.shape == (T + 1, B, 10)  # diffeqsolve saves the final row too
+    for a, b in ((hs2, hs), (final2, hs[-1]), (prods2, prods)):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
     for save in ("all", "final"):
         np.testing.assert_allclose(solvers.solve_diffrax(other, params, z, xi, h0, save, drift),

@@ -202,20 +202,19 @@ def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_
     use a diffrax solver without `diffeqsolve`) as a `lax.scan` over the grid t_k = k δ: the same steps as
     `diffeqsolve` with `StepTo` on that grid takes, without its loop's bookkeeping (time clipping, step-size
     control, counters, predicated saves), which on a GPU costs a kernel launch per item and step. Returns
-    the final state or, with `save_all`, the T + 1 states stacked (a pytree like y0)."""
+    (the state entering every step, stacked (T, ...) like y0, or None without `save_all`; the final state),
+    as `lax.scan` stacks them: no copy to prepend y0."""
     dtype = jax.tree.leaves(y0)[0].dtype
     state = solver.init(terms, jnp.zeros((), dtype), jnp.asarray(grid_dt, dtype), y0, args)
 
     def body(carry, k):
         y, state = carry
         t0, t1 = grid_dt * k.astype(dtype), grid_dt * (k + 1).astype(dtype)  # as ts = δ · arange(T + 1)
-        y, _, _, state, _ = solver.step(terms, t0, t1, y, args, state, made_jump=False)
-        return (y, state), (y if save_all else None)
+        y1, _, _, state, _ = solver.step(terms, t0, t1, y, args, state, made_jump=False)
+        return (y1, state), (y if save_all else None)
 
-    (y_final, _), ys = jax.lax.scan(body, (y0, state), jnp.arange(num_steps))
-    if not save_all:
-        return y_final
-    return jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), y0, ys)
+    (final, _), entering = jax.lax.scan(body, (y0, state), jnp.arange(num_steps))
+    return entering, final
 
 
 def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Array, "B d"]) -> Float[Array, "B d"]:
@@ -277,8 +276,9 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
 
     `for_adjoint=True` (a product cell whose gradient is the discrete adjoint): nothing differentiates the
     solve (under diffeqsolve it runs as a plain while loop, `diffrax.ForwardMode`); it carries the products
-    P = M h with the state (`_CarryProducts`) and returns the states and the products of every step,
-    (T + 1, B, d) and (T + 1, B, p)."""
+    P = M h with the state (`_CarryProducts`) and returns (states, final state, products): the state entering
+    every step and its products, (T, B, d) and (T, B, p) when stepped (T + 1 rows under diffeqsolve, which
+    saves the final state too), and the final state (B, d)."""
     B, T, d = z.shape
     scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
     # a diffusion coupling the components of one example: the state is vec(h) of one example, σ a matrix
@@ -289,8 +289,11 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         # (vmapped).
         one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[None], xi_i[None], h0_i[None], save, drift,
                                                     for_adjoint)
+        if for_adjoint:
+            hs, final, prods = jax.vmap(one, out_axes=(1, 0, 1))(z, xi, h0)
+            return hs[:, :, 0], final[:, 0], prods[:, :, 0]
         out = jax.vmap(one, out_axes=0 if save == "final" else 1)(z, xi, h0)
-        return jax.tree.map(lambda a: a[:, 0] if save == "final" else a[:, :, 0], out)
+        return out[:, 0] if save == "final" else out[:, :, 0]
     if not scheme.is_sde:  # the public code's rule: a control term driven by the per-step clock s ⊙ u
         grid_dt = 1.0
         if xi is None:
@@ -323,10 +326,12 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         y0 = (y0, solver.products(y0, drift.params))
         save = "all"
     if stepped:
-        out = _step_on_grid(terms, solver, grid_dt, T, y0, args, save == "all")
+        entering, final = _step_on_grid(terms, solver, grid_dt, T, y0, args, save == "all")
         if for_adjoint:
-            return out[0].reshape(T + 1, B, d), out[1].reshape(T + 1, B, -1)
-        return out.reshape(B, d) if save == "final" else out.reshape(T + 1, B, d)
+            return entering[0].reshape(T, B, d), final[0].reshape(B, d), entering[1].reshape(T, B, -1)
+        if save == "final":
+            return final.reshape(B, d)
+        return jnp.concatenate([entering, final[None]]).reshape(T + 1, B, d)
     if for_adjoint:
         saveat = diffrax.SaveAt(t1=True, solver_state=True)
     else:
@@ -349,7 +354,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
     )
     if for_adjoint:
         hs, prods = sol.solver_state[2]
-        return hs.reshape(T + 1, B, d), prods.reshape(T + 1, B, -1)
+        return hs.reshape(T + 1, B, d), hs[-1].reshape(B, d), prods.reshape(T + 1, B, -1)
     return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
 
 
@@ -387,10 +392,10 @@ def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
 
     def forward(cell, M, params, state0, xs):
         z, xi = xs
-        hs, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
-                                  for_adjoint=True)
-        # (T + 1, B, 1, d), (B, 1, d), (T + 1, B, 1, p)
-        return hs[:, :, None, :], hs[-1, :, None, :], prods[:, :, None, :]
+        hs, final, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
+                                         for_adjoint=True)
+        # (T or T + 1, B, 1, d), (B, 1, d), (T or T + 1, B, 1, p)
+        return hs[:, :, None, :], final[:, None, :], prods[:, :, None, :]
 
     return forward
 
