@@ -49,11 +49,12 @@ SHAPES = {
 
 
 def build_jax(shape: dict, backend: str, mode: str, reg_method: str = "probe", eps=(0.02, 0.02),
-              gradient: str = "adjoint", prng: str = "threefry2x32", sweep: int = 0):
+              gradient: str = "adjoint", prng: str = "threefry2x32", sweep: int = 0, diffrax_loop: str = "steps"):
     """A compiled train step and its arguments; returns (run_one_step, XLA temporary memory in MiB).
     `sweep=N` > 0: N models (seeds 0..N-1, noise levels spread over [eps, 2 eps]) in one vmapped step."""
     mcfg = NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"],
-                      dt=shape["dt"], eps_add=eps[0], eps_mult=eps[1], backend=backend, gradient=gradient)
+                      dt=shape["dt"], eps_add=eps[0], eps_mult=eps[1], backend=backend, gradient=gradient,
+                      diffrax_loop=diffrax_loop)
     tcfg = TrainConfig(mode=mode, lr=1e-3, reg_method=reg_method, num_probes=1, prng=prng)
     tx = make_optimizer(tcfg, 100)
     extra = ()
@@ -101,16 +102,19 @@ def time_torch_subprocess(shape: dict, repeats: int, variant: str, malloc: str, 
     return benchmark_torch.run_subprocess(shape, repeats, variant, malloc, threads)
 
 
-# (variant, backend, mode, regularizer, gradient); "adjoint" is the default `NRNNConfig.gradient`.
-PLAN = [("scan", "scan", "implicit", "probe", "adjoint"),
-        ("scan-autodiff", "scan", "implicit", "probe", "autodiff"),
-        ("diffrax", "diffrax", "implicit", "probe", "adjoint"),
-        ("diffrax-autodiff", "diffrax", "implicit", "probe", "autodiff"),
-        ("deterministic", "scan", "deterministic", "probe", "adjoint"),
-        ("probe", "scan", "explicit", "probe", "adjoint"),
-        ("exact", "scan", "explicit", "exact", "adjoint")]
+# (variant, backend, mode, regularizer, gradient, diffrax loop); "adjoint" and "steps" are the defaults of
+# `NRNNConfig.gradient` and `NRNNConfig.diffrax_loop`.
+PLAN = [("scan", "scan", "implicit", "probe", "adjoint", "steps"),
+        ("scan-autodiff", "scan", "implicit", "probe", "autodiff", "steps"),
+        ("diffrax", "diffrax", "implicit", "probe", "adjoint", "steps"),
+        ("diffrax-diffeqsolve", "diffrax", "implicit", "probe", "adjoint", "diffeqsolve"),
+        ("diffrax-autodiff", "diffrax", "implicit", "probe", "autodiff", "steps"),
+        ("deterministic", "scan", "deterministic", "probe", "adjoint", "steps"),
+        ("probe", "scan", "explicit", "probe", "adjoint", "steps"),
+        ("exact", "scan", "explicit", "exact", "adjoint", "steps")]
 NAMES = {"scan": "scan (implicit)", "scan-autodiff": "scan (implicit, gradient=autodiff)",
-         "diffrax": "diffrax (implicit)", "diffrax-autodiff": "diffrax (implicit, gradient=autodiff)",
+         "diffrax": "diffrax (implicit)", "diffrax-diffeqsolve": "diffrax (implicit, diffrax_loop=diffeqsolve)",
+         "diffrax-autodiff": "diffrax (implicit, gradient=autodiff)",
          "deterministic": "scan (deterministic)", "probe": "scan (explicit, probe S=1)",
          "exact": "scan (explicit, exact)"}
 
@@ -118,10 +122,10 @@ NAMES = {"scan": "scan (implicit)", "scan-autodiff": "scan (implicit, gradient=a
 def jax_runners(shape: dict, wanted: set, args):
     """The compiled JAX steps of the wanted variants: ({name: run_one}, {name: XLA temp MiB}, sweep name)."""
     runners, mems = {}, {}
-    for key, backend, mode, method, gradient in PLAN:
+    for key, backend, mode, method, gradient, loop in PLAN:
         if key in wanted:
             runners[NAMES[key]], mems[NAMES[key]] = build_jax(shape, backend, mode, method, gradient=gradient,
-                                                              prng=args.prng)
+                                                              prng=args.prng, diffrax_loop=loop)
     sweep_name = f"sweep of {args.sweep_size} (implicit, one vmapped step)"
     if "sweep" in wanted:
         runners[sweep_name], mems[sweep_name] = build_jax(shape, args.sweep_backend, "implicit", prng=args.prng,
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants",
                         default="torch,scan,scan-autodiff,diffrax,diffrax-autodiff,deterministic,probe,exact,sweep",
-                        help="comma-separated subset of torch,scan,scan-autodiff,diffrax,diffrax-autodiff,"
-                             "deterministic,probe,exact,sweep")
+                        help="comma-separated subset of torch,scan,scan-autodiff,diffrax,diffrax-diffeqsolve,"
+                             "diffrax-autodiff,deterministic,probe,exact,sweep")
     parser.add_argument("--sweep-size", type=int, default=4,
                         help="models in the sweep variant (seeds and noise levels, one vmapped implicit step)")
     parser.add_argument("--sweep-backend", choices=("scan", "diffrax"), default="scan",
@@ -199,7 +203,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     benchmark_torch.parse_variant(args.torch_variant)
     shape = SHAPES[args.shape]
-    wanted = set(args.variants.split(","))
+    wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+    known = {key for key, *_ in PLAN} | {"torch", "sweep"}
+    if not wanted or wanted - known:
+        parser.error(f"--variants={args.variants!r} is invalid: expected a comma-separated subset of "
+                     + ",".join(sorted(known)))
     if args.t_scaling:
         out = t_scaling(args, wanted)
         if args.json:

@@ -5,5 +5,5 @@
 set -euo pipefail
 OUT="${OUT:-.}"
 python -c "import jax; print('devices:', jax.devices())"
-python scripts/benchmark.py --shape paper --repeats 11 --json "$OUT/benchmark_paper.json"
-python scripts/benchmark.py --shape ecg --repeats 21 --variants torch,scan,scan-autodiff,diffrax,diffrax-autodiff,probe,sweep --json "$OUT/benchmark_ecg.json"
+python scripts/benchmark.py --shape paper --repeats 11 --variants torch,scan,diffrax,diffrax-diffeqsolve,probe --json "$OUT/benchmark_paper.json"
+python scripts/benchmark.py --shape ecg --repeats 21 --variants torch,scan,scan-autodiff,diffrax,diffrax-diffeqsolve,diffrax-autodiff,probe,sweep --json "$OUT/benchmark_ecg.json"
