@@ -16,7 +16,8 @@
 #
 #   NRNN_DATA=data/ OUT=docs/results/mnist_pixel bash scripts/gpu_paper.sh
 #
-# The MNIST IDX files must be in $NRNN_DATA (or $NRNN_DATA/mnist). For a quick check of the script on a
+# ARCHIVE=FILE also writes the run directories (checkpoints included) into one .tgz, to carry them between
+# sessions. The MNIST IDX files must be in $NRNN_DATA (or $NRNN_DATA/mnist). For a quick check of the script on a
 # CPU: DATASET=digits PRESET= EPOCHS=1 DECAY=1 ANALYSIS=16 OUT=/tmp/gpu_paper_check bash scripts/gpu_paper.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,3 +67,9 @@ Date: $(date -u +%Y-%m-%d).
 The table is results.md; everything measured is in summary.json.
 EOF
 echo "wall time $((end - start)) s on ${device}"
+if [ -n "${ARCHIVE-}" ]; then
+  # the run directories as one file (a device that returns files only down to a limited depth keeps them;
+  # unpack into OUT to resume there: tar xzf ARCHIVE -C OUT)
+  tar czf "$ARCHIVE" -C "$OUT" $(cd "$OUT" && ls -d deterministic implicit explicit 2>/dev/null)
+  echo "run directories archived in $ARCHIVE"
+fi
