@@ -226,7 +226,9 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     h0 = jax.random.normal(jax.random.PRNGKey(2), (B, 5), jnp.float64)
     drift = solvers.as_drift(cfg, params)
     hs, final, prods = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift, for_adjoint=True)
-    assert hs.shape == (T, B, 5) and prods.shape == (T, B, 10)  # the states entering the steps
+    # the states entering the steps, in the recurrence's per-example layout (B, 1, ·)
+    assert hs.shape == (T, B, 1, 5) and final.shape == (B, 1, 5) and prods.shape == (T, B, 1, 10)
+    hs, final, prods = hs[:, :, 0], final[:, 0], prods[:, :, 0]
     hs = jnp.concatenate([hs, final[None]])
     prods = jnp.concatenate([prods, final[None] @ products_matrix(params).T])
     np.testing.assert_allclose(prods, hs @ products_matrix(params).T, rtol=1e-13, atol=1e-13)
@@ -240,8 +242,8 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     assert cfg.diffrax_loop == "steps"
     other = cfg.replace(diffrax_loop="diffeqsolve")
     hs2, final2, prods2 = solvers.solve_diffrax(other, params, z, xi, h0, "all", drift, for_adjoint=True)
-    assert hs2.shape == (T + 1, B, 5) and prods2.shape == (T + 1, B, 10)  # diffeqsolve saves the final row too
-    for a, b in ((hs2, hs), (final2, hs[-1]), (prods2, prods)):
+    assert hs2.shape == (T + 1, B, 1, 5) and prods2.shape == (T + 1, B, 1, 10)  # diffeqsolve saves the final row too
+    for a, b in ((hs2[:, :, 0], hs), (final2[:, 0], hs[-1]), (prods2[:, :, 0], prods)):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
     for save in ("all", "final"):
         np.testing.assert_allclose(solvers.solve_diffrax(other, params, z, xi, h0, save, drift),

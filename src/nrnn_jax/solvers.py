@@ -197,12 +197,12 @@ class _CarryProducts(diffrax.AbstractWrappedSolver):
         return self.solver.func(terms, t0, y0[0], _WithProducts(args, y0[1]))
 
 
-def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_all: bool):
+def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_all: bool, emit=lambda y: y):
     """diffrax's manual stepping (`solver.init`, then `solver.step` from t_k to t_{k+1}, the documented way to
     use a diffrax solver without `diffeqsolve`) as a `lax.scan` over the grid t_k = k δ: the same steps as
     `diffeqsolve` with `StepTo` on that grid takes, without its loop's bookkeeping (time clipping, step-size
     control, counters, predicated saves), which on a GPU costs a kernel launch per item and step. Returns
-    (the state entering every step, stacked (T, ...) like y0, or None without `save_all`; the final state),
+    (`emit` of the state entering every step, stacked (T, ...), or None without `save_all`; the final state),
     as `lax.scan` stacks them: no copy to prepend y0."""
     dtype = jax.tree.leaves(y0)[0].dtype
     state = solver.init(terms, jnp.zeros((), dtype), jnp.asarray(grid_dt, dtype), y0, args)
@@ -211,7 +211,7 @@ def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_
         y, state = carry
         t0, t1 = grid_dt * k.astype(dtype), grid_dt * (k + 1).astype(dtype)  # as ts = δ · arange(T + 1)
         y1, _, _, state, _ = solver.step(terms, t0, t1, y, args, state, made_jump=False)
-        return (y1, state), (y if save_all else None)
+        return (y1, state), (emit(y) if save_all else None)
 
     (final, _), entering = jax.lax.scan(body, (y0, state), jnp.arange(num_steps))
     return entering, final
@@ -276,9 +276,10 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
 
     `for_adjoint=True` (a product cell whose gradient is the discrete adjoint): nothing differentiates the
     solve (under diffeqsolve it runs as a plain while loop, `diffrax.ForwardMode`); it carries the products
-    P = M h with the state (`_CarryProducts`) and returns (states, final state, products): the state entering
-    every step and its products, (T, B, d) and (T, B, p) when stepped (T + 1 rows under diffeqsolve, which
-    saves the final state too), and the final state (B, d)."""
+    P = M h with the state (`_CarryProducts`) and returns (states, final state, products) in the per-example
+    layout of `nrnn_jax.recurrence`: the state entering every step and its products, (T, B, 1, d) and
+    (T, B, 1, p) when stepped (T + 1 rows under diffeqsolve, which saves the final state too), and the final
+    state (B, 1, d)."""
     B, T, d = z.shape
     scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
     # a diffusion coupling the components of one example: the state is vec(h) of one example, σ a matrix
@@ -326,9 +327,13 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         y0 = (y0, solver.products(y0, drift.params))
         save = "all"
     if stepped:
-        entering, final = _step_on_grid(terms, solver, grid_dt, T, y0, args, save == "all")
+        # for the adjoint, each step's (h, P) is stacked in the recurrence's per-example layout (B, 1, ·) as
+        # it is emitted: reshaped after the loop, XLA:CPU copied the whole (T, B, p) products to relayout them
+        per_example = lambda y: jax.tree.map(lambda a: a.reshape(B, 1, -1), y)
+        entering, final = _step_on_grid(terms, solver, grid_dt, T, y0, args, save == "all",
+                                        per_example if for_adjoint else (lambda y: y))
         if for_adjoint:
-            return entering[0].reshape(T, B, d), final[0].reshape(B, d), entering[1].reshape(T, B, -1)
+            return entering[0], final[0].reshape(B, 1, d), entering[1]
         if save == "final":
             return final.reshape(B, d)
         return jnp.concatenate([entering, final[None]]).reshape(T + 1, B, d)
@@ -354,7 +359,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
     )
     if for_adjoint:
         hs, prods = sol.solver_state[2]
-        return hs.reshape(T + 1, B, d), hs[-1].reshape(B, d), prods.reshape(T + 1, B, -1)
+        return hs.reshape(T + 1, B, 1, d), hs[-1].reshape(B, 1, d), prods.reshape(T + 1, B, 1, -1)
     return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
 
 
@@ -394,8 +399,7 @@ def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
         z, xi = xs
         hs, final, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
                                          for_adjoint=True)
-        # (T or T + 1, B, 1, d), (B, 1, d), (T or T + 1, B, 1, p)
-        return hs[:, :, None, :], final[:, None, :], prods[:, :, None, :]
+        return hs, final, prods  # (T or T + 1, B, 1, d), (B, 1, d), (T or T + 1, B, 1, p)
 
     return forward
 
