@@ -159,7 +159,8 @@ def _check_resume(cc, out, saved, data):
         again = json.loads(json.dumps(run_compare(cc, out, log=None, resume=True)))
         assert calls == {"train": [True], "analyse": 1}
         assert again["runs"]["implicit"][0]["analysis"] == saved["runs"]["implicit"][0]["analysis"]
-        assert again["runs"]["implicit"][0]["summary"]["test_acc"] == saved["runs"]["implicit"][0]["summary"]["test_acc"]
+        implicit, saved_implicit = again["runs"]["implicit"][0], saved["runs"]["implicit"][0]
+        assert implicit["summary"]["test_acc"] == saved_implicit["summary"]["test_acc"]
 
         calls.update(train=[], analyse=0)
         other = dataclasses.replace(cc, lanczos_steps=3, modes=("explicit", "deterministic"))
@@ -171,7 +172,8 @@ def _check_resume(cc, out, saved, data):
     finally:
         compare.train_and_evaluate, compare.analyse = real_train, real_analyse
     # the command line: a list of modes with spaces parses; a bad mode stops before anything is trained
-    assert compare_parser().parse_args(["--out", "o", "--modes", "implicit, explicit"]).modes == ("implicit", "explicit")
+    parsed = compare_parser().parse_args(["--out", "o", "--modes", "implicit, explicit"])
+    assert parsed.modes == ("implicit", "explicit")
     assert compare_main(["--dataset", "digits", "--out", str(out), "--modes", "implicit,nope", "--resume"]) == 2
     for bad in (("nope",), (), ("implicit", "implicit"), "implicit"):
         with pytest.raises(ValueError, match=r"CompareConfig\.modes=.*distinct modes out of 'deterministic'"):

@@ -18,8 +18,9 @@ Output layout (a public contract):
 Each run directory also holds `compare.json`: the run's summary, history and measurements with the settings
 they were made under. `run_compare(..., resume=True)` reuses a run whose `compare.json` matches the settings,
 continues an interrupted one from its checkpoint, and trains the others; `CompareConfig.modes` restricts a call
-to some modes. So a comparison can be split over processes (one per mode, e.g. sharing one GPU) and then
-gathered by a last `resume=True` call over all modes that trains and measures nothing again.
+to some modes. So a comparison can be split over processes, devices or sessions (one per mode) and then
+gathered by a last `resume=True` call over all modes that trains and measures nothing again. (Processes that
+share one GPU gain nothing: it time-slices them.)
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
         check_int(own, "curve_examples", cc.curve_examples, 1)
     if (isinstance(cc.modes, str) or not isinstance(cc.modes, (tuple, list)) or not cc.modes
             or any(m not in MODES for m in cc.modes) or len(set(cc.modes)) != len(cc.modes)):
-        fail(own, "modes", cc.modes, "expected a non-empty tuple of distinct modes out of " + ", ".join(map(repr, MODES)))
+        fail(own, "modes", cc.modes,
+             "expected a non-empty tuple of distinct modes out of " + ", ".join(map(repr, MODES)))
     if not isinstance(cc.model, dict):
         fail(own, "model", cc.model, "expected a dict of NRNNConfig fields")
     for name in ("input_dim", "num_classes", "backend"):
@@ -276,6 +278,11 @@ def compare_settings(cc: CompareConfig) -> CompareSettings:
                            select_white=[v * scale for v in spec["select_white"]], input_scale=scale)
 
 
+def _as_json(obj: Any) -> Any:
+    """`obj` as it reads back from a JSON file (tuples become lists), so that stored and new values compare."""
+    return json.loads(json.dumps(obj))
+
+
 class _RunRecord:
     """`run_dir/compare.json`: the run's result (summary and history) under the run's configuration `key`, and
     each measurement of it with the settings it was made with. When resuming, `get(part, compute, settings)`
@@ -283,14 +290,14 @@ class _RunRecord:
     retraining (the "run" part) drops the measurements of the previous model."""
 
     def __init__(self, run_dir: Path, key: dict, resume: bool):
-        self.path, self.key = run_dir / "compare.json", json.loads(json.dumps(key))
+        self.path, self.key = run_dir / "compare.json", _as_json(key)
         saved = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
         self.parts: dict[str, Any] = dict(saved.get("parts", {})) if saved.get("key") == self.key else {}
 
     def get(self, part: str, compute, settings: Any = None):
-        settings = json.loads(json.dumps(settings))
+        settings = _as_json(settings)
         if part not in self.parts or self.parts[part]["settings"] != settings:
-            entry = {"settings": settings, "value": json.loads(json.dumps(compute()))}
+            entry = {"settings": settings, "value": _as_json(compute())}
             self.parts = {part: entry} if part == "run" else {**self.parts, part: entry}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, {"key": self.key, "parts": self.parts})

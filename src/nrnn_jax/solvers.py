@@ -133,7 +133,7 @@ class _WithProducts(eqx.Module):
 
 
 def _unpack(y, args):
-    """The flat state h, the args (params, z, p), and the products M h when the solve carries them (None
+    """The state h, the args (params, z, p), and the products M h when the solve carries them (None
     otherwise): y is h, or the carried (h, P) itself when diffrax checks the terms against the solve's y0."""
     args, prods = (args.args, args.products) if isinstance(args, _WithProducts) else (args, None)
     if isinstance(y, tuple):
@@ -142,7 +142,7 @@ def _unpack(y, args):
 
 
 class _CarryProducts(diffrax.AbstractWrappedSolver):
-    """Wraps a diffrax solver of the flat state h so that the solve carries the products P = M h beside it:
+    """Wraps a diffrax solver of the batch state h so that the solve carries the products P = M h beside it:
     the solve's state is (h, P), the wrapped solver steps h with P handed to the drift (which then does not
     multiply again), and the new products M h_{k+1} are formed once, after the step. Valid for solvers that
     evaluate the drift at the start of the step only (every solver this module uses: Euler, EulerHeun,
@@ -226,9 +226,9 @@ def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Arr
 
 
 def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool):
-    """The drift on the batch state y (B, d) (or flat (d,) for one example), reading the input of the step t is in (z
-    batch-major (B, T, d), read in place), and the products M h from the args when the solve carries them
-    (`_CarryProducts`)."""
+    """The drift on the batch state y (B, d) (or flat (d,) for one example), reading the input of the step
+    t is in (z batch-major (B, T, d), read in place), and the products M h from the args when the solve
+    carries them (`_CarryProducts`)."""
 
     def vf(t, y, args):
         carried = isinstance(y, tuple)  # diffrax checking the terms against the carried (h, P)
@@ -267,10 +267,11 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
 
 def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"], xi, h0: Float[Array, "B d"],
                   save: Save, drift: cells.Drift, for_adjoint: bool = False):
-    """The whole batch as ONE diffrax solve on the flat state vec(h) of shape (B·d,) (a batched loop, no
-    vmap): diffrax terms and solver, stepped on the grid by `cfg.diffrax_loop`, "steps" (a `lax.scan` of
-    `solver.step`, `_step_on_grid`) or "diffeqsolve" (`diffrax.diffeqsolve` with `StepTo` on the grid). Both
-    take the same steps. Batch-major inputs, read in place: z (B, T, d), xi (B, T, noise_dim) or None;
+    """The whole batch as ONE diffrax solve on the batch state (B, d) (a batched loop, no vmap; a diffusion
+    that couples the components of one example is solved example by example on vec(h)): diffrax terms and
+    solver, stepped on the grid by `cfg.diffrax_loop`, "steps" (a `lax.scan` of `solver.step`,
+    `_step_on_grid`) or "diffeqsolve" (`diffrax.diffeqsolve` with `StepTo` on the grid). Both take the same
+    steps. Batch-major inputs, read in place: z (B, T, d), xi (B, T, noise_dim) or None;
     `drift` the cell's pure form (`cells.pure`), its arrays passed to the solve as `args`. Returns (B, d)
     or, with `save="all"`, time-major (T + 1, B, d).
 
@@ -282,12 +283,11 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
     state (B, 1, d)."""
     B, T, d = z.shape
     scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
-    # a diffusion coupling the components of one example: the state is vec(h) of one example, σ a matrix
+    # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per example):
+    # the state is vec(h) of one example and σ a matrix. Over the batch it would be (B d) x (B m), so the
+    # examples are solved one by one (vmapped).
     coupled = xi is not None and scheme.is_sde and not sigma.elementwise and cfg.is_noisy
     if B > 1 and coupled:
-        # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per
-        # example): a dense σ over the flat batch would be (B d) x (B m), so the examples are solved one by one
-        # (vmapped).
         one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[None], xi_i[None], h0_i[None], save, drift,
                                                     for_adjoint)
         if for_adjoint:
@@ -301,7 +301,8 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
             clock = jnp.broadcast_to(p.step_size, (B, T, d))
         else:
             clock = p.step_size[None, None, :] * scheme.multiplier(cfg, p, xi[..., d:])
-        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True), GridIncrementPath(clock, grid_dt, True, flat=False))
+        terms = diffrax.ControlTerm(_drift_vf(drift, B, grid_dt, True),
+                                    GridIncrementPath(clock, grid_dt, True, flat=False))
         if xi is not None and cfg.has_additive_noise:
             eps_add = dynamics.noise_levels(cfg, p)[0]
             sigma_add = lambda t, y, args: lx.DiagonalLinearOperator(jnp.full_like(_unpack(y, args)[0], eps_add))
@@ -314,10 +315,9 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         solver = diffrax.Euler()
         if xi is not None and cfg.is_noisy:
             # ΔW_k = √δ ξ_k (dynamics.increments) formed at each step
-            terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, sigma, B, grid_dt),
-                                                                 GridBrownianPath(xi, grid_dt, True, True, flat=coupled)))
+            dw = GridBrownianPath(xi, grid_dt, True, True, flat=coupled)
+            terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion_vf(cfg, sigma, B, grid_dt), dw))
             solver = scheme.diffrax_solver()
-    ts = grid_dt * jnp.arange(T + 1, dtype=z.dtype)
     y0 = h0.reshape(-1) if coupled else h0  # (B, d): the update vectorises along d (flat: 2-3x slower on CPU)
     args = (drift.params, z, p)
     stepped = cfg.diffrax_loop == "steps"
@@ -341,6 +341,7 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"],
         saveat = diffrax.SaveAt(t1=True, solver_state=True)
     else:
         saveat = diffrax.SaveAt(t1=True) if save == "final" else diffrax.SaveAt(t0=True, steps=True)
+    ts = grid_dt * jnp.arange(T + 1, dtype=z.dtype)
     sol = diffrax.diffeqsolve(
         terms,
         solver,
@@ -397,9 +398,8 @@ def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
 
     def forward(cell, M, params, state0, xs):
         z, xi = xs
-        hs, final, prods = solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M),
-                                         for_adjoint=True)
-        return hs, final, prods  # (T or T + 1, B, 1, d), (B, 1, d), (T or T + 1, B, 1, p)
+        # (T or T + 1, B, 1, d), (B, 1, d), (T or T + 1, B, 1, p)
+        return solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M), for_adjoint=True)
 
     return forward
 
@@ -421,8 +421,8 @@ def solve_batch(
 
     Fast path (a product cell under `cfg.gradient="adjoint"`): the backward pass is the discrete adjoint of
     `nrnn_jax.recurrence` whichever backend computed the forward states. Generic path (any other cell, or
-    `"autodiff"`): JAX differentiates the backend's loop (`lax.scan`, or `diffeqsolve` with
-    `RecursiveCheckpointAdjoint`).
+    `"autodiff"`): JAX differentiates the backend's loop (the scan backend's `lax.scan`; the diffrax backend's
+    `lax.scan` of its solver's step, or `diffeqsolve` with `RecursiveCheckpointAdjoint`, by `cfg.diffrax_loop`).
     """
     if save not in ("final", "all"):
         check_choice("", "save", save, ("final", "all"))
@@ -433,7 +433,7 @@ def solve_batch(
     if (cfg.gradient == "autodiff" or not drift.has_products) and cfg.backend == "scan":
         one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save, drift)
         return jax.vmap(one, in_axes=(0, None if xi is None else 0, 0))(z, xi, h0)
-    if cfg.gradient == "autodiff" or not drift.has_products:  # diffrax's RecursiveCheckpointAdjoint
+    if cfg.gradient == "autodiff" or not drift.has_products:  # JAX differentiates the diffrax loop
         out = solve_diffrax(cfg, p, z, xi, h0, save, drift)
         return out if save == "final" else jnp.swapaxes(out, 0, 1)
     forward = _diffrax_forward(cfg, drift) if cfg.backend == "diffrax" else recurrence.scan_forward
