@@ -5,7 +5,8 @@
     python scripts/benchmark.py --shape small      # T = 28, hidden 32, batch 32
     python scripts/benchmark.py --t-scaling --variants torch,scan,diffrax   # T = 196, 392, 784
 
-Variants: eager PyTorch on the same recurrence (scripts/benchmark_torch.py, in a fresh process; skipped
+Variants: eager PyTorch on the same recurrence (scripts/benchmark_torch.py, in a worker process whose steps
+take turns with the JAX variants', like theirs with each other; skipped
 with a message if torch is absent; `--torch-variant` picks the formulation: `loop-enc`, the default, applies
 the encoder to x[:, k] inside the loop with one torch.randn(B, d) per step: the fastest and steadiest of
 those measured, linear in T; `unbind`, `-prenoise`, `-fused` are the others; `slice`, the O(T^2) one this
@@ -13,8 +14,8 @@ benchmark used before, reads z[:, k] of a (B, T, d) tensor and is kept only to s
 diffrax backends in implicit mode (noise injection) with the discrete adjoint (`gradient="adjoint"`, the
 default) and with JAX differentiating the loop (`-autodiff`), deterministic, explicit training with the
 probe (S = 1) and exact regularizers, and a sweep of `--sweep-size` models (seeds and noise levels) in one
-vmapped step, reported as throughput per model against one model alone. Reports the median of `--repeats` steps after compilation (the JAX variants take turns), ratios against
-PyTorch and against scan, the compiled step's temporary memory (XLA's memory analysis) and the process's
+vmapped step, reported as throughput per model against one model alone. Reports the median of `--repeats`
+steps after compilation (all variants, PyTorch included, take turns, one step each), ratios against PyTorch and against scan, the compiled step's temporary memory (XLA's memory analysis) and the process's
 peak resident memory. `--t-scaling` instead times T = 196, 392, 784 (hidden 128, batch 128) and prints
 time per step, time per step / T, the ratio of the latter at 784 to 196 (within 20 % of 1 for a variant
 linear in T) and memory per variant (XLA temporary memory; PyTorch: RSS growth of its worker process).
@@ -38,6 +39,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_torch  # noqa: E402  (scripts/benchmark_torch.py, the eager-PyTorch baseline)
+from nrnn_jax import host_memory  # noqa: E402
 from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, init_sweep_states, init_train_state, make_optimizer,
                       make_train_step)
 
@@ -82,24 +84,33 @@ def build_jax(shape: dict, backend: str, mode: str, reg_method: str = "probe", e
         jax.block_until_ready(box[0])
         return time.perf_counter() - t0
 
-    run_one()  # warm-up
+    for _ in range(3):  # warm-up: the host heap reaches its steady size (nrnn_jax.host_memory) in a few steps
+        run_one()
     return run_one, temp_mb
 
 
 def time_interleaved(runners: dict, repeats: int) -> dict:
-    """Median step time of each runner, the runners taking turns (so that drifts of the machine's speed
-    hit every variant alike)."""
+    """Every step time of each runner ({name: [seconds]}), the runners taking turns (so that drifts of the
+    machine's speed hit every variant alike)."""
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
             times[name].append(run())
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def time_torch_subprocess(shape: dict, repeats: int, variant: str, malloc: str, threads: int = 0):
-    """The eager-PyTorch baseline (scripts/benchmark_torch.py) in a fresh process: a dict with median_s,
-    peak_rss_mib, rss_growth_mib, or None when torch is absent."""
-    return benchmark_torch.run_subprocess(shape, repeats, variant, malloc, threads)
+def start_torch(shape: dict, args) -> dict:
+    """The eager-PyTorch baseline (scripts/benchmark_torch.py), one worker process per `--torch-malloc`
+    setting, whose steps take turns with the JAX variants': {row name: worker}; empty (with a message) when
+    torch is absent."""
+    workers = {}
+    for malloc in args.torch_malloc.split(","):
+        worker = benchmark_torch.TorchWorker.start(shape, args.torch_variant, malloc, args.torch_threads)
+        if worker is None:
+            print("PyTorch is not installed: skipping the eager PyTorch baseline (pip install torch).", file=sys.stderr)
+            break
+        workers[f"pytorch eager ({args.torch_variant}, implicit, malloc {malloc})"] = worker
+    return workers
 
 
 # (variant, backend, mode, regularizer, gradient, diffrax loop); "adjoint" and "steps" are the defaults of
@@ -143,15 +154,16 @@ def t_scaling(args, wanted: set) -> dict:
     res = {}  # name -> {T: (seconds, memory MiB, memory kind)}
     for T in SCALING_T:
         shape = {**base, "T": T}
-        if "torch" in wanted:
-            r = time_torch_subprocess(shape, args.scaling_repeats, args.torch_variant, args.torch_malloc, args.torch_threads)
-            if r is not None:
-                res.setdefault(f"pytorch eager ({args.torch_variant})", {})[T] = (r["median_s"], r["rss_growth_mib"])
-                print(f"  PyTorch T = {T}: steps {', '.join(f'{t:.3f}' for t in r['times_s'])} s (fastest "
-                      f"{min(r['times_s']):.3f} s)", file=sys.stderr, flush=True)
-        runners, mems, _ = jax_runners(shape, wanted, args)
-        for name, t in time_interleaved(runners, args.scaling_repeats).items():
-            res.setdefault(name, {})[T] = (t, mems[name])
+        workers = start_torch(shape, args) if "torch" in wanted else {}
+        runners, mems = jax_runners(shape, wanted, args)[:2]
+        runners = {**{name: w.run_one for name, w in workers.items()}, **runners}
+        for name, ts in time_interleaved(runners, args.scaling_repeats).items():
+            mem = workers[name].memory()["rss_growth_mib"] if name in workers else mems[name]
+            res.setdefault(name, {})[T] = (statistics.median(ts), mem)
+            if name in workers:
+                print(f"  {name} T = {T}: steps {', '.join(f'{t:.3f}' for t in ts)} s", file=sys.stderr, flush=True)
+        for w in workers.values():
+            w.close()
         del runners
         print(f"  T = {T} done", file=sys.stderr, flush=True)
     print(f"T scaling (hidden {base['hidden']}, batch {base['batch']}): median of {args.scaling_repeats} train steps; "
@@ -191,8 +203,10 @@ def main(argv=None) -> int:
                         help="formulation of the eager-PyTorch baseline (scripts/benchmark_torch.py): loop-enc "
                              "(default, fastest measured), unbind, slice (the old O(T^2) one), with optional "
                              "-prenoise / -fused modifiers")
-    parser.add_argument("--torch-malloc", choices=("default", "tuned"), default="default",
-                        help="glibc allocator settings of the PyTorch worker (tuned: keep freed memory)")
+    parser.add_argument("--torch-malloc", default="default",
+                        help="glibc allocator settings of the PyTorch worker, or several comma-separated, one worker "
+                             "each, the fastest being the baseline: default, tuned (raised thresholds), keep (what "
+                             "import nrnn_jax sets for the JAX process)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads of the PyTorch worker (0: PyTorch's default; 1 gives steady "
                              "times on a shared machine)")
@@ -202,6 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     benchmark_torch.parse_variant(args.torch_variant)
+    bad = [m for m in args.torch_malloc.split(",") if m not in benchmark_torch.MALLOC_ENV]
+    if bad or not args.torch_malloc:
+        parser.error(f"--torch-malloc={args.torch_malloc!r} is invalid: expected a comma-separated subset of "
+                     + ",".join(benchmark_torch.MALLOC_ENV))
     shape = SHAPES[args.shape]
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     known = {key for key, *_ in PLAN} | {"torch", "sweep"}
@@ -215,23 +233,23 @@ def main(argv=None) -> int:
                 json.dump({"t_scaling": out, "torch_variant": args.torch_variant}, f, indent=2)
         return 0
     rows = {}
-    torch_name = f"pytorch eager ({args.torch_variant}, implicit)"
-    if "torch" in wanted:
-        r = time_torch_subprocess(shape, args.repeats, args.torch_variant, args.torch_malloc, args.torch_threads)
-        if r is None:
-            print("PyTorch is not installed: skipping the eager PyTorch baseline (pip install torch).", file=sys.stderr)
-        else:
-            rows[torch_name] = (r["median_s"], None)
-            print(f"PyTorch worker: steps {', '.join(f'{t:.3f}' for t in r['times_s'])} s; peak RSS "
-                  f"{r['peak_rss_mib']:.0f} MiB, growth over the steps {r['rss_growth_mib']:.0f} MiB; "
-                  f"{r['threads']} threads; malloc {args.torch_malloc}")
+    workers = start_torch(shape, args) if "torch" in wanted else {}
     runners, mems, sweep_name = jax_runners(shape, wanted, args)
-    for name, t in time_interleaved(runners, args.repeats).items():
-        rows[name] = (t, mems[name])
-    torch_t = rows.get(torch_name, (None,))[0]
+    runners = {**{name: w.run_one for name, w in workers.items()}, **runners}
+    times = time_interleaved(runners, args.repeats)
+    for name, ts in times.items():
+        rows[name] = (statistics.median(ts), mems.get(name))
+    for name, w in workers.items():
+        m = w.memory()
+        w.close()
+        print(f"{name}, its steps taking turns with the JAX variants': steps "
+              f"{', '.join(f'{t:.3f}' for t in times[name])} s; peak RSS {m['peak_rss_mib']:.0f} MiB, growth "
+              f"over the steps {m['rss_growth_mib']:.0f} MiB; {m['threads']} threads")
+    # the baseline is the fastest PyTorch row (the best honest version of the alternative)
+    torch_t = min((rows[name][0] for name in workers), default=None)
     scan_t = rows.get("scan (implicit)", (None,))[0]
     print(f"shape {args.shape}: {shape}; median of {args.repeats} train steps; prng {args.prng}; "
-          f"device {jax.devices()[0].device_kind}")
+          f"device {jax.devices()[0].device_kind}; host allocator: {host_memory.status()}")
     print("| variant | median step (s) | vs scan (implicit) | speed-up vs PyTorch | XLA temp memory (MiB) |")
     print("|---|---|---|---|---|")
     out = {"shape": args.shape, **shape, "repeats": args.repeats, "prng": args.prng, "device": jax.devices()[0].device_kind, "rows": {}}

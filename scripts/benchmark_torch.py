@@ -39,6 +39,9 @@ MALLOC_TOP_PAD_ raised (memory is kept instead of returned to the system and re-
 was what made the old quadratic `slice` baseline tolerable (13.7 s -> 4.0 s per step); for the linear
 formulations it did not help in the one measurement made (every variant 10-30 s per step, but the machine's
 load rose from 2.6 to 5 during that run, so the comparison is confounded), so the default is `--malloc default`.
+(glibc ignores an mmap threshold above 32 MiB, so `tuned` leaves larger blocks mmapped.) `--malloc keep` gives
+the worker the settings `import nrnn_jax` gives the JAX process (nrnn_jax/host_memory.py: one arena, no
+per-block mmap, 2 GiB kept at the heap's top), as GLIBC_TUNABLES.
 
 Threads: `--threads 1` pins PyTorch to one intra-op thread. With PyTorch's default (2 threads on the 2-core
 machine) and another job running, single steps took anywhere from 0.4 s to 13 s at T 784 (its threads wait
@@ -61,8 +64,13 @@ BASES = ("unbind", "loop-enc", "slice")
 MODIFIERS = ("prenoise", "fused")
 DEFAULT_VARIANT = "loop-enc"
 COMPARE_VARIANTS = ("loop-enc", "loop-enc-prenoise", "unbind", "unbind-prenoise", "unbind-fused")
+SHAPE_KEYS = ("T", "hidden", "batch", "input_dim", "num_classes", "dt")
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
                 "MALLOC_TOP_PAD_": "1000000000"}
+# The settings `import nrnn_jax` gives glibc's malloc (nrnn_jax/host_memory.py), at process start.
+KEEP_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                                 "glibc.malloc.trim_threshold=2147483647"}
+MALLOC_ENV = {"default": {}, "tuned": TUNED_MALLOC, "keep": KEEP_MALLOC}
 
 
 def parse_variant(name: str):
@@ -81,11 +89,12 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int, dt: float, repeats: int,
-               variant: str = DEFAULT_VARIANT, eps=(0.02, 0.02), alpha=1.0, beta=0.75, gamma=0.001,
-               threads: int = 0):
-    """Median train-step time (s) and memory of one formulation; None if torch is absent. `threads` > 0:
-    torch.set_num_threads(threads) (0: PyTorch's default, one per core)."""
+def build_torch_step(T: int, hidden: int, batch: int, input_dim: int, num_classes: int, dt: float,
+                     variant: str = DEFAULT_VARIANT, eps=(0.02, 0.02), alpha=1.0, beta=0.75, gamma=0.001,
+                     threads: int = 0):
+    """One formulation's train step, warmed up: (run_one() -> seconds of one synchronised step, memory() ->
+    dict of peak RSS, RSS growth since before the first step, threads, device); None if torch is absent.
+    `threads` > 0: torch.set_num_threads(threads) (0: PyTorch's default, one per core)."""
     try:
         import torch
     except ImportError:
@@ -136,19 +145,95 @@ def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int
         loss.backward()
         opt.step()
 
-    rss0 = _rss_mib()
-    step()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
+    def run_one():
         t0 = time.perf_counter()
         step()
         sync()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "times_s": times, "peak_rss_mib": peak,
-            "rss_growth_mib": peak - rss0, "device": str(dev), "threads": torch.get_num_threads(),
-            "variant": variant}
+        return time.perf_counter() - t0
+
+    def memory():
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"peak_rss_mib": peak, "rss_growth_mib": peak - rss0, "device": str(dev),
+                "threads": torch.get_num_threads(), "variant": variant}
+
+    rss0 = _rss_mib()
+    run_one()  # warm-up
+    return run_one, memory
+
+
+def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int, dt: float, repeats: int,
+               variant: str = DEFAULT_VARIANT, threads: int = 0):
+    """Median train-step time (s) and memory of one formulation, its steps back to back; None if torch is
+    absent."""
+    built = build_torch_step(T, hidden, batch, input_dim, num_classes, dt, variant=variant, threads=threads)
+    if built is None:
+        return None
+    run_one, memory = built
+    times = [run_one() for _ in range(repeats)]
+    return {"median_s": statistics.median(times), "times_s": times, **memory()}
+
+
+def _serve(shape: dict, variant: str, threads: int) -> int:
+    """Worker of `TorchWorker`: build and warm up the step, then for each line on stdin "step" run one step
+    and print its seconds, "memory" print the memory dict as JSON; stop at end of input."""
+    built = build_torch_step(*(shape[k] for k in SHAPE_KEYS), variant=variant, threads=threads)
+    print("none" if built is None else "ready", flush=True)
+    if built is None:
+        return 0
+    run_one, memory = built
+    for line in sys.stdin:
+        print(run_one() if line.strip() == "step" else json.dumps(memory()), flush=True)
+    return 0
+
+
+class TorchWorker:
+    """The eager-PyTorch step in a fresh process (its own allocator settings and peak RSS), driven one step
+    at a time, so that a benchmark can interleave its steps with the JAX variants' (each process idles while
+    the other runs). `TorchWorker.start(...)` returns None when torch is absent; `run_one()` times one step
+    (seconds, measured inside the worker); `memory()`; `close()`."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self._proc = proc
+
+    @classmethod
+    def start(cls, shape: dict, variant: str = DEFAULT_VARIANT, malloc: str = "default", threads: int = 0):
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--variant", variant,
+               "--shape-json", json.dumps(shape), "--threads", str(threads)]
+        env = {**os.environ, **MALLOC_ENV[malloc]}
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        worker = cls(proc)
+        first = worker._read()
+        if first != "ready":
+            worker.close()
+            if first != "none":
+                raise RuntimeError(f"the PyTorch worker failed to start (exit status {proc.returncode})")
+            return None
+        return worker
+
+    def _read(self) -> str:
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait()
+        return line.strip()
+
+    def _ask(self, request: str) -> str:
+        self._proc.stdin.write(request + "\n")
+        self._proc.stdin.flush()
+        answer = self._read()
+        if not answer:
+            raise RuntimeError(f"the PyTorch worker died (exit status {self._proc.returncode})")
+        return answer
+
+    def run_one(self) -> float:
+        return float(self._ask("step"))
+
+    def memory(self) -> dict:
+        return json.loads(self._ask("memory"))
+
+    def close(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        self._proc.wait()
 
 
 def run_subprocess(shape: dict, repeats: int, variant: str = DEFAULT_VARIANT, malloc: str = "default",
@@ -156,7 +241,7 @@ def run_subprocess(shape: dict, repeats: int, variant: str = DEFAULT_VARIANT, ma
     """`time_torch` in a fresh process (its own peak RSS, its allocator settings); None if torch is absent."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--repeats", str(repeats),
            "--shape-json", json.dumps(shape), "--threads", str(threads)]
-    env = {**os.environ, **(TUNED_MALLOC if malloc == "tuned" else {})}
+    env = {**os.environ, **MALLOC_ENV[malloc]}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
@@ -171,18 +256,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shape-json", default=json.dumps(dict(T=784, hidden=128, batch=128, input_dim=1,
                                                                  num_classes=10, dt=0.03)))
-    parser.add_argument("--malloc", choices=("default", "tuned"), default="default")
+    parser.add_argument("--malloc", choices=tuple(MALLOC_ENV), default="default")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: PyTorch's default; 1 is steady on a shared machine)")
     parser.add_argument("--compare", action="store_true",
                         help="time each formulation of --compare-variants in a fresh process and print a table")
     parser.add_argument("--compare-variants", default=",".join(COMPARE_VARIANTS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = json.loads(args.shape_json)
-    keys = ("T", "hidden", "batch", "input_dim", "num_classes", "dt")
+    if args.serve:
+        return _serve(shape, args.variant, args.threads)
     if args.worker:
-        r = time_torch(*(shape[k] for k in keys), repeats=args.repeats, variant=args.variant, threads=args.threads)
+        r = time_torch(*(shape[k] for k in SHAPE_KEYS), repeats=args.repeats, variant=args.variant, threads=args.threads)
         print("none" if r is None else json.dumps(r))
         return 0
     variants = args.compare_variants.split(",") if args.compare else [args.variant]

@@ -1,8 +1,14 @@
 """Where the time of one train step goes, at the paper shape (T 784, hidden 128, batch 128; implicit mode, scan
 backend): the step's matrix products alone (the floor of any implementation under this compiler's dot),
-drawing the injected noise (threefry2x32 through `jax.random.normal` and through the library's fused
+the same products through PyTorch's CPU matrix product (oneDNN/MKL; when torch is installed), drawing the
+injected noise (threefry2x32 through `jax.random.normal` and through the library's fused
 `nrnn_jax.prng.normal`, and philox4x32), the forward recurrence alone, forward and backward
 with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process.
+
+With torch installed it also times the eager-PyTorch baseline's whole step (scripts/benchmark_torch.py, in a
+worker process, taking turns with the parts) and prints the floor of ANY implementation that draws the
+library's noise: the products at the faster of the two matrix-product rates plus the library's noise draw,
+against half the PyTorch step (what "2x faster than eager PyTorch" needs).
 
     PYTHONPATH=src python scripts/step_breakdown.py [--repeats 7] [--shape paper|ecg|small]
 """
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -20,9 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_torch  # noqa: E402
 from benchmark import SHAPES, build_jax  # noqa: E402
 
-from nrnn_jax import NoisyRNN, NRNNConfig, prng  # noqa: E402
+from nrnn_jax import NoisyRNN, NRNNConfig, host_memory, prng  # noqa: E402
 from nrnn_jax.losses import cross_entropy, masked_mean  # noqa: E402
 
 
@@ -51,7 +59,8 @@ def main() -> None:
             t0 = time.perf_counter()
             jax.block_until_ready(f(*a))
             return time.perf_counter() - t0
-        run()  # compile and warm up
+        for _ in range(3):  # compile and warm up (the host heap reaches its steady size)
+            run()
         return run
 
     # The step's matrix products alone, with nothing else: per step the forward products M h (B x d by d x 2d),
@@ -71,11 +80,20 @@ def main() -> None:
 
     h0 = jax.random.normal(jax.random.PRNGKey(2), (B, d))
     flops = 3 * 2 * B * d * 2 * d * T
-    parts = {
-        f"matrix products alone ({flops / 1e9:.1f} GFLOP: forward, backward, ∂L/∂M)": timed(products_only, h0, h0 @ M.T),
+    products_label = f"matrix products alone ({flops / 1e9:.1f} GFLOP: forward, backward, ∂L/∂M)"
+    torch_label = "the same products as bare torch.mm calls (PyTorch's CPU GEMM, no other work)"
+    noise_label = "noise draw, threefry2x32, nrnn_jax.prng.normal (the library's; the same numbers)"
+    parts = {products_label: timed(products_only, h0, h0 @ M.T)}
+    torch_products = _torch_products(B, T, d)
+    if torch_products is not None:
+        parts[torch_label] = torch_products
+    worker = benchmark_torch.TorchWorker.start(sh)
+    step_label = "eager-PyTorch train step (scripts/benchmark_torch.py, worker process)"
+    if worker is not None:
+        parts[step_label] = worker.run_one
+    parts |= {
         "noise draw, threefry2x32, jax.random.normal": timed(normal, jax.random.key(0, impl="threefry2x32")),
-        "noise draw, threefry2x32, nrnn_jax.prng.normal (the library's; the same numbers)":
-            timed(fused, jax.random.key(0, impl="threefry2x32")),
+        noise_label: timed(fused, jax.random.key(0, impl="threefry2x32")),
         "noise draw, philox4x32": timed(normal, jax.random.key(0, impl="philox4x32")),
         "forward recurrence (fixed noise)": timed(forward, params, x, xi),
         "forward + backward (fixed noise)": timed(grad, params, x, y, mask, xi),
@@ -83,13 +101,59 @@ def main() -> None:
         "whole train step, philox4x32": build_jax(sh, "scan", "implicit", prng="philox4x32")[0],
     }
     times = {k: [] for k in parts}
+    faults = {k: [] for k in parts}  # minor page faults of this process per call (0 for the PyTorch worker's)
     for _ in range(args.repeats):
         for k, run in parts.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[k].append(run())
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     print(f"shape {args.shape} (T {T}, hidden {d}, batch {B}); median of {args.repeats}, parts interleaved; "
-          f"{jax.devices()[0].platform}, load average {os.getloadavg()[0]:.2f}")
-    for k, v in times.items():
-        print(f"| {k} | {statistics.median(v) * 1e3:.1f} ms |")
+          f"{jax.devices()[0].platform}, load average {os.getloadavg()[0]:.2f}; host allocator: "
+          f"{host_memory.status()}")
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print("| part | median | minor page faults per call (median) |")
+    print("|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.1f} ms | {statistics.median(faults[k]):.0f} |")
+    if worker is None:
+        return
+    print(f"PyTorch worker: {worker.memory()['threads']} threads")
+    worker.close()
+    torch_step = med[step_label]
+    floor = min(med[products_label], med.get(torch_label, float("inf"))) + med[noise_label]
+    print(f"floor of any implementation with the library's noise: products at the faster rate + noise draw = "
+          f"{floor:.1f} ms; half the PyTorch step = {torch_step / 2:.1f} ms; the floor is "
+          f"{torch_step / floor:.2f}x faster than PyTorch")
+
+
+def _torch_products(B: int, T: int, d: int):
+    """The products of `products_only` (same shapes and count) as bare `torch.mm` calls into preallocated
+    outputs, no autograd and no elementwise work: this machine's fastest CPU matrix product on them (the
+    best case of the GEMM alone; values are fixed, since only the rate is measured). None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(2 * d, d, generator=g) / d
+    MT = M.T.contiguous()
+    h, mu = torch.randn(B, d, generator=g), torch.randn(B, 2 * d, generator=g)
+    hs, mus = torch.randn(T * B, d, generator=g), torch.randn(2 * d, T * B, generator=g)
+    out_f, out_b, out_m = torch.empty(B, 2 * d), torch.empty(B, d), torch.empty(2 * d, d)
+
+    @torch.no_grad()
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(T):
+            torch.mm(h, MT, out=out_f)
+        for _ in range(T):
+            torch.mm(mu, M, out=out_b)
+        torch.mm(mus, hs, out=out_m)
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # warm up
+        run()
+    return run
 
 
 if __name__ == "__main__":

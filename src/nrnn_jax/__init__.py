@@ -17,7 +17,16 @@ The public API (the theory is in the repository's docs/theory.md):
 
 Everything else stays importable from its module (`nrnn_jax.dynamics`, `nrnn_jax.recurrence`,
 `nrnn_jax.prng`, …).
+
+Importing the package first sets the host allocator for XLA:CPU (`nrnn_jax.host_memory`: large freed blocks
+are kept for reuse, which removes a third of a long-sequence CPU train step; `NRNN_JAX_HOST_MALLOC=system`
+opts out).
 """
+
+# Before anything imports JAX: the allocator settings reach only threads that have not allocated yet.
+from . import host_memory as _host_memory
+
+_host_memory.apply_default()
 
 from .config import NRNNConfig as NRNNConfig
 from .config import Sweep as Sweep
