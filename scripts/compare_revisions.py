@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         for name in args.variants.split(","):
             for label, nj in (("this", this), (args.rev, other)):
                 runners[(name, label)], losses[(name, label)] = build(nj, shape, *VARIANTS[name])
-        medians = time_interleaved(runners, args.repeats)
+        medians = {name: statistics.median(ts) for name, ts in time_interleaved(runners, args.repeats).items()}
     print(f"{jax.devices()[0].device_kind}, shape {args.shape} {shape}, median of {args.repeats} steps, "
           f"versions taking turns\n")
     print(f"| variant | this checkout (ms) | {args.rev} (ms) | ratio | first-step (loss, reg) equal |")
