@@ -251,3 +251,38 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     grad = lambda c: jax.grad(lambda z_: jnp.sum(jnp.sin(solvers.solve_diffrax(c, params, z_, xi, h0, "final",
                                                                                   drift))))(z)
     np.testing.assert_allclose(grad(other), grad(cfg), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("backend", ["scan", "diffrax"])
+@pytest.mark.parametrize("kw", [dict(), dict(noise_kind="scalar"), dict(gradient="autodiff")],
+                         ids=["diagonal", "scalar", "autodiff"])
+def test_encoder_drive_formed_in_the_step_equals_the_encoded_inputs(backend, kw):
+    """`solve_batch(..., encoder=(kernel, bias))` with the raw inputs x gives the solve of z = x kernel + bias:
+    values and gradients (in kernel, bias, the matrices, x and ξ), whether the drive is formed inside each step
+    (the adjoint's fast path) or up front (autodiff; a diffusion coupling one example's components)."""
+    from nrnn_jax import solvers
+
+    cfg = NRNNConfig(input_dim=3, hidden=5, eps_add=0.2, eps_mult=0.3, init_std=2.0, dtype="float64",
+                     backend=backend, **kw)
+    params = NoisyRNN(cfg, rngs=nnx.Rngs(0)).recurrent_params()
+    B, T = 3, 6
+    x = jax.random.normal(jax.random.PRNGKey(0), (B, T, 3), jnp.float64)
+    xi = jax.random.normal(jax.random.PRNGKey(1), (B, T, cfg.noise_dim), jnp.float64)
+    kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 5), jnp.float64)
+    bias = jax.random.normal(jax.random.PRNGKey(3), (5,), jnp.float64)
+
+    def loss(encoded, kernel, bias, params, x, xi):
+        if encoded:
+            out = solvers.solve_batch(cfg, params, x, xi, save="all", encoder=(kernel, bias))
+        else:
+            out = solvers.solve_batch(cfg, params, x @ kernel + bias[None, None, :], xi, save="all")
+        return jnp.sum(jnp.sin(out[:, -1])) + jnp.sum(out ** 2), out
+
+    (v1, out1), g1 = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)(True, kernel, bias, params, x, xi)
+    (v0, out0), g0 = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)(False, kernel, bias, params, x, xi)
+    assert out1.shape == (B, T + 1, 5)
+    np.testing.assert_allclose(out1, out0, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(v1, v0, rtol=1e-13)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

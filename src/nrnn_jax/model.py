@@ -111,8 +111,9 @@ class NoisyRNN(nnx.Module):
         x = jnp.asarray(x, jnp.dtype(self.cfg.dtype))
         xi = self._noise(x, noise, key)
         p = self.recurrent_params(noise_levels)
-        z = self.encode(x)
-        return solvers.solve_batch(self.cfg, p, z, xi, save=save, cell=self.cell)
+        # the raw inputs and the encoder's (kernel, bias): the solver forms z = encode(x) where it pays
+        encoder = (self.encoder.kernel.value, self.encoder.bias.value)
+        return solvers.solve_batch(self.cfg, p, x, xi, save=save, cell=self.cell, encoder=encoder)
 
     def __call__(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch classes"]:
         return self.decode(self._solve(x, noise, key, "final", noise_levels))

@@ -47,6 +47,36 @@ def _at(a, k, time_axis: int):
     return jax.lax.dynamic_index_in_dim(a, k, axis=time_axis, keepdims=False)
 
 
+class Encoded(eqx.Module):
+    """The input drive z = x kernel + bias kept as the raw inputs x (B, T, n) and the affine encoder, so that
+    the drive of step k is formed inside the step: no (B, T, d) array of drives, and in the discrete adjoint
+    no (T, B, d) array of their cotangents (∂L/∂kernel and ∂L/∂bias accumulate in the reverse loop instead).
+    `solve_batch(..., encoder=)` builds it on its fast path."""
+
+    x: Array  # (B, T, n)
+    kernel: Array  # (n, d)
+    bias: Array  # (d,)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.x.shape[:2] + (self.kernel.shape[1],)
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    def drive(self) -> Array:
+        """z for all steps, (B, T, d)."""
+        return self.x @ self.kernel + self.bias[None, None, :]
+
+
+def _drive_at(z, k):
+    """The drive of step k for the batch, (B, d): read in place from z (B, T, d), or formed from `Encoded`."""
+    if isinstance(z, Encoded):
+        return _at(z.x, k, 1) @ z.kernel + z.bias[None, :]
+    return _at(z, k, 1)
+
+
 class _OnGrid:
     """Shared by the grid paths: increments on the grid t_k = k δ, k = 0..T, time-major (T, m) or
     batch-major (B, T, m)."""
@@ -234,7 +264,7 @@ def _drift_vf(drift: cells.Drift, batch: int, grid_dt: float, as_operator: bool)
         carried = isinstance(y, tuple)  # diffrax checking the terms against the carried (h, P)
         y, (params, z, p), prods = _unpack(y, args)
         h = y.reshape(batch, -1)
-        z_k = _at(z, _grid_index(t, grid_dt, z.shape[1]), 1)
+        z_k = _drive_at(z, _grid_index(t, grid_dt, z.shape[1]))
         if prods is None:
             f = batch_drift(drift, params, h, z_k)
         else:
@@ -265,7 +295,8 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
     return vf
 
 
-def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"], xi, h0: Float[Array, "B d"],
+def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"] | Encoded, xi,
+                  h0: Float[Array, "B d"],
                   save: Save, drift: cells.Drift, for_adjoint: bool = False):
     """The whole batch as ONE diffrax solve on the batch state (B, d) (a batched loop, no vmap; a diffusion
     that couples the components of one example is solved example by example on vec(h)): diffrax terms and
@@ -379,25 +410,33 @@ def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, 
     return jnp.concatenate([h0[None], hs], axis=0)
 
 
-def _cell(cfg: NRNNConfig, from_products):
+def _cell(cfg: NRNNConfig, from_products, encoded: bool):
     """One step of the configured scheme for `nrnn_jax.recurrence`, for a product cell with drift
     g(h, M h, z): the state is (1, hidden), the products M h, the inputs (z_k, ξ_k) with raw standard normals
-    ξ_k (or None); the parameters are the `RecurrentParams` without matrices (step size, noise levels)."""
+    ξ_k (or None); the parameters are the `RecurrentParams` without matrices (step size, noise levels).
+    `encoded`: the inputs are (x_k, ξ_k) and the parameters (`RecurrentParams`, kernel, bias), the drive
+    z_k = x_k kernel + bias formed here."""
 
     def cell(s, prods, x_k, params):
         z_k, xi_k = x_k
+        if encoded:
+            params, kernel, bias = params
+            z_k = z_k @ kernel + bias
         h = s[0]
         return dynamics.step(cfg, params, h, z_k, from_products(h, prods[0], z_k), xi_k)[None]
 
     return cell
 
 
-def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
+def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift, encoded: bool):
     """The forward states and products of the adjoint recurrence computed by the diffrax solve (no
     autodiff through the solve: the recurrence's adjoint differentiates it)."""
 
     def forward(cell, M, params, state0, xs):
         z, xi = xs
+        if encoded:
+            params, kernel, bias = params
+            z = Encoded(z, kernel, bias)
         # (T or T + 1, B, 1, d), (B, 1, d), (T or T + 1, B, 1, p)
         return solve_diffrax(cfg, params, z, xi, state0[:, 0], "all", drift._replace(params=M), for_adjoint=True)
 
@@ -407,17 +446,20 @@ def _diffrax_forward(cfg: NRNNConfig, drift: cells.Drift):
 def solve_batch(
     cfg: NRNNConfig,
     p: RecurrentParams,
-    z: Float[ArrayLike, "B T d"],
+    z: Float[ArrayLike, "B T _"],  # (B, T, d); with `encoder`, the raw inputs (B, T, n)
     xi: Float[ArrayLike, "B T m"] | None = None,
     *,
     h0: Float[ArrayLike, "B d"] | None = None,
     save: Save = "final",
     cell=None,
+    encoder: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> Array:
     """`solve` for a batch: z (B, T, hidden), xi (B, T, noise_dim) or None, h0 (B, hidden).
 
     Returns (B, hidden) or, with `save="all"`, (B, T + 1, hidden). `cell`: the drift, a `nrnn_jax.Cell` or
-    its pure form `cells.Drift` (None: the Lipschitz drift of the matrices `p.A`, `p.W`).
+    its pure form `cells.Drift` (None: the Lipschitz drift of the matrices `p.A`, `p.W`). `encoder=(kernel
+    (n, hidden), bias (hidden,))`: `z` holds the raw inputs x (B, T, n) instead, and the drive is
+    x kernel + bias (what `NoisyRNN` passes); the fast path forms each step's drive inside the step.
 
     Fast path (a product cell under `cfg.gradient="adjoint"`): the backward pass is the discrete adjoint of
     `nrnn_jax.recurrence` whichever backend computed the forward states. Generic path (any other cell, or
@@ -428,17 +470,27 @@ def solve_batch(
         check_choice("", "save", save, ("final", "all"))
     z = jnp.asarray(z)
     xi = None if xi is None else jnp.asarray(xi)
-    h0 = jnp.zeros((z.shape[0], z.shape[-1]), z.dtype) if h0 is None else jnp.asarray(h0)
     drift = as_drift(cfg, p, cell)
-    if (cfg.gradient == "autodiff" or not drift.has_products) and cfg.backend == "scan":
+    fast = cfg.gradient != "autodiff" and drift.has_products
+    if encoder is not None:
+        encoder = tuple(jnp.asarray(a) for a in encoder)
+        # a diffusion coupling one example's components is solved example by example on the drives
+        if not fast or (cfg.backend == "diffrax" and not noise_lib.of(cfg).elementwise):
+            z, encoder = Encoded(z, *encoder).drive(), None
+    d = z.shape[-1] if encoder is None else encoder[0].shape[-1]
+    h0 = jnp.zeros((z.shape[0], d), z.dtype) if h0 is None else jnp.asarray(h0)
+    if not fast and cfg.backend == "scan":
         one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save, drift)
         return jax.vmap(one, in_axes=(0, None if xi is None else 0, 0))(z, xi, h0)
-    if cfg.gradient == "autodiff" or not drift.has_products:  # JAX differentiates the diffrax loop
+    if not fast:  # JAX differentiates the diffrax loop
         out = solve_diffrax(cfg, p, z, xi, h0, save, drift)
         return out if save == "final" else jnp.swapaxes(out, 0, 1)
-    forward = _diffrax_forward(cfg, drift) if cfg.backend == "diffrax" else recurrence.scan_forward
-    out = recurrence.recurrence(_cell(cfg, drift.from_products), drift.params, dynamics.matrix_free(cfg, p, z.dtype),
-                                h0[:, None, :], (z, xi), forward=forward, save=save)
+    encoded = encoder is not None
+    forward = _diffrax_forward(cfg, drift, encoded) if cfg.backend == "diffrax" else recurrence.scan_forward
+    params = dynamics.matrix_free(cfg, p, z.dtype)
+    out = recurrence.recurrence(_cell(cfg, drift.from_products, encoded), drift.params,
+                                (params, *encoder) if encoded else params, h0[:, None, :], (z, xi),
+                                forward=forward, save=save)
     return out[:, 0] if save == "final" else jnp.swapaxes(out[:, :, 0], 0, 1)
 
 
