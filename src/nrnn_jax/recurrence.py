@@ -117,14 +117,16 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
     def body(carry, inputs):
         lam, dparams, buf = carry
         k, g_k = inputs
-        s, prod = states[k], buf[k]  # read in place (they may hold a last row beyond step T - 1)
+        # read in place (they may hold a last row beyond step T - 1); plain dynamic slices, not NumPy
+        # indexing with its negative-index and bounds handling
+        s, prod = (jax.lax.dynamic_index_in_dim(a, k, 0, keepdims=False) for a in (states, buf))
         _, vjp = jax.vjp(step, s, prod, _at_step(xs, k), params)
         ds, dprod, dx, dtheta = vjp(lam)
         lam_prev = ds + _products(dprod, M.T)  # + Mᵀ μ_k
         if g_k is not None:
             lam_prev = lam_prev + g_k
         dparams = jax.tree.map(jnp.add, dparams, dtheta)
-        return (lam_prev, dparams, buf.at[k].set(dprod)), dx
+        return (lam_prev, dparams, jax.lax.dynamic_update_index_in_dim(buf, dprod, k, 0)), dx
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (lam0, dparams, dprods), dxs = jax.lax.scan(body, (g_final, zeros, prods), (jnp.arange(T), g_steps),
