@@ -1,6 +1,7 @@
 """Where the time of one train step goes, at the paper shape (T 784, hidden 128, batch 128; implicit mode, scan
 backend): the step's matrix products alone (the floor of any implementation under this compiler's dot),
-the same products through PyTorch's CPU matrix product (oneDNN/MKL; when torch is installed), drawing the
+the same products through PyTorch's CPU matrix product (oneDNN/MKL; when torch is installed), each kind of
+product alone under both, drawing the
 injected noise (threefry2x32 through `jax.random.normal` and through the library's fused
 `nrnn_jax.prng.normal`, and philox4x32), the forward recurrence alone, forward and backward
 with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process.
@@ -87,6 +88,22 @@ def main() -> None:
     torch_products = _torch_products(B, T, d)
     if torch_products is not None:
         parts[torch_label] = torch_products
+    # each kind of product alone, under XLA and as bare torch.mm calls: where the GEMM rates differ
+    hs = jax.random.normal(jax.random.PRNGKey(3), (T, B, d))
+    mus = jax.random.normal(jax.random.PRNGKey(4), (T, B, 2 * d))
+    forward_only = jax.jit(lambda h0: jax.lax.scan(lambda h, _: (jnp.tanh((h @ M.T)[:, :d]), None), h0, None,
+                                                   length=T)[0])
+    backward_only = jax.jit(lambda mu0: jax.lax.scan(
+        lambda mu, _: (jnp.tile(jnp.tanh(mu @ M), (1, 2)), None), mu0, None, length=T)[0])
+    outer_only = jax.jit(lambda mus, hs: mus.reshape(-1, 2 * d).T @ hs.reshape(-1, d))
+    kinds = {f"{T} forward products (B x d by d x 2d)": timed(forward_only, h0),
+             f"{T} backward products (B x 2d by 2d x d)": timed(backward_only, h0 @ M.T),
+             "∂L/∂M (2d x TB by TB x d)": timed(outer_only, mus, hs)}
+    for name, run in kinds.items():
+        parts[f"{name}, XLA"] = run
+        if torch_products is not None:
+            parts[f"{name}, torch.mm"] = _torch_products(B, T, d, only=name.split()[1] if name[0].isdigit()
+                                                           else "outer")
     worker = benchmark_torch.TorchWorker.start(sh)
     step_label = "eager-PyTorch train step (scripts/benchmark_torch.py, worker process)"
     if worker is not None:
@@ -126,10 +143,11 @@ def main() -> None:
           f"{torch_step / floor:.2f}x faster than PyTorch")
 
 
-def _torch_products(B: int, T: int, d: int):
+def _torch_products(B: int, T: int, d: int, only: str | None = None):
     """The products of `products_only` (same shapes and count) as bare `torch.mm` calls into preallocated
     outputs, no autograd and no elementwise work: this machine's fastest CPU matrix product on them (the
-    best case of the GEMM alone; values are fixed, since only the rate is measured). None without torch."""
+    best case of the GEMM alone; values are fixed, since only the rate is measured). `only`: "forward",
+    "backward" or "outer" for one kind. None without torch."""
     try:
         import torch
     except ImportError:
@@ -144,11 +162,14 @@ def _torch_products(B: int, T: int, d: int):
     @torch.no_grad()
     def run():
         t0 = time.perf_counter()
-        for _ in range(T):
-            torch.mm(h, MT, out=out_f)
-        for _ in range(T):
-            torch.mm(mu, M, out=out_b)
-        torch.mm(mus, hs, out=out_m)
+        if only in (None, "forward"):
+            for _ in range(T):
+                torch.mm(h, MT, out=out_f)
+        if only in (None, "backward"):
+            for _ in range(T):
+                torch.mm(mu, M, out=out_b)
+        if only in (None, "outer"):
+            torch.mm(mus, hs, out=out_m)
         return time.perf_counter() - t0
 
     for _ in range(3):  # warm up
