@@ -286,3 +286,16 @@ def test_encoder_drive_formed_in_the_step_equals_the_encoded_inputs(backend, kw)
     np.testing.assert_allclose(v1, v0, rtol=1e-13)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_encoder_of_the_wrong_shape_is_refused():
+    from nrnn_jax import solvers
+
+    cfg = NRNNConfig(input_dim=3, hidden=5)
+    params = NoisyRNN(cfg, rngs=nnx.Rngs(0)).recurrent_params()
+    x = jnp.zeros((2, 4, 3))
+    with pytest.raises(ValueError, match=r"encoder='\(kernel \(2, 5\), bias \(5,\)\)' is invalid: expected a kernel "
+                                         r"\(n, hidden\) with n = 3"):
+        solvers.solve_batch(cfg, params, x, encoder=(jnp.zeros((2, 5)), jnp.zeros(5)))
+    with pytest.raises(ValueError, match="encoder="):
+        solvers.solve_batch(cfg, params, x, encoder=(jnp.zeros((3, 5)), jnp.zeros(4)))

@@ -27,7 +27,7 @@ from . import noise as noise_lib
 from .config import NRNNConfig
 from ._types import ArrayLike
 from .dynamics import RecurrentParams
-from .validation import check_choice
+from .validation import check_choice, fail
 
 Save = Literal["final", "all"]
 
@@ -474,6 +474,11 @@ def solve_batch(
     fast = cfg.gradient != "autodiff" and drift.has_products
     if encoder is not None:
         encoder = tuple(jnp.asarray(a) for a in encoder)
+        kernel, bias = encoder
+        if kernel.ndim != 2 or kernel.shape[0] != z.shape[-1] or bias.shape != kernel.shape[1:]:
+            fail("", "encoder", f"(kernel {kernel.shape}, bias {bias.shape})",
+                 f"expected a kernel (n, hidden) with n = {z.shape[-1]}, the last axis of the raw inputs, and a "
+                 "bias (hidden,)")
         # a diffusion coupling one example's components is solved example by example on the drives
         if not fast or (cfg.backend == "diffrax" and not noise_lib.of(cfg).elementwise):
             z, encoder = Encoded(z, *encoder).drive(), None
