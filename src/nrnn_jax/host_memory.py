@@ -4,8 +4,9 @@
 `posix_memalign`, from its worker threads, and frees it afterwards. glibc serves a block above 32 MiB (its
 largest mmap threshold) with a fresh `mmap` — from a worker thread always, since a thread's own arena cannot
 hold it — and unmaps it on `free`. So every step touches its whole temporary buffer as new pages: at the
-pixel-MNIST shape (T 784, hidden 128, batch 128) that is 393 MiB, about 100 000 minor page faults and
-0.2 s of kernel time per train step, a third of the step on a 2-core CPU.
+pixel-MNIST shape (T 784, hidden 128, batch 128) with a 393 MiB buffer, that was about 100 000 minor page
+faults and 0.2 s of kernel time per train step, a third of the step on a 2-core CPU (75 000 faults and a
+fifth of the step with the present 295 MiB buffer; README, "Where the CPU time goes").
 
 **What this does.** At `import nrnn_jax`, before JAX starts its CPU threads, `keep_freed_memory()` sets
 glibc's malloc (through `mallopt`) so that every thread allocates from the main heap (`M_ARENA_MAX` 1), that
