@@ -47,6 +47,11 @@ def _at(a, k, time_axis: int):
     return jax.lax.dynamic_index_in_dim(a, k, axis=time_axis, keepdims=False)
 
 
+def _encode(x, kernel, bias):
+    """x kernel + bias along the last axis of x, whatever its leading axes: the encoder's affine map."""
+    return x @ kernel + bias.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
 class Encoded(eqx.Module):
     """The input drive z = x kernel + bias kept as the raw inputs x (B, T, n) and the affine encoder, so that
     the drive of step k is formed inside the step: no (B, T, d) array of drives, and in the discrete adjoint
@@ -67,14 +72,16 @@ class Encoded(eqx.Module):
 
     def drive(self) -> Array:
         """z for all steps, (B, T, d)."""
-        return self.x @ self.kernel + self.bias[None, None, :]
+        return _encode(self.x, self.kernel, self.bias)
+
+    def at(self, k) -> Array:
+        """z of step k, (B, d)."""
+        return _encode(_at(self.x, k, 1), self.kernel, self.bias)
 
 
 def _drive_at(z, k):
     """The drive of step k for the batch, (B, d): read in place from z (B, T, d), or formed from `Encoded`."""
-    if isinstance(z, Encoded):
-        return _at(z.x, k, 1) @ z.kernel + z.bias[None, :]
-    return _at(z, k, 1)
+    return z.at(k) if isinstance(z, Encoded) else _at(z, k, 1)
 
 
 class _OnGrid:
@@ -318,6 +325,8 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"] 
     # the state is vec(h) of one example and σ a matrix. Over the batch it would be (B d) x (B m), so the
     # examples are solved one by one (vmapped).
     coupled = xi is not None and scheme.is_sde and not sigma.elementwise and cfg.is_noisy
+    if coupled and isinstance(z, Encoded):  # solved on vec(h) with σ reading z: the drives up front
+        z = z.drive()
     if B > 1 and coupled:
         one = lambda z_i, xi_i, h0_i: solve_diffrax(cfg, p, z_i[None], xi_i[None], h0_i[None], save, drift,
                                                     for_adjoint)
@@ -421,7 +430,7 @@ def _cell(cfg: NRNNConfig, from_products, encoded: bool):
         z_k, xi_k = x_k
         if encoded:
             params, kernel, bias = params
-            z_k = z_k @ kernel + bias
+            z_k = _encode(z_k, kernel, bias)
         h = s[0]
         return dynamics.step(cfg, params, h, z_k, from_products(h, prods[0], z_k), xi_k)[None]
 
@@ -479,9 +488,8 @@ def solve_batch(
             fail("", "encoder", f"(kernel {kernel.shape}, bias {bias.shape})",
                  f"expected a kernel (n, hidden) with n = {z.shape[-1]}, the last axis of the raw inputs, and a "
                  "bias (hidden,)")
-        # a diffusion coupling one example's components is solved example by example on the drives
-        if not fast or (cfg.backend == "diffrax" and not noise_lib.of(cfg).elementwise):
-            z, encoder = Encoded(z, *encoder).drive(), None
+        if not fast:  # JAX differentiates the backend's loop on the drives
+            z, encoder = _encode(z, kernel, bias), None
     d = z.shape[-1] if encoder is None else encoder[0].shape[-1]
     h0 = jnp.zeros((z.shape[0], d), z.dtype) if h0 is None else jnp.asarray(h0)
     if not fast and cfg.backend == "scan":
