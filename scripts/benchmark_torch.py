@@ -161,18 +161,6 @@ def build_torch_step(T: int, hidden: int, batch: int, input_dim: int, num_classe
     return run_one, memory
 
 
-def time_torch(T: int, hidden: int, batch: int, input_dim: int, num_classes: int, dt: float, repeats: int,
-               variant: str = DEFAULT_VARIANT, threads: int = 0):
-    """Median train-step time (s) and memory of one formulation, its steps back to back; None if torch is
-    absent."""
-    built = build_torch_step(T, hidden, batch, input_dim, num_classes, dt, variant=variant, threads=threads)
-    if built is None:
-        return None
-    run_one, memory = built
-    times = [run_one() for _ in range(repeats)]
-    return {"median_s": statistics.median(times), "times_s": times, **memory()}
-
-
 def _serve(shape: dict, variant: str, threads: int) -> int:
     """Worker of `TorchWorker`: build and warm up the step, then for each line on stdin "step" run one step
     and print its seconds, "memory" print the memory dict as JSON; stop at end of input."""
@@ -236,20 +224,6 @@ class TorchWorker:
         self._proc.wait()
 
 
-def run_subprocess(shape: dict, repeats: int, variant: str = DEFAULT_VARIANT, malloc: str = "default",
-                   threads: int = 0):
-    """`time_torch` in a fresh process (its own peak RSS, its allocator settings); None if torch is absent."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--repeats", str(repeats),
-           "--shape-json", json.dumps(shape), "--threads", str(threads)]
-    env = {**os.environ, **MALLOC_ENV[malloc]}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-2000:], file=sys.stderr)
-        return None
-    value = proc.stdout.strip().splitlines()[-1]
-    return None if value == "none" else json.loads(value)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default=DEFAULT_VARIANT)
@@ -260,31 +234,29 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: PyTorch's default; 1 is steady on a shared machine)")
     parser.add_argument("--compare", action="store_true",
-                        help="time each formulation of --compare-variants in a fresh process and print a table")
+                        help="time each formulation of --compare-variants in a fresh worker process and print a table")
     parser.add_argument("--compare-variants", default=",".join(COMPARE_VARIANTS))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = json.loads(args.shape_json)
     if args.serve:
         return _serve(shape, args.variant, args.threads)
-    if args.worker:
-        r = time_torch(*(shape[k] for k in SHAPE_KEYS), repeats=args.repeats, variant=args.variant, threads=args.threads)
-        print("none" if r is None else json.dumps(r))
-        return 0
     variants = args.compare_variants.split(",") if args.compare else [args.variant]
     for v in variants:
         parse_variant(v)
     print(f"shape {shape}; median of {args.repeats} train steps after one warm-up; malloc {args.malloc}")
     print("| PyTorch variant | median step (s) | steps (s) | peak RSS (MiB) | RSS growth (MiB) |")
     print("|---|---|---|---|---|")
-    for v in variants:
-        r = run_subprocess(shape, args.repeats, v, args.malloc, args.threads)
-        if r is None:
+    for v in variants:  # each in a fresh worker process, its steps back to back
+        worker = TorchWorker.start(shape, v, args.malloc, args.threads)
+        if worker is None:
             print("PyTorch is not installed (pip install torch).", file=sys.stderr)
             return 1
-        print(f"| {v} | {r['median_s']:.4f} | {', '.join(f'{t:.3f}' for t in r['times_s'])} | "
-              f"{r['peak_rss_mib']:.0f} | {r['rss_growth_mib']:.0f} |", flush=True)
+        times = [worker.run_one() for _ in range(args.repeats)]
+        m = worker.memory()
+        worker.close()
+        print(f"| {v} | {statistics.median(times):.4f} | {', '.join(f'{t:.3f}' for t in times)} | "
+              f"{m['peak_rss_mib']:.0f} | {m['rss_growth_mib']:.0f} |", flush=True)
     return 0
 
 
