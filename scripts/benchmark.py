@@ -216,10 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     benchmark_torch.parse_variant(args.torch_variant)
-    bad = [m for m in args.torch_malloc.split(",") if m not in benchmark_torch.MALLOC_ENV]
+    bad = [m for m in args.torch_malloc.split(",") if m not in benchmark_torch.MALLOC_CHOICES]
     if bad or not args.torch_malloc:
         parser.error(f"--torch-malloc={args.torch_malloc!r} is invalid: expected a comma-separated subset of "
-                     + ",".join(benchmark_torch.MALLOC_ENV))
+                     + ",".join(benchmark_torch.MALLOC_CHOICES))
     shape = SHAPES[args.shape]
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     known = {key for key, *_ in PLAN} | {"torch", "sweep"}

@@ -67,10 +67,16 @@ COMPARE_VARIANTS = ("loop-enc", "loop-enc-prenoise", "unbind", "unbind-prenoise"
 SHAPE_KEYS = ("T", "hidden", "batch", "input_dim", "num_classes", "dt")
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
                 "MALLOC_TOP_PAD_": "1000000000"}
-# The settings `import nrnn_jax` gives glibc's malloc (nrnn_jax/host_memory.py), at process start.
-KEEP_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                                 "glibc.malloc.trim_threshold=2147483647"}
-MALLOC_ENV = {"default": {}, "tuned": TUNED_MALLOC, "keep": KEEP_MALLOC}
+MALLOC_CHOICES = ("default", "tuned", "keep")
+
+
+def malloc_env(malloc: str) -> dict:
+    """The environment variables of a worker with these glibc allocator settings. "keep": the settings
+    `import nrnn_jax` gives glibc's malloc (`nrnn_jax.host_memory.GLIBC_TUNABLES`), at process start."""
+    if malloc == "keep":
+        from nrnn_jax.host_memory import GLIBC_TUNABLES
+        return {"GLIBC_TUNABLES": GLIBC_TUNABLES}
+    return TUNED_MALLOC if malloc == "tuned" else {}
 
 
 def parse_variant(name: str):
@@ -187,7 +193,7 @@ class TorchWorker:
     def start(cls, shape: dict, variant: str = DEFAULT_VARIANT, malloc: str = "default", threads: int = 0):
         cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--variant", variant,
                "--shape-json", json.dumps(shape), "--threads", str(threads)]
-        env = {**os.environ, **MALLOC_ENV[malloc]}
+        env = {**os.environ, **malloc_env(malloc)}
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         worker = cls(proc)
         first = worker._read()
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shape-json", default=json.dumps(dict(T=784, hidden=128, batch=128, input_dim=1,
                                                                  num_classes=10, dt=0.03)))
-    parser.add_argument("--malloc", choices=tuple(MALLOC_ENV), default="default")
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="default")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: PyTorch's default; 1 is steady on a shared machine)")
     parser.add_argument("--compare", action="store_true",
