@@ -78,3 +78,28 @@ def test_non_partitionable_threefry_falls_back():
     with jax.threefry_partitionable(False):
         assert not prng.fused(key, (6, 7), jnp.float32)
         np.testing.assert_array_equal(prng.normal(key, (6, 7)), jax.random.normal(key, (6, 7)))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "philox4x32"])
+def test_rows_draw_the_block_of_the_whole_draw(impl):
+    """A `Rows` key draws rows start … start + b − 1 of the whole (total, ...) draw, bit for bit, with the
+    start traced (as a data-parallel step's device index makes it): on the fused path by offsetting the
+    counters, for other key implementations by slicing the whole draw."""
+    key = jax.random.key(11, impl=impl)
+    whole = prng.normal(key, (12, 5, 3))
+    block = jax.jit(lambda start: prng.normal(prng.Rows(key, start, 12), (4, 5, 3)))
+    for start in (0, 4, 8):
+        np.testing.assert_array_equal(_bits(block(start)), _bits(whole[start:start + 4]))
+    assert prng.fused(key, (12, 5, 3), jnp.float32) == (impl == "threefry2x32")
+    with pytest.raises(ValueError, match=r"shape=\(13, 5, 3\) is invalid for Rows\(total=12\)"):
+        prng.normal(prng.Rows(key, 0, 12), (13, 5, 3))
+
+
+def test_rows_of_rademacher_probes():
+    from nrnn_jax.regularizer import draw_probes
+
+    key = jax.random.key(2)
+    whole = draw_probes(key, (6, 4, 2), "rademacher", jnp.float32)
+    np.testing.assert_array_equal(draw_probes(prng.Rows(key, 3, 6), (3, 4, 2), "rademacher", jnp.float32), whole[3:])
+    gauss = draw_probes(key, (6, 4, 2), "gaussian", jnp.float32)
+    np.testing.assert_array_equal(draw_probes(prng.Rows(key, 2, 6), (2, 4, 2), "gaussian", jnp.float32), gauss[2:4])

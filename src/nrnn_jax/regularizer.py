@@ -153,11 +153,12 @@ def exact_terms(step: StepFn, factor: FactorFn, loss: LossFn, h0, inputs: PyTree
 
 
 def draw_probes(key, shape: tuple[int, ...], kind: str, dtype) -> Array:
-    """Probe vectors with mean 0 and identity covariance: standard normal or Rademacher (±1)."""
+    """Probe vectors with mean 0 and identity covariance: standard normal or Rademacher (±1). `key` may be a
+    `prng.Rows` (a data-parallel step's share of the batch's probes)."""
     check_choice("", "probe", kind, PROBES)
     if kind == "gaussian":
         return prng.normal(key, shape, dtype)
-    return jax.random.rademacher(key, shape, dtype)
+    return prng.full_rows(key, shape, lambda k, s: jax.random.rademacher(k, s, dtype))
 
 
 def probe_terms(
