@@ -14,7 +14,10 @@ benchmark used before, reads z[:, k] of a (B, T, d) tensor and is kept only to s
 diffrax backends in implicit mode (noise injection) with the discrete adjoint (`gradient="adjoint"`, the
 default) and with JAX differentiating the loop (`-autodiff`), deterministic, explicit training with the
 probe (S = 1) and exact regularizers, and a sweep of `--sweep-size` models (seeds and noise levels) in one
-vmapped step, reported as throughput per model against one model alone. Reports the median of `--repeats`
+vmapped step, reported as throughput per model against one model alone. The JAX variants run on the
+devices `train_and_evaluate` picks for the shape (`--devices auto`: on this CPU, one device per core for a
+long sequence, the batch split over them; `nrnn_jax.train.default_devices`), the `-1dev` ones (`scan-1dev`,
+`diffrax-1dev`) on one device. Reports the median of `--repeats`
 steps after compilation (all variants, PyTorch included, take turns, one step each), ratios against PyTorch and against scan, the compiled step's temporary memory (XLA's memory analysis) and the process's
 peak resident memory. `--t-scaling` instead times T = 196, 392, 784 (hidden 128, batch 128) and prints
 time per step, time per step / T, the ratio of the latter at 784 to 196 (within 20 % of 1 for a variant
@@ -40,8 +43,10 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_torch  # noqa: E402  (scripts/benchmark_torch.py, the eager-PyTorch baseline)
 from nrnn_jax import host_memory  # noqa: E402
-from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, init_sweep_states, init_train_state, make_optimizer,
-                      make_train_step)
+from nrnn_jax import host_devices  # noqa: E402
+from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, data_parallel_sharding, init_sweep_states,  # noqa: E402
+                      init_train_state, make_optimizer, make_train_step)
+from nrnn_jax.train import default_devices  # noqa: E402
 
 SHAPES = {
     "paper": dict(T=784, hidden=128, batch=128, input_dim=1, num_classes=10, dt=0.03),
@@ -51,9 +56,12 @@ SHAPES = {
 
 
 def build_jax(shape: dict, backend: str, mode: str, reg_method: str = "probe", eps=(0.02, 0.02),
-              gradient: str = "adjoint", prng: str = "threefry2x32", sweep: int = 0, diffrax_loop: str = "steps"):
+              gradient: str = "adjoint", prng: str = "threefry2x32", sweep: int = 0, diffrax_loop: str = "steps",
+              devices: int = 1):
     """A compiled train step and its arguments; returns (run_one_step, XLA temporary memory in MiB).
-    `sweep=N` > 0: N models (seeds 0..N-1, noise levels spread over [eps, 2 eps]) in one vmapped step."""
+    `sweep=N` > 0: N models (seeds 0..N-1, noise levels spread over [eps, 2 eps]) in one vmapped step.
+    `devices=n` > 1: data-parallel over n devices (`make_train_step(..., devices=n)`, as
+    `train_and_evaluate` runs it); the memory is then one device's."""
     mcfg = NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"],
                       dt=shape["dt"], eps_add=eps[0], eps_mult=eps[1], backend=backend, gradient=gradient,
                       diffrax_loop=diffrax_loop)
@@ -68,7 +76,9 @@ def build_jax(shape: dict, backend: str, mode: str, reg_method: str = "probe", e
     else:
         graphdef, params = nnx.split(NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
         state = init_train_state(params, tx, seed=0)
-    step = make_train_step(graphdef, tx, tcfg, sweep=bool(sweep))
+    step = make_train_step(graphdef, tx, tcfg, sweep=bool(sweep), devices=devices)
+    if devices > 1:
+        state = jax.device_put(state, data_parallel_sharding(devices)[1])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape["batch"], shape["T"], shape["input_dim"])).astype(np.float32)
     y = rng.integers(0, shape["num_classes"], shape["batch"]).astype(np.int32)
@@ -114,8 +124,11 @@ def start_torch(shape: dict, args) -> dict:
 
 
 # (variant, backend, mode, regularizer, gradient, diffrax loop); "adjoint" and "steps" are the defaults of
-# `NRNNConfig.gradient` and `NRNNConfig.diffrax_loop`.
+# `NRNNConfig.gradient` and `NRNNConfig.diffrax_loop`. Every variant runs on the devices `--devices` gives
+# (default: what `train_and_evaluate` picks for the shape), except the "-1dev" ones: one device.
 PLAN = [("scan", "scan", "implicit", "probe", "adjoint", "steps"),
+        ("scan-1dev", "scan", "implicit", "probe", "adjoint", "steps"),
+        ("diffrax-1dev", "diffrax", "implicit", "probe", "adjoint", "steps"),
         ("scan-autodiff", "scan", "implicit", "probe", "autodiff", "steps"),
         ("diffrax", "diffrax", "implicit", "probe", "adjoint", "steps"),
         ("diffrax-diffeqsolve", "diffrax", "implicit", "probe", "adjoint", "diffeqsolve"),
@@ -123,7 +136,8 @@ PLAN = [("scan", "scan", "implicit", "probe", "adjoint", "steps"),
         ("deterministic", "scan", "deterministic", "probe", "adjoint", "steps"),
         ("probe", "scan", "explicit", "probe", "adjoint", "steps"),
         ("exact", "scan", "explicit", "exact", "adjoint", "steps")]
-NAMES = {"scan": "scan (implicit)", "scan-autodiff": "scan (implicit, gradient=autodiff)",
+NAMES = {"scan": "scan (implicit)", "scan-1dev": "scan (implicit, 1 device)",
+         "diffrax-1dev": "diffrax (implicit, 1 device)", "scan-autodiff": "scan (implicit, gradient=autodiff)",
          "diffrax": "diffrax (implicit)", "diffrax-diffeqsolve": "diffrax (implicit, diffrax_loop=diffeqsolve)",
          "diffrax-autodiff": "diffrax (implicit, gradient=autodiff)",
          "deterministic": "scan (deterministic)", "probe": "scan (explicit, probe S=1)",
@@ -133,15 +147,26 @@ NAMES = {"scan": "scan (implicit)", "scan-autodiff": "scan (implicit, gradient=a
 def jax_runners(shape: dict, wanted: set, args):
     """The compiled JAX steps of the wanted variants: ({name: run_one}, {name: XLA temp MiB}, sweep name)."""
     runners, mems = {}, {}
+    n = devices_for(shape, args)
     for key, backend, mode, method, gradient, loop in PLAN:
         if key in wanted:
+            d = 1 if key.endswith("-1dev") else n
             runners[NAMES[key]], mems[NAMES[key]] = build_jax(shape, backend, mode, method, gradient=gradient,
-                                                              prng=args.prng, diffrax_loop=loop)
+                                                              prng=args.prng, diffrax_loop=loop, devices=d)
     sweep_name = f"sweep of {args.sweep_size} (implicit, one vmapped step)"
     if "sweep" in wanted:
         runners[sweep_name], mems[sweep_name] = build_jax(shape, args.sweep_backend, "implicit", prng=args.prng,
-                                                          sweep=args.sweep_size)
+                                                          sweep=args.sweep_size, devices=n)
     return runners, mems, sweep_name
+
+
+def devices_for(shape: dict, args) -> int:
+    """The device count of the JAX variants: `--devices`, or for `auto` what `train_and_evaluate` would use
+    (`nrnn_jax.train.default_devices`)."""
+    if args.devices != "auto":
+        return int(args.devices)
+    mcfg = NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"])
+    return default_devices(mcfg, shape["batch"], shape["T"])
 
 
 SCALING_T = (196, 392, 784)
@@ -191,8 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants",
                         default="torch,scan,scan-autodiff,diffrax,diffrax-autodiff,deterministic,probe,exact,sweep",
-                        help="comma-separated subset of torch,scan,scan-autodiff,diffrax,diffrax-diffeqsolve,"
-                             "diffrax-autodiff,deterministic,probe,exact,sweep")
+                        help="comma-separated subset of torch,scan,scan-1dev,scan-autodiff,diffrax,diffrax-1dev,"
+                             "diffrax-diffeqsolve,diffrax-autodiff,deterministic,probe,exact,sweep")
     parser.add_argument("--sweep-size", type=int, default=4,
                         help="models in the sweep variant (seeds and noise levels, one vmapped implicit step)")
     parser.add_argument("--sweep-backend", choices=("scan", "diffrax"), default="scan",
@@ -213,8 +238,13 @@ def main(argv=None) -> int:
     parser.add_argument("--t-scaling", action="store_true",
                         help="time T = 196, 392, 784 (hidden 128, batch 128) instead of one shape")
     parser.add_argument("--scaling-repeats", type=int, default=3, help="steps timed per T in --t-scaling")
+    parser.add_argument("--devices", default="auto",
+                        help="devices of the JAX variants (data-parallel over the batch), or 'auto': what "
+                             "train_and_evaluate picks for the shape (default); the -1dev variants use one")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.devices != "auto" and not (args.devices.isdigit() and int(args.devices) >= 1):
+        parser.error(f"--devices={args.devices!r} is invalid: expected 'auto' or a positive integer")
     benchmark_torch.parse_variant(args.torch_variant)
     bad = [m for m in args.torch_malloc.split(",") if m not in benchmark_torch.MALLOC_CHOICES]
     if bad or not args.torch_malloc:
@@ -249,10 +279,12 @@ def main(argv=None) -> int:
     torch_t = min((rows[name][0] for name in workers), default=None)
     scan_t = rows.get("scan (implicit)", (None,))[0]
     print(f"shape {args.shape}: {shape}; median of {args.repeats} train steps; prng {args.prng}; "
-          f"device {jax.devices()[0].device_kind}; host allocator: {host_memory.status()}")
-    print("| variant | median step (s) | vs scan (implicit) | speed-up vs PyTorch | XLA temp memory (MiB) |")
+          f"device {jax.devices()[0].device_kind}; JAX variants on {devices_for(shape, args)} device(s) (the -1dev "
+          f"ones on one); host allocator: {host_memory.status()}; host devices: {host_devices.status()}")
+    print("| variant | median step (s) | vs scan (implicit) | speed-up vs PyTorch | XLA temp memory (MiB, per device) |")
     print("|---|---|---|---|---|")
-    out = {"shape": args.shape, **shape, "repeats": args.repeats, "prng": args.prng, "device": jax.devices()[0].device_kind, "rows": {}}
+    out = {"shape": args.shape, **shape, "repeats": args.repeats, "prng": args.prng, "device": jax.devices()[0].device_kind,
+           "devices": devices_for(shape, args), "rows": {}}
     for name, (t, mem) in rows.items():
         vs_scan = f"{t / scan_t:.2f}x" if scan_t else ""
         vs_torch = f"{torch_t / t:.2f}x" if torch_t else ""

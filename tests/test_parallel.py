@@ -92,6 +92,8 @@ DATA_PARALLEL = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     import nrnn_jax as nj
+    from flax import nnx
+    from nrnn_jax.train import default_devices
     assert jax.device_count() == 4, jax.devices()
     data = nj.load_dataset("digits")
     mcfg = nj.NRNNConfig(input_dim=8, num_classes=10, hidden=16, dt=0.5, eps_add=0.1, eps_mult=0.1, backend="scan")
@@ -99,20 +101,49 @@ DATA_PARALLEL = textwrap.dedent("""
     runs = {str(n): nj.train_and_evaluate(mcfg, tcfg, data=data, progress=False, log=None, devices=n)
             for n in (None, 4)}
     out = {k: [h["train_loss"] for h in r.history] for k, r in runs.items()}
-    from flax import nnx
     out["param_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                             zip(jax.tree.leaves(nnx.state(runs["None"].model)), jax.tree.leaves(nnx.state(runs["4"].model))))
-    # the compiled step really is partitioned: 4 partitions, gradients summed by an all-reduce
+    # interrupted after one epoch (checkpoints restored onto one device), then resumed on 4: the same run
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        nj.train_and_evaluate(mcfg, tcfg.replace(epochs=1, checkpoint_every=3), d, data=data, progress=False,
+                              log=None, devices=4)
+        resumed = nj.train_and_evaluate(mcfg, tcfg.replace(checkpoint_every=3), d, data=data, progress=False,
+                                        log=None, devices=4, resume=True)
+    out["resumed"] = [h["train_loss"] for h in resumed.history]
+    # one step of each mode on a padded batch whose last device holds only padding (mask 0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 16).astype(np.int32)
+    mask = np.r_[np.ones(11), np.zeros(5)].astype(np.float32)
+    for mode, method in (("implicit", "probe"), ("explicit", "probe"), ("explicit", "exact"), ("deterministic", "probe")):
+        cfg = nj.TrainConfig(mode=mode, reg_method=method, num_probes=2, lr=1e-2)
+        tx = nj.make_optimizer(cfg, 10)
+        res = {}
+        for n in (1, 4):
+            graphdef, params = nnx.split(nj.NoisyRNN(mcfg.replace(backend="diffrax"), rngs=nnx.Rngs(0)))
+            state = nj.init_train_state(params, tx, 0)
+            step = nj.make_train_step(graphdef, tx, cfg, devices=n)
+            metrics = []
+            for _ in range(3):
+                state, m = step(state, x, y, mask)
+                metrics.append({k: float(v) for k, v in m.items()})
+            res[n] = (metrics, [np.asarray(a) for a in jax.tree.leaves(state.params)])
+        out[f"step {mode} {method}"] = {"metrics": [res[1][0], res[4][0]], "param_diff": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(res[1][1], res[4][1]))}
+    # the compiled data-parallel step: one all-reduce, after the loops; nothing gathered
     graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
     tx = nj.make_optimizer(tcfg, 10)
     batch, replicated = nj.data_parallel_sharding(4)
     state = jax.device_put(nj.init_train_state(params, tx, 0), replicated)
-    x = jax.device_put(np.zeros((64, 8, 8), np.float32), batch)
-    y = jax.device_put(np.zeros(64, np.int32), batch)
-    m = jax.device_put(np.ones(64, np.float32), batch)
-    hlo = nj.make_train_step(graphdef, tx, tcfg).lower(state, x, y, m).compile().as_text()
-    out["all_reduce"] = "all-reduce" in hlo
-    for bad in (dict(devices=5), dict(devices=3)):
+    args = [jax.device_put(a, batch) for a in (np.zeros((64, 8, 8), np.float32), np.zeros(64, np.int32),
+                                                 np.ones(64, np.float32))]
+    hlo = nj.make_train_step(graphdef, tx, tcfg, devices=4).lower(state, *args).compile().as_text()
+    out["all_reduce"] = hlo.count(" all-reduce(")
+    out["all_gather"] = hlo.count(" all-gather(")
+    out["auto"] = [default_devices(mcfg, 64, 8), default_devices(mcfg.replace(hidden=128), 128, 784),
+                   default_devices(mcfg.replace(hidden=128), 126, 784), default_devices(mcfg.replace(hidden=128), 127, 784)]
+    for bad in (dict(devices=5), dict(devices=3), dict(devices="two")):
         try:
             nj.train_and_evaluate(mcfg, tcfg, data=data, progress=False, log=None, **bad)
         except ValueError as e:
@@ -122,7 +153,10 @@ DATA_PARALLEL = textwrap.dedent("""
 
 
 def test_data_parallel_equals_one_device():
-    """On 4 (virtual) CPU devices, data-parallel training gives the loss trajectory of one device."""
+    """On 4 (virtual) CPU devices, data-parallel training gives one device's numbers: the loss trajectory of
+    `train_and_evaluate`, and each mode's step metrics and parameters, with a device holding only padding.
+    The noise and probes of each example are those of one device (`prng.Rows`), so only the order of the
+    float32 sums differs."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,10 +165,20 @@ def test_data_parallel_equals_one_device():
     # ulp per step. Measured: identical losses, largest parameter difference 6e-8 (2 ulp of |W| ≈ 0.09) after
     # 38 Adam steps; the bounds allow ~10 ulp on the losses and ~16x the measured parameter difference.
     np.testing.assert_allclose(out["4"], out["None"], rtol=1e-6)
+    assert out["resumed"] == out["4"]
     assert out["param_diff"] < 1e-6
-    assert out["all_reduce"]
+    for mode in ("implicit probe", "explicit probe", "explicit exact", "deterministic probe"):
+        one, four = out[f"step {mode}"]["metrics"]
+        for m1, m4 in zip(one, four):
+            assert m1.keys() == m4.keys()
+            for k in m1:  # the same noise and probes: equal up to float32 reassociation
+                np.testing.assert_allclose(m4[k], m1[k], rtol=2e-6, atol=1e-7, err_msg=f"{mode}: {k}")
+        assert out[f"step {mode}"]["param_diff"] < 1e-5, mode  # lr 1e-2, 3 Adam steps
+    assert out["all_reduce"] == 1 and out["all_gather"] == 0
+    assert out["auto"] == [1, 4, 3, 1]
     assert "devices=5 is invalid" in out["{'devices': 5}"]
     assert "batch_size=64 is invalid for devices=3" in out["{'devices': 3}"]
+    assert "devices='two' is invalid" in out["{'devices': 'two'}"]
 
 
 def test_prng_choice(digits):

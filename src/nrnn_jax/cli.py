@@ -68,6 +68,19 @@ def _collect(args, cls) -> dict:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
+def _devices(text: str):
+    """--devices: 'auto' or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--devices={text!r} is invalid: expected 'auto' or a positive integer")
+    return n
+
+
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on when stderr is a terminal, so that logs hold no bars)")
@@ -121,8 +134,10 @@ def train_parser() -> argparse.ArgumentParser:
                      help="additive noise level of each sweep member (default: --eps-add for all)")
     par.add_argument("--sweep-eps-mult", type=_parse_tuple(float), default=None, metavar="E1,E2,...",
                      help="multiplicative noise level of each sweep member (default: --eps-mult for all)")
-    par.add_argument("--devices", type=int, default=None,
-                     help="data-parallel over this many devices, the batch split across them (default: one device)")
+    par.add_argument("--devices", type=_devices, default="auto",
+                     help="data-parallel over this many devices, the batch split across them; 'auto': on CPU the "
+                          "host's cores where each gets enough work for the split to pay (long sequences), else "
+                          "one device (nrnn_jax.train.default_devices) (default: auto)")
     par.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
                           "environment variables or launcher) (default: off)")

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import checkpoint, dynamics, metrics_log, runs
+from . import checkpoint, dynamics, metrics_log, prng, runs
 from .config import NRNNConfig, Sweep, TrainConfig, import_path
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
@@ -58,11 +58,15 @@ class _Rollback(Exception):
         self.bad_step = bad_step
 
 
-def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=None):
+def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=None, rows=None):
     """The training objective of the mode and its metrics (a pure function of `params`).
 
     `noise_levels`: optional (eps_add, eps_mult) JAX values replacing the model configuration's (a sweep
     over noise levels traces them; the configuration still decides which noise terms exist).
+
+    `rows`: optional (start, total): `x` is rows start … start + len(x) − 1 of a batch of `total` examples (a
+    device's share in a data-parallel step). The noise and probes drawn are then exactly those rows of the
+    whole batch's draw (`prng.Rows`), so the step gives one device's numbers.
 
     Explicit mode: the clean loss of the test-time forward pass (the one `evaluate` uses) plus λ times the
     explicit regularizer (docs/theory.md (3.18)). Under the SDE convention the expansion is taken around that
@@ -70,6 +74,8 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
     path (step s(1 − ε_mult/2)), so the clean loss comes from a separate test-time forward pass."""
     model = nnx.merge(graphdef, params)
     k_noise, k_reg = jax.random.split(key)
+    if rows is not None:
+        k_noise, k_reg = prng.Rows(k_noise, *rows), prng.Rows(k_reg, *rows)
     metrics = {}
     if tcfg.mode == "explicit":
         reg = explicit_regularizer(model, x, y, method=tcfg.reg_method, num_probes=tcfg.num_probes,
@@ -86,50 +92,128 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
     return objective, metrics
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfig, *, sweep: bool = False) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfig, *, sweep: bool = False,
+                    devices: int | None = None) -> Callable:
     """A jit-compiled `train_step(state, x, y, mask) -> (state, metrics)`; the state's buffers are donated.
 
     With `sweep=True`: `train_step(states, x, y, mask, noise_levels)` for a stack of states (leading axis:
     the members) and their (members, 2) noise levels, all on the same batch, vmapped in one jit; the
     metrics have a leading members axis.
+
+    With `devices=n` > 1: data-parallel over the first n devices (`jax.shard_map` over a mesh split along
+    the batch; the batch size must be a multiple of n). Each device runs the whole step on its rows of the
+    batch, with exactly the noise and probes of those rows on one device (`loss_fn(rows=)`), and the
+    gradients and metrics, each a mean over the batch's real examples, are combined in ONE all-reduce at
+    the end: each device's means weighted by its count of real examples. The state stays replicated. The
+    result is one device's up to the order of floating-point sums. (Left to `jit`'s automatic partitioning
+    instead, the step reduced the encoder's gradients across devices at every time step of the backward
+    loop and gathered the whole batch's state histories onto every device.)
     """
+    if devices is not None and devices > 1:
+        return _data_parallel_step(graphdef, tx, tcfg, sweep, devices)
 
     def train_step(state: TrainState, x, y, mask, noise_levels=None):
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key, impl=tcfg.prng))
-        key = jax.random.key_data(key)
         grads, metrics = jax.grad(loss_fn, argnums=1, has_aux=True)(graphdef, state.params, x, y, mask, sub, tcfg,
                                                                     noise_levels)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with floats
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        # Divergence guard: a non-finite loss or gradient leaves the state as it was and is recorded.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-        new = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1, key, bad_step)
-        return new, metrics
+        return _apply_update(tx, state, grads, metrics, key)
 
     if sweep:
         return jax.jit(jax.vmap(train_step, in_axes=(0, None, None, None, 0)), donate_argnums=0)
     return jax.jit(train_step, donate_argnums=0)
 
 
-def data_parallel_sharding(devices: int | None):
-    """(batch sharding, replicated sharding) over a 1-D mesh of the first `devices` devices, or
-    (None, None) for `devices=None`. The train step needs nothing else: jit partitions it from the
-    shardings of its arguments (the batch split, the state replicated), and gradients are summed across
-    devices by the compiler. Works across hosts after `jax.distributed.initialize()` (then `devices`
-    counts all processes' devices)."""
-    if devices is None:
-        return None, None
+def _apply_update(tx, state: TrainState, grads, metrics, key):
+    """The optimizer update of one step, with the divergence guard."""
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with floats
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    # Divergence guard: a non-finite loss or gradient leaves the state as it was and is recorded.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
+    new = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1,
+                     jax.random.key_data(key), bad_step)
+    return new, metrics
+
+
+def _data_parallel_step(graphdef, tx, tcfg: TrainConfig, sweep: bool, devices: int) -> Callable:
+    """`make_train_step(..., devices=n)`, n > 1: see there."""
+    mesh, _ = _mesh(devices)
+    P = jax.sharding.PartitionSpec
+
+    def local_step(state: TrainState, x, y, mask, noise_levels=None):
+        b = x.shape[0]
+        rows = (jax.lax.axis_index("batch") * b, b * devices)
+        key, sub = jax.random.split(jax.random.wrap_key_data(state.key, impl=tcfg.prng))
+        grads, metrics = jax.grad(loss_fn, argnums=1, has_aux=True)(graphdef, state.params, x, y, mask, sub, tcfg,
+                                                                    noise_levels, rows)
+        # Every gradient and metric is a mean over this device's real examples: weighted by their count and
+        # summed across devices in one all-reduce, then divided by the batch's count, it is the batch's mean.
+        n = jnp.sum(mask.astype(jnp.float32))
+        grads, metrics, total = jax.lax.psum(
+            (jax.tree.map(lambda g: g * n.astype(g.dtype), grads), jax.tree.map(lambda m: m * n, metrics), n), "batch")
+        total = jnp.maximum(total, 1.0)
+        grads = jax.tree.map(lambda g: g / total.astype(g.dtype), grads)
+        metrics = jax.tree.map(lambda m: m / total, metrics)
+        return _apply_update(tx, state, grads, metrics, key)
+
+    specs = (P(), P("batch"), P("batch"), P("batch"))
+    if sweep:
+        step = jax.vmap(local_step, in_axes=(0, None, None, None, 0))
+        specs = specs + (P(),)
+    else:
+        step = local_step
+    # check_vma=False: the solvers' loops start from zero carries that the shard's inputs then make
+    # device-varying, which the check would require marking at every loop; the outputs are replicated by
+    # construction (the all-reduce above, then the same update on every device).
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False),
+                   donate_argnums=0)
+
+
+def _mesh(devices: int):
     available = jax.device_count()
     if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= available:
-        fail("", "devices", devices, f"expected an integer in [1, {available}] (jax.device_count() = {available}; "
-             "on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
+        fail("", "devices", devices, f"expected an integer in [1, {available}], or 'auto' for train_and_evaluate "
+             f"(jax.device_count() = {available}; on CPU, `import nrnn_jax` gives one device per core, "
+             "nrnn_jax.host_devices; for more, set NRNN_JAX_HOST_DEVICES=N or "
+             "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("batch",))
-    P = jax.sharding.PartitionSpec
+    return mesh, jax.sharding.PartitionSpec
+
+
+def data_parallel_sharding(devices: int | None):
+    """(batch sharding, replicated sharding) over a 1-D mesh of the first `devices` devices, or
+    (None, None) for `devices=None`: where a data-parallel step (`make_train_step(..., devices=n)`) wants
+    its batches and state. Works across hosts after `jax.distributed.initialize()` (then `devices` counts
+    all processes' devices)."""
+    if devices is None:
+        return None, None
+    mesh, P = _mesh(devices)
     return jax.sharding.NamedSharding(mesh, P("batch")), jax.sharding.NamedSharding(mesh, P())
+
+
+# The least work per device (examples × steps × hidden², the recurrent products' multiply-adds over the
+# matrix width) for which `devices="auto"` splits a CPU batch. Measured on a 2-core CPU (README, "Speed"): at
+# the pixel-MNIST shape (64 × 784 × 128² ≈ 8.2e8 per device) two devices took the step from 283–298 to
+# 207 ms; at the ECG shape (32 × 140 × 64² ≈ 1.8e7) 12.3 against 11.5 ms; at T 28, hidden 32, batch 32 the
+# split step was twice as slow (the all-reduce and its rendezvous cost more than the halved work saves).
+AUTO_MIN_WORK = 1e8
+
+
+def default_devices(mcfg: NRNNConfig, batch_size: int, steps: int) -> int:
+    """What `devices="auto"` resolves to: on a CPU backend in one process, the most CPU devices (at most
+    `jax.local_device_count()`, one per core after `import nrnn_jax`) that divide the batch and leave each
+    at least `AUTO_MIN_WORK` (batch share × steps × hidden²); else 1. Accelerators get 1: training on
+    several is asked for with `devices=n`."""
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return 1
+    best = 1
+    for n in range(2, jax.local_device_count() + 1):
+        if batch_size % n == 0 and batch_size // n * steps * mcfg.hidden**2 >= AUTO_MIN_WORK:
+            best = n
+    return best
 
 
 @dataclasses.dataclass
@@ -167,7 +251,7 @@ def train_and_evaluate(
     overwrite: bool = False,
     on_epoch_end: Callable[[int, NoisyRNN], dict[str, float]] | None = None,
     sweep: Sweep | None = None,
-    devices: int | None = None,
+    devices: int | str | None = "auto",
     cell: Callable | None = None,
 ) -> RunResult:
     """Train a `NoisyRNN` and evaluate it; the one training loop of the library.
@@ -188,8 +272,11 @@ def train_and_evaluate(
     - `sweep`: a `Sweep` of seeds and/or noise levels trained at once (one vmapped step); `tcfg.seed` then
       only sets the data order, shared by the members.
     - `devices`: data-parallel training over the first `devices` devices (a mesh split along the batch;
-      `batch_size` must be divisible by it). None: the default device. Results equal those of one device
-      up to the order of floating-point sums.
+      `batch_size` must be divisible by it; `make_train_step(..., devices=n)`). None or 1: the default
+      device. `"auto"` (the default): `default_devices(...)`, i.e. on CPU the host's cores (one CPU device
+      each, `nrnn_jax.host_devices`) where each gets enough work for the split to pay (a long sequence such
+      as pixel MNIST), else one device. Results equal those of one device up to the order of floating-point
+      sums (the same noise and probes are drawn for every example).
     - `cell`: a user cell as a factory `cell(mcfg, rngs=rngs) -> Cell` (a `Cell` subclass with that
       constructor qualifies), called once per model; the run records `cell="custom"` and the factory's
       import path, from which `load_run` rebuilds it. None: the built-in `mcfg.cell`.
@@ -225,6 +312,10 @@ def train_and_evaluate(
     n_train = data.x_train.shape[0]
     batch_size = min(tcfg.batch_size, n_train)
     steps_per_epoch = n_train // batch_size
+    if isinstance(devices, str) and devices == "auto":
+        devices = default_devices(mcfg, batch_size, int(data.x_train.shape[1]))
+    if type(devices) is int and devices == 1:  # the plain step (batches placed on a 1-device mesh cost more)
+        devices = None
     batch_sharding, replicated = data_parallel_sharding(devices)
     if devices is not None and batch_size % devices:
         raise ValueError(f"TrainConfig.batch_size={batch_size} is invalid for devices={devices}: data-parallel "
@@ -261,8 +352,10 @@ def train_and_evaluate(
             runs.start_run(run_dir, {**config, "dataset": data.description}, overwrite=overwrite)
     elif resume:
         raise ValueError("resume=True needs a run_dir to resume from.")
+    if replicated is not None:  # restored from a checkpoint onto one device: where the step's outputs are
+        state, sums = jax.device_put((state, sums), replicated)
 
-    train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None)
+    train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None, devices=devices)
     first_step = lambda state: int(np.max(np.asarray(state.step)))
     last_saved = [first_step(state) if resume else None]
 
@@ -298,7 +391,7 @@ def train_and_evaluate(
                  "lr_factor": tcfg.rollback_lr_factor ** (len(rollbacks) + 1), "grad_clip": clip}
         rollbacks.append(event)
         tx = make_optimizer(tcfg, steps_per_epoch, len(rollbacks))
-        train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None)
+        train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None, devices=devices)
         opt_state = tx.init(good.params) if sweep is None else jax.vmap(tx.init)(good.params)
         state = good._replace(opt_state=opt_state, bad_step=jnp.full_like(good.bad_step, -1))
         if replicated is not None:
