@@ -4,7 +4,9 @@ the same products through PyTorch's CPU matrix product (oneDNN/MKL; when torch i
 product alone under both, drawing the
 injected noise (threefry2x32 through `jax.random.normal` and through the library's fused
 `nrnn_jax.prng.normal`, and philox4x32), the forward recurrence alone, forward and backward
-with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process.
+with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process. All
+run on one device, and so does the whole step; where `train_and_evaluate` would split the batch over the
+host's cores (`nrnn_jax.train.default_devices`), that step is timed too.
 
 With torch installed it also times the eager-PyTorch baseline's whole step (scripts/benchmark_torch.py, in a
 worker process, taking turns with the parts) and prints the floor of ANY implementation that draws the
@@ -33,6 +35,7 @@ from benchmark import SHAPES, build_jax  # noqa: E402
 
 from nrnn_jax import NoisyRNN, NRNNConfig, host_memory, prng  # noqa: E402
 from nrnn_jax.losses import cross_entropy, masked_mean  # noqa: E402
+from nrnn_jax.train import default_devices  # noqa: E402
 
 
 def main() -> None:
@@ -117,6 +120,10 @@ def main() -> None:
         "whole train step, threefry2x32": build_jax(sh, "scan", "implicit")[0],
         "whole train step, philox4x32": build_jax(sh, "scan", "implicit", prng="philox4x32")[0],
     }
+    n_dev = default_devices(NRNNConfig(hidden=d), B, T)
+    if n_dev > 1:  # what train_and_evaluate runs by default here: the batch split over the host's cores
+        parts[f"whole train step, threefry2x32, {n_dev} devices (the default)"] = build_jax(
+            sh, "scan", "implicit", devices=n_dev)[0]
     times = {k: [] for k in parts}
     faults = {k: [] for k in parts}  # minor page faults of this process per call (0 for the PyTorch worker's)
     for _ in range(args.repeats):
