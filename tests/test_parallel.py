@@ -227,3 +227,10 @@ def test_explicit_sweep_over_noise_levels_equals_single_runs(digits):
     # lowers its own value): measured ratio 8.50. Band: 9 ± 3x that drift.
     ratio = r.history[0]["train_reg"][1] / r.history[0]["train_reg"][0]
     assert 7.5 < ratio < 10.5
+
+
+def test_devices_flag_is_validated(capsys):
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit):
+            train_main(["--dataset", "digits", "--devices", bad])
+        assert f"--devices={bad!r} is invalid: expected 'auto' or a positive integer" in capsys.readouterr().err
