@@ -46,6 +46,7 @@ from nrnn_jax import host_memory  # noqa: E402
 from nrnn_jax import host_devices  # noqa: E402
 from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, data_parallel_sharding, init_sweep_states,  # noqa: E402
                       init_train_state, make_optimizer, make_train_step)
+from nrnn_jax.cli import parse_devices  # noqa: E402
 from nrnn_jax.train import default_devices  # noqa: E402
 
 SHAPES = {
@@ -160,13 +161,14 @@ def jax_runners(shape: dict, wanted: set, args):
     return runners, mems, sweep_name
 
 
+def auto_devices(shape: dict) -> int:
+    """What `train_and_evaluate(devices="auto")` uses at this shape (`nrnn_jax.train.default_devices`)."""
+    return default_devices(NRNNConfig(hidden=shape["hidden"]), shape["batch"], shape["T"])
+
+
 def devices_for(shape: dict, args) -> int:
-    """The device count of the JAX variants: `--devices`, or for `auto` what `train_and_evaluate` would use
-    (`nrnn_jax.train.default_devices`)."""
-    if args.devices != "auto":
-        return int(args.devices)
-    mcfg = NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"])
-    return default_devices(mcfg, shape["batch"], shape["T"])
+    """The device count of the JAX variants: `--devices`, or for `auto` what `train_and_evaluate` would use."""
+    return auto_devices(shape) if args.devices == "auto" else args.devices
 
 
 SCALING_T = (196, 392, 784)
@@ -238,13 +240,11 @@ def main(argv=None) -> int:
     parser.add_argument("--t-scaling", action="store_true",
                         help="time T = 196, 392, 784 (hidden 128, batch 128) instead of one shape")
     parser.add_argument("--scaling-repeats", type=int, default=3, help="steps timed per T in --t-scaling")
-    parser.add_argument("--devices", default="auto",
+    parser.add_argument("--devices", type=parse_devices, default="auto",
                         help="devices of the JAX variants (data-parallel over the batch), or 'auto': what "
                              "train_and_evaluate picks for the shape (default); the -1dev variants use one")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if args.devices != "auto" and not (args.devices.isdigit() and int(args.devices) >= 1):
-        parser.error(f"--devices={args.devices!r} is invalid: expected 'auto' or a positive integer")
     benchmark_torch.parse_variant(args.torch_variant)
     bad = [m for m in args.torch_malloc.split(",") if m not in benchmark_torch.MALLOC_CHOICES]
     if bad or not args.torch_malloc:
@@ -278,13 +278,14 @@ def main(argv=None) -> int:
     # the baseline is the fastest PyTorch row (the best honest version of the alternative)
     torch_t = min((rows[name][0] for name in workers), default=None)
     scan_t = rows.get("scan (implicit)", (None,))[0]
+    n_dev = devices_for(shape, args)
     print(f"shape {args.shape}: {shape}; median of {args.repeats} train steps; prng {args.prng}; "
-          f"device {jax.devices()[0].device_kind}; JAX variants on {devices_for(shape, args)} device(s) (the -1dev "
+          f"device {jax.devices()[0].device_kind}; JAX variants on {n_dev} device(s) (the -1dev "
           f"ones on one); host allocator: {host_memory.status()}; host devices: {host_devices.status()}")
     print("| variant | median step (s) | vs scan (implicit) | speed-up vs PyTorch | XLA temp memory (MiB, per device) |")
     print("|---|---|---|---|---|")
     out = {"shape": args.shape, **shape, "repeats": args.repeats, "prng": args.prng, "device": jax.devices()[0].device_kind,
-           "devices": devices_for(shape, args), "rows": {}}
+           "devices": n_dev, "rows": {}}
     for name, (t, mem) in rows.items():
         vs_scan = f"{t / scan_t:.2f}x" if scan_t else ""
         vs_torch = f"{torch_t / t:.2f}x" if torch_t else ""

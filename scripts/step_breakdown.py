@@ -31,11 +31,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_torch  # noqa: E402
-from benchmark import SHAPES, build_jax  # noqa: E402
+from benchmark import SHAPES, auto_devices, build_jax  # noqa: E402
 
 from nrnn_jax import NoisyRNN, NRNNConfig, host_memory, prng  # noqa: E402
 from nrnn_jax.losses import cross_entropy, masked_mean  # noqa: E402
-from nrnn_jax.train import default_devices  # noqa: E402
 
 
 def main() -> None:
@@ -120,7 +119,7 @@ def main() -> None:
         "whole train step, threefry2x32": build_jax(sh, "scan", "implicit")[0],
         "whole train step, philox4x32": build_jax(sh, "scan", "implicit", prng="philox4x32")[0],
     }
-    n_dev = default_devices(NRNNConfig(hidden=d), B, T)
+    n_dev = auto_devices(sh)
     if n_dev > 1:  # what train_and_evaluate runs by default here: the batch split over the host's cores
         parts[f"whole train step, threefry2x32, {n_dev} devices (the default)"] = build_jax(
             sh, "scan", "implicit", devices=n_dev)[0]

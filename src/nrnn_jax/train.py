@@ -113,14 +113,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfi
         return _data_parallel_step(graphdef, tx, tcfg, sweep, devices)
 
     def train_step(state: TrainState, x, y, mask, noise_levels=None):
-        key, sub = jax.random.split(jax.random.wrap_key_data(state.key, impl=tcfg.prng))
-        grads, metrics = jax.grad(loss_fn, argnums=1, has_aux=True)(graphdef, state.params, x, y, mask, sub, tcfg,
-                                                                    noise_levels)
+        key, grads, metrics = _gradients(graphdef, tcfg, state, x, y, mask, noise_levels)
         return _apply_update(tx, state, grads, metrics, key)
 
     if sweep:
         return jax.jit(jax.vmap(train_step, in_axes=(0, None, None, None, 0)), donate_argnums=0)
     return jax.jit(train_step, donate_argnums=0)
+
+
+def _gradients(graphdef, tcfg: TrainConfig, state: TrainState, x, y, mask, noise_levels, rows=None):
+    """(the state's next key, gradients of `loss_fn`, metrics) for one step, on the step's own key."""
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key, impl=tcfg.prng))
+    grads, metrics = jax.grad(loss_fn, argnums=1, has_aux=True)(graphdef, state.params, x, y, mask, sub, tcfg,
+                                                                noise_levels, rows)
+    return key, grads, metrics
 
 
 def _apply_update(tx, state: TrainState, grads, metrics, key):
@@ -140,15 +146,12 @@ def _apply_update(tx, state: TrainState, grads, metrics, key):
 
 def _data_parallel_step(graphdef, tx, tcfg: TrainConfig, sweep: bool, devices: int) -> Callable:
     """`make_train_step(..., devices=n)`, n > 1: see there."""
-    mesh, _ = _mesh(devices)
     P = jax.sharding.PartitionSpec
 
     def local_step(state: TrainState, x, y, mask, noise_levels=None):
         b = x.shape[0]
         rows = (jax.lax.axis_index("batch") * b, b * devices)
-        key, sub = jax.random.split(jax.random.wrap_key_data(state.key, impl=tcfg.prng))
-        grads, metrics = jax.grad(loss_fn, argnums=1, has_aux=True)(graphdef, state.params, x, y, mask, sub, tcfg,
-                                                                    noise_levels, rows)
+        key, grads, metrics = _gradients(graphdef, tcfg, state, x, y, mask, noise_levels, rows)
         # Every gradient and metric is a mean over this device's real examples: weighted by their count and
         # summed across devices in one all-reduce, then divided by the batch's count, it is the batch's mean.
         n = jnp.sum(mask.astype(jnp.float32))
@@ -168,19 +171,19 @@ def _data_parallel_step(graphdef, tx, tcfg: TrainConfig, sweep: bool, devices: i
     # check_vma=False: the solvers' loops start from zero carries that the shard's inputs then make
     # device-varying, which the check would require marking at every loop; the outputs are replicated by
     # construction (the all-reduce above, then the same update on every device).
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False),
+    return jax.jit(jax.shard_map(step, mesh=_mesh(devices), in_specs=specs, out_specs=(P(), P()), check_vma=False),
                    donate_argnums=0)
 
 
-def _mesh(devices: int):
+def _mesh(devices: int) -> jax.sharding.Mesh:
+    """The 1-D mesh ('batch') of the first `devices` devices; refuses a count JAX does not have."""
     available = jax.device_count()
     if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= available:
         fail("", "devices", devices, f"expected an integer in [1, {available}], or 'auto' for train_and_evaluate "
              f"(jax.device_count() = {available}; on CPU, `import nrnn_jax` gives one device per core, "
              "nrnn_jax.host_devices; for more, set NRNN_JAX_HOST_DEVICES=N or "
              "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("batch",))
-    return mesh, jax.sharding.PartitionSpec
+    return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("batch",))
 
 
 def data_parallel_sharding(devices: int | None):
@@ -190,7 +193,7 @@ def data_parallel_sharding(devices: int | None):
     all processes' devices)."""
     if devices is None:
         return None, None
-    mesh, P = _mesh(devices)
+    mesh, P = _mesh(devices), jax.sharding.PartitionSpec
     return jax.sharding.NamedSharding(mesh, P("batch")), jax.sharding.NamedSharding(mesh, P())
 
 
