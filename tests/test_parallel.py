@@ -131,16 +131,25 @@ DATA_PARALLEL = textwrap.dedent("""
             res[n] = (metrics, [np.asarray(a) for a in jax.tree.leaves(state.params)])
         out[f"step {mode} {method}"] = {"metrics": [res[1][0], res[4][0]], "param_diff": max(
             float(np.max(np.abs(a - b))) for a, b in zip(res[1][1], res[4][1]))}
-    # the compiled data-parallel step: one all-reduce, after the loops; nothing gathered
+    # the compiled data-parallel step: no collective in either program (the shares are copied between
+    # devices), and the state stays replicated over the mesh
     graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
     tx = nj.make_optimizer(tcfg, 10)
     batch, replicated = nj.data_parallel_sharding(4)
     state = jax.device_put(nj.init_train_state(params, tx, 0), replicated)
     args = [jax.device_put(a, batch) for a in (np.zeros((64, 8, 8), np.float32), np.zeros(64, np.int32),
                                                  np.ones(64, np.float32))]
-    hlo = nj.make_train_step(graphdef, tx, tcfg, devices=4).lower(state, *args).compile().as_text()
-    out["all_reduce"] = hlo.count(" all-reduce(")
-    out["all_gather"] = hlo.count(" all-gather(")
+    step = nj.make_train_step(graphdef, tx, tcfg, devices=4)
+    hlo = step.shares.lower(state, *args).compile().as_text()
+    key, stacked = step.shares(state, *args)
+    d0 = jax.devices()[0]
+    on0 = lambda t: jax.tree.map(lambda a: [s.data for s in a.addressable_shards if s.device == d0][0], t)
+    hlo += step.update.lower(on0(state), on0(key), [on0(stacked)] * 4).compile().as_text()
+    out["collectives"] = sum(hlo.count(f" {op}(") for op in ("all-reduce", "all-gather", "reduce-scatter",
+                                                              "collective-permute", "all-to-all"))
+    new_state, _ = step(state, *args)
+    out["replicated"] = all(a.sharding.is_fully_replicated and len(a.addressable_shards) == 4
+                            for a in jax.tree.leaves(new_state))
     out["auto"] = [default_devices(mcfg, 64, 8), default_devices(mcfg.replace(hidden=128), 128, 784),
                    default_devices(mcfg.replace(hidden=128), 126, 784), default_devices(mcfg.replace(hidden=128), 127, 784)]
     for bad in (dict(devices=5), dict(devices=3), dict(devices="two")):
@@ -174,7 +183,7 @@ def test_data_parallel_equals_one_device():
             for k in m1:  # the same noise and probes: equal up to float32 reassociation
                 np.testing.assert_allclose(m4[k], m1[k], rtol=2e-6, atol=1e-7, err_msg=f"{mode}: {k}")
         assert out[f"step {mode}"]["param_diff"] < 1e-5, mode  # lr 1e-2, 3 Adam steps
-    assert out["all_reduce"] == 1 and out["all_gather"] == 0
+    assert out["collectives"] == 0 and out["replicated"]
     assert out["auto"] == [1, 4, 3, 1]
     assert "devices=5 is invalid" in out["{'devices': 5}"]
     assert "batch_size=64 is invalid for devices=3" in out["{'devices': 3}"]

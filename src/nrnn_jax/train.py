@@ -15,6 +15,7 @@ evaluation in `nrnn_jax.evaluate`, run directories in `nrnn_jax.runs`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -94,20 +95,24 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfig, *, sweep: bool = False,
                     devices: int | None = None) -> Callable:
-    """A jit-compiled `train_step(state, x, y, mask) -> (state, metrics)`; the state's buffers are donated.
+    """A jit-compiled `train_step(state, x, y, mask) -> (state, metrics)`.
 
     With `sweep=True`: `train_step(states, x, y, mask, noise_levels)` for a stack of states (leading axis:
     the members) and their (members, 2) noise levels, all on the same batch, vmapped in one jit; the
     metrics have a leading members axis.
 
-    With `devices=n` > 1: data-parallel over the first n devices (`jax.shard_map` over a mesh split along
-    the batch; the batch size must be a multiple of n). Each device runs the whole step on its rows of the
-    batch, with exactly the noise and probes of those rows on one device (`loss_fn(rows=)`), and the
-    gradients and metrics, each a mean over the batch's real examples, are combined in ONE all-reduce at
-    the end: each device's means weighted by its count of real examples. The state stays replicated. The
-    result is one device's up to the order of floating-point sums. (Left to `jit`'s automatic partitioning
-    instead, the step reduced the encoder's gradients across devices at every time step of the backward
-    loop and gathered the whole batch's state histories onto every device.)
+    With `devices=n` > 1: data-parallel over the first n devices, the batch split evenly (its size must be a
+    multiple of n). Each device computes the gradients of its rows of the batch, with exactly the noise and
+    probes of those rows on one device (`loss_fn(rows=)`), weighted by its count of real examples; the
+    weighted sums are added and divided by the batch's count, so the result is one device's up to the order
+    of floating-point sums. The state stays replicated (a `jax.Array` over the mesh of
+    `data_parallel_sharding(n)`). Within one process the step runs no collective operation: one program
+    computes every device's share side by side, the shares are copied to every device, and each device applies
+    the same update to its copy of the state. (XLA:CPU's in-process all-reduce can deadlock when its threads
+    are busy and then aborts the process: docs/xla_cpu_all_reduce.md.) Across processes
+    (`jax.distributed`), the shares are combined by one all-reduce inside the program.
+
+    The one-device step donates the state's buffers; the data-parallel step leaves the caller's state intact.
     """
     if devices is not None and devices > 1:
         return _data_parallel_step(graphdef, tx, tcfg, sweep, devices)
@@ -144,35 +149,97 @@ def _apply_update(tx, state: TrainState, grads, metrics, key):
     return new, metrics
 
 
+def _device_share(graphdef, tcfg: TrainConfig, devices: int, state: TrainState, x, y, mask, noise_levels=None):
+    """One device's share of a data-parallel step (inside `shard_map` over the 'batch' axis): the next key,
+    and (gradients × n, metrics × n, n) with n the device's count of real examples. Every gradient and metric
+    of `loss_fn` is a mean over the device's real examples, so the shares' sums divided by the summed n are
+    the batch's means."""
+    b = x.shape[0]
+    rows = (jax.lax.axis_index("batch") * b, b * devices)
+    key, grads, metrics = _gradients(graphdef, tcfg, state, x, y, mask, noise_levels, rows)
+    n = jnp.sum(mask.astype(jnp.float32))
+    return key, (jax.tree.map(lambda g: g * n.astype(g.dtype), grads), jax.tree.map(lambda m: m * n, metrics), n)
+
+
+def _combine(tx, state: TrainState, key, share):
+    """The update of a data-parallel step from the shares' sums (`_device_share`)."""
+    grads, metrics, total = share
+    total = jnp.maximum(total, 1.0)
+    grads = jax.tree.map(lambda g: g / total.astype(g.dtype), grads)
+    metrics = jax.tree.map(lambda m: m / total, metrics)
+    return _apply_update(tx, state, grads, metrics, key)
+
+
 def _data_parallel_step(graphdef, tx, tcfg: TrainConfig, sweep: bool, devices: int) -> Callable:
     """`make_train_step(..., devices=n)`, n > 1: see there."""
     P = jax.sharding.PartitionSpec
-
-    def local_step(state: TrainState, x, y, mask, noise_levels=None):
-        b = x.shape[0]
-        rows = (jax.lax.axis_index("batch") * b, b * devices)
-        key, grads, metrics = _gradients(graphdef, tcfg, state, x, y, mask, noise_levels, rows)
-        # Every gradient and metric is a mean over this device's real examples: weighted by their count and
-        # summed across devices in one all-reduce, then divided by the batch's count, it is the batch's mean.
-        n = jnp.sum(mask.astype(jnp.float32))
-        grads, metrics, total = jax.lax.psum(
-            (jax.tree.map(lambda g: g * n.astype(g.dtype), grads), jax.tree.map(lambda m: m * n, metrics), n), "batch")
-        total = jnp.maximum(total, 1.0)
-        grads = jax.tree.map(lambda g: g / total.astype(g.dtype), grads)
-        metrics = jax.tree.map(lambda m: m / total, metrics)
-        return _apply_update(tx, state, grads, metrics, key)
-
-    specs = (P(), P("batch"), P("batch"), P("batch"))
+    mesh = _mesh(devices)
+    share = functools.partial(_device_share, graphdef, tcfg, devices)
+    combine = functools.partial(_combine, tx)
     if sweep:
-        step = jax.vmap(local_step, in_axes=(0, None, None, None, 0))
-        specs = specs + (P(),)
-    else:
-        step = local_step
+        share = jax.vmap(share, in_axes=(0, None, None, None, 0))
+        combine = jax.vmap(combine)
+    specs = (P(), P("batch"), P("batch"), P("batch")) + ((P(),) if sweep else ())
     # check_vma=False: the solvers' loops start from zero carries that the shard's inputs then make
-    # device-varying, which the check would require marking at every loop; the outputs are replicated by
-    # construction (the all-reduce above, then the same update on every device).
-    return jax.jit(jax.shard_map(step, mesh=_mesh(devices), in_specs=specs, out_specs=(P(), P()), check_vma=False),
-                   donate_argnums=0)
+    # device-varying, which the check would require marking at every loop. What is returned replicated is
+    # the same on every device by construction (the key split from the replicated state's; the update of
+    # summed shares).
+    if jax.process_count() > 1:
+        def local_step(state, x, y, mask, noise_levels=None):
+            key, summed = share(state, x, y, mask, noise_levels)
+            return combine(state, key, jax.lax.psum(summed, "batch"))
+
+        return jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False))
+
+    def local_shares(state, x, y, mask, noise_levels=None):
+        key, weighted = share(state, x, y, mask, noise_levels)
+        return key, jax.tree.map(lambda a: a[None], weighted)  # stacked: device i's share at index i
+
+    shares = jax.jit(jax.shard_map(local_shares, mesh=mesh, in_specs=specs, out_specs=(P(), P("batch")),
+                                   check_vma=False))
+
+    def update(state, key, stacked):
+        summed = jax.tree.map(lambda *a: functools.reduce(jnp.add, a)[0], *stacked)  # in device order
+        return combine(state, key, summed)
+
+    return _SharesStep(shares, jax.jit(update), mesh)
+
+
+class _SharesStep:
+    """The in-process data-parallel step (`make_train_step(..., devices=n)`): `shares`, one program over
+    the mesh, computes every device's share (`_device_share`) with no collective; each share is copied to
+    every device, where `update` (one program per device) adds them in device order and updates that
+    device's copy of the state. The results are assembled into arrays replicated over the mesh."""
+
+    def __init__(self, shares, update, mesh: jax.sharding.Mesh):
+        P = jax.sharding.PartitionSpec
+        self.shares, self.update, self.devices = shares, update, list(mesh.devices.flat)
+        self.batch = jax.sharding.NamedSharding(mesh, P("batch"))
+        self.replicated = jax.sharding.NamedSharding(mesh, P())
+
+    def __call__(self, state: TrainState, x, y, mask, *noise_levels):
+        state, noise_levels = jax.device_put((state, noise_levels), self.replicated)
+        x, y, mask = jax.device_put((x, y, mask), self.batch)
+        key, stacked = self.shares(state, x, y, mask, *noise_levels)
+        per_device = [_on_device(stacked, d) for d in self.devices]
+        results = []
+        for d in self.devices:
+            results.append(self.update(_on_device(state, d), _on_device(key, d), jax.device_put(per_device, d)))
+        return jax.tree.map(self._replicated, *results)
+
+    def _replicated(self, *copies):
+        return jax.make_array_from_single_device_arrays(copies[0].shape, self.replicated, list(copies))
+
+
+def _on_device(tree, device):
+    """The shards of `tree`'s arrays that live on `device` (no copy)."""
+    def shard(a):
+        for s in a.addressable_shards:
+            if s.device == device:
+                return s.data
+        raise ValueError(f"no shard of an array of shape {a.shape} on {device}")
+
+    return jax.tree.map(shard, tree)
 
 
 def _mesh(devices: int) -> jax.sharding.Mesh:
