@@ -98,6 +98,31 @@ def test_bad_files_are_named(tmp_path):
         load_dataset("ecg5000", tmp_path)
 
 
+
+class _Evaluates:
+    """Unpickling it evaluates `source`."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __reduce__(self):
+        return eval, (self.source,)
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    ran = tmp_path / "ran"
+    x = np.empty((500, 140), dtype=object)
+    x[...] = _Evaluates(f"open({str(ran)!r}, 'w').close()")
+    np.savez(tmp_path / "ecg5000_train.npz", x64=x, y=np.ones(500, np.int64))
+    with np.load(tmp_path / "ecg5000_train.npz", allow_pickle=True) as f:  # the file is live
+        f["x64"]
+    assert ran.exists()
+    ran.unlink()
+    with pytest.raises(DataFileError, match=r"ecg5000_train.npz cannot be read as .npz \(Object arrays cannot be "
+                                            "loaded when allow_pickle=False"):
+        load_dataset("ecg5000", tmp_path, verify=False)  # verify=False: the file reaches the reader
+    assert not ran.exists()
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset='nope' is invalid"):
         load_dataset("nope")

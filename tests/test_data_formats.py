@@ -1,14 +1,18 @@
 """MNIST IDX, CIFAR-10 pickle and MNIST-1D: tiny files in the exact formats, bad files, real files."""
 
 import gzip
+import hashlib
+import os
 import pickle
+import shlex
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
-from nrnn_jax.data import DataFileError, PaddedSequences, batches, load_dataset
+from nrnn_jax.data import DataFileError, DataFileWarning, PaddedSequences, batches, load_dataset
 from nrnn_jax.data import cifar10 as cifar_mod
 from nrnn_jax.data import mnist as mnist_mod
 
@@ -134,6 +138,179 @@ def test_cifar10_bad_files(tmp_path):
     (directory / "data_batch_3").unlink()
     with pytest.raises(DataFileError, match="data_batch_3 is missing"):
         load_dataset("cifar10_rows", tmp_path)
+
+
+def _short(b: bytes) -> bytes:
+    """A Python 2 str (SHORT_BINSTRING / BINSTRING): what cPickle wrote for every str of the batches."""
+    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + len(b).to_bytes(4, "little") + b
+
+
+def _int(n: int) -> bytes:
+    return b"K" + bytes([n]) if n < 256 else b"M" + n.to_bytes(2, "little") if n < 65536 else \
+        b"J" + n.to_bytes(4, "little", signed=True)
+
+
+def _py2_batch(data: np.ndarray, labels: list[int], batch_label: bytes, filenames: list[bytes]) -> bytes:
+    """A batch in the byte format of the official files, written opcode by opcode: Python 2 cPickle, protocol
+    2, the array as numpy.core.multiarray._reconstruct(ndarray, (0,), "b") with the state (1, shape,
+    dtype("u1") with its state, False, raw bytes)."""
+    return b"".join([
+        b"\x80\x02}(", _short(b"data"),
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n", _int(0), b"\x85", _short(b"b"), b"\x87R",
+        b"(", _int(1), _int(data.shape[0]), _int(data.shape[1]), b"\x86",
+        b"cnumpy\ndtype\n", _short(b"u1"), _int(0), _int(1), b"\x87R",
+        b"(", _int(3), _short(b"|"), b"NNN", b"J\xff\xff\xff\xffJ\xff\xff\xff\xff", _int(0), b"tb",
+        b"\x89", _short(data.tobytes()), b"tb",
+        _short(b"labels"), b"](", *[_int(v) for v in labels], b"e",
+        _short(b"batch_label"), _short(batch_label),
+        _short(b"filenames"), b"](", *[_short(f) for f in filenames], b"e",
+        b"u.",
+    ])
+
+
+def _as_before(raw: bytes):
+    """The batch as the unrestricted reader gives it: pickle.load(encoding="bytes"), then the same layout."""
+    d = pickle.loads(raw, encoding="bytes")
+    return (np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+            np.asarray(d[b"labels"], np.int64))
+
+
+def test_cifar10_genuine_batches_load_as_before(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (6, 3072)).astype(np.uint8)
+    labels = rng.integers(0, 10, 6).tolist()
+    images = data.reshape(6, 3, 32, 32).transpose(0, 2, 3, 1)  # R, G, B planes -> (N, 32, 32, 3)
+    entry = {b"batch_label": b"testing batch 1 of 1", b"filenames": [b"a_%d.png" % i for i in range(6)]}
+    files = {"official_format": _py2_batch(data, labels, entry[b"batch_label"], entry[b"filenames"])}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # re-pickled copies, Python 3 / NumPy 2
+        files[f"protocol{protocol}"] = pickle.dumps({b"data": data, b"labels": labels, **entry}, protocol=protocol)
+    files["fortran_and_label_array"] = pickle.dumps(
+        {b"data": np.asfortranarray(data), b"labels": np.array(labels, ">i4"), **entry}, protocol=2)
+    assert b"cnumpy.core.multiarray\n_reconstruct" in files["official_format"]
+    assert b"_frombuffer" in files[f"protocol{pickle.HIGHEST_PROTOCOL}"]
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        x, y = cifar_mod.read_batch(tmp_path / name, verify=False)
+        x_before, y_before = _as_before(raw)
+        np.testing.assert_array_equal(x, x_before, err_msg=name)
+        np.testing.assert_array_equal(y, y_before, err_msg=name)
+        np.testing.assert_array_equal(x, images, err_msg=name)
+        assert y.tolist() == labels and x.dtype == np.uint8 and y.dtype == np.int64, name
+    # a whole data set in the official format: the same data set as from the Python 3 pickles
+    official, repickled = tmp_path / "a" / "cifar-10-batches-py", tmp_path / "b"
+    written = _write_cifar(repickled / "cifar-10-batches-py")
+    official.mkdir(parents=True)
+    for name, (d, lab) in written.items():
+        (official / name).write_bytes(_py2_batch(d, lab, name.encode(), [b"x.png"] * len(lab)))
+    a, b = load_dataset("cifar10_rows", official.parent, verify=False), load_dataset("cifar10_rows", repickled,
+                                                                                        verify=False)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.split(split)[0], b.split(split)[0])
+        np.testing.assert_array_equal(a.split(split)[1], b.split(split)[1])
+
+
+_PROBE_MODULE = "nrnn_jax_probe_module"
+
+
+def _call_entry(module: str, name: str, arg: str | None, opcode: str) -> bytes:
+    """Opcodes of one more key and value of the dict being built (b"extra": module.name(arg), which unpickling
+    calls); the name by the GLOBAL opcode (protocols 0-3) or by STACK_GLOBAL (protocols 4-5)."""
+    if opcode == "GLOBAL":
+        ref = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+    else:
+        ref = b"\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
+    args = b")" if arg is None else b"X" + len(arg.encode()).to_bytes(4, "little") + arg.encode() + b"\x85"
+    return _short(b"extra") + ref + args + b"R"
+
+
+@pytest.mark.parametrize("opcode", ["GLOBAL", "STACK_GLOBAL"])
+@pytest.mark.parametrize("payload", ["os.system", "eval", "import"])
+def test_cifar10_batches_that_would_run_code_are_refused(tmp_path, monkeypatch, payload, opcode):
+    directory = tmp_path / "cifar-10-batches-py"
+    written = _write_cifar(directory)
+    ran = tmp_path / "ran"
+    if payload == "os.system":
+        module, name, arg = os.system.__module__, "system", f"touch {shlex.quote(str(ran))}"
+    elif payload == "eval":
+        module, name, arg = "builtins", "eval", f"open({str(ran)!r}, 'w').close()"
+    else:  # importing the module runs its code
+        (tmp_path / "modules").mkdir()
+        (tmp_path / "modules" / f"{_PROBE_MODULE}.py").write_text(
+            f"open({str(ran)!r}, 'w').close()\n\ndef f():\n    return None\n")
+        monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+        module, name, arg = _PROBE_MODULE, "f", None
+    data, labels = written["data_batch_2"]
+    genuine = _py2_batch(data, labels, b"training batch 2 of 5", [b"x.png"] * len(labels))
+    raw = genuine[:-2] + _call_entry(module, name, arg, opcode) + b"u."  # one more entry before SETITEMS, STOP
+    (directory / "data_batch_2").write_bytes(raw)
+    # the file is live: the unrestricted reader runs its code
+    assert b"extra" in pickle.loads(raw, encoding="bytes") and ran.exists()
+    ran.unlink()
+    sys.modules.pop(_PROBE_MODULE, None)
+    with pytest.raises(DataFileError, match=rf"data_batch_2 holds a reference to the Python object "
+                                            rf"{module}\.{name}, which a CIFAR-10 batch does not; refused"):
+        load_dataset("cifar10_rows", tmp_path, verify=False)
+    assert not ran.exists() and _PROBE_MODULE not in sys.modules
+
+
+class _Evaluates:
+    """Unpickling it evaluates `source`."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __reduce__(self):
+        return eval, (self.source,)
+
+
+@pytest.mark.parametrize("kind", ["object", "float"])
+def test_cifar10_arrays_other_than_integers_are_refused(tmp_path, kind):
+    ran = tmp_path / "ran"
+    if kind == "object":  # an object array: its elements are unpickled as Python objects
+        data = np.array([_Evaluates(f"open({str(ran)!r}, 'w').close()")] * 3072, dtype=object).reshape(1, 3072)
+    else:
+        data = np.zeros((1, 3072))
+    raw = pickle.dumps({b"data": data, b"labels": [0]}, protocol=2)
+    (tmp_path / "test_batch").write_bytes(raw)
+    if kind == "object":
+        pickle.loads(raw, encoding="bytes")
+        assert ran.exists()
+        ran.unlink()
+    spec = data.dtype.__reduce__()[1][0]  # how the pickle names the dtype ('O8', 'f8')
+    with pytest.raises(DataFileError, match=rf"test_batch holds a NumPy array of dtype '{spec}', which a CIFAR-10 "
+                                            "batch does not; refused"):
+        cifar_mod.read_batch(tmp_path / "test_batch", verify=False)
+    assert not ran.exists()
+    # the shape and the bytes of an integer array must agree
+    (tmp_path / "test_batch").write_bytes(_py2_batch(np.zeros((1, 3072), np.uint8), [0], b"b", [b"f"])
+                                          .replace(_int(3072), _int(3000), 1))
+    with pytest.raises(DataFileError, match=r"a NumPy array of shape \(1, 3000\) and dtype uint8 stored in 3072 bytes"):
+        cifar_mod.read_batch(tmp_path / "test_batch", verify=False)
+
+
+def test_cifar10_checksums(tmp_path):
+    directory = tmp_path / "cifar-10-batches-py"
+    _write_cifar(directory)
+    with pytest.warns(DataFileWarning) as record:
+        rows = load_dataset("cifar10_rows", tmp_path)
+    md5 = {name: hashlib.md5((directory / name).read_bytes()).hexdigest() for name in cifar_mod.OFFICIAL_MD5}
+    assert len(record) == 6
+    for w, name in zip(record, (*cifar_mod.TRAIN_FILES, "test_batch")):
+        assert f"{directory / name} has md5 {md5[name]}; the official CIFAR-10 {name} has " \
+               f"{cifar_mod.OFFICIAL_MD5[name]}" in str(w.message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = load_dataset("cifar10_rows", tmp_path, verify=False)
+    np.testing.assert_array_equal(quiet.x_train, rows.x_train)  # read all the same
+    # a file whose md5 is the official one gives no warning
+    official = dict(cifar_mod.OFFICIAL_MD5, test_batch=md5["test_batch"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(cifar_mod, "OFFICIAL_MD5", official)
+            cifar_mod.read_batch(directory / "test_batch")
+    with pytest.raises(ValueError, match="verify='no' is invalid: expected True or False"):
+        load_dataset("cifar10_rows", tmp_path, verify="no")
 
 
 def test_mnist1d_generated_offline():

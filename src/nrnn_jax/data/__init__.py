@@ -9,7 +9,7 @@ from .base import Batch, Dataset, PaddedSequences, batches, default_data_dir, ep
 from .cifar10 import load_cifar10
 from .digits import load_digits
 from .ecg5000 import load_ecg5000
-from .files import DataFileError
+from .files import DataFileError, DataFileWarning
 from .mnist import load_mnist
 from .mnist1d import load_mnist1d
 from ..validation import check_choice
@@ -34,6 +34,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     return LOADERS[name](data_dir, **options)
 
 
-__all__ = ["Batch", "DataFileError", "Dataset", "LOADERS", "PaddedSequences", "batches", "default_data_dir",
-           "epoch_order", "load_cifar10", "prefetch", "load_dataset", "load_digits", "load_ecg5000", "load_mnist",
-           "load_mnist1d"]
+__all__ = ["Batch", "DataFileError", "DataFileWarning", "Dataset", "LOADERS", "PaddedSequences", "batches",
+           "default_data_dir", "epoch_order", "load_cifar10", "prefetch", "load_dataset", "load_digits",
+           "load_ecg5000", "load_mnist", "load_mnist1d"]

@@ -12,8 +12,11 @@ sub-folder, else ~/.cache/nrnn_jax/ecg5000):
 
 - the UCR text files `ECG5000_TRAIN.txt` / `ECG5000_TEST.txt` (label then 140 values; whitespace, comma
   or tab separated), or `.tsv`, or `.arff` (label last);
-- or `ecg5000_train.npz` (`x`, `y` in 1..5) with `ecg5000_test_signals_binary_labels.npz` (`x`,
+- or `ecg5000_train.npz` (`x64`, `y` in 1..5) with `ecg5000_test_signals_binary_labels.npz` (`x64`,
   `y_abnormal`), the form kept in this project's shared data folder (binary test labels only).
+
+The `.npz` files are read with `allow_pickle=False`: an array of Python objects (whose unpickling could run
+code) is refused with a `DataFileError`.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def _load_npz(path: Path, keys: tuple[str, ...], verify: bool):
             raise DataFileError(f"Data file {path} has sha256 {digest}; expected {KNOWN_SHA256[path.name]} "
                                 f"(corrupted or wrong file). {HOW_TO_GET}")
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:  # arrays only: pickled objects are refused
             missing = [k for k in keys if k not in f]
             if missing:
                 raise DataFileError(f"{path} lacks the array(s) {missing}; expected {list(keys)}. {HOW_TO_GET}")

@@ -12,6 +12,10 @@ class DataFileError(ValueError):
     """A data file is missing, truncated or corrupted; the message names the file and the remedy."""
 
 
+class DataFileWarning(UserWarning):
+    """A data file is readable but not the official one (its checksum differs); the message names the file."""
+
+
 def resolve_dir(data_dir: str | Path | None, subdir: str, probe: tuple[str, ...]) -> Path:
     """The directory holding a data set: `data_dir` itself if it holds one of the `probe` files, else
     `data_dir/subdir`; with no `data_dir`, $NRNN_DATA/subdir or ~/.cache/nrnn_jax/subdir."""
