@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from nrnn_jax import NRNNConfig, TrainConfig, load_run
-from nrnn_jax.cli import (compare_main, compare_parser, robustness_main, robustness_parser, train_main,
-                          train_parser, _progress)
+from nrnn_jax.cli import (compare_main, compare_parser, from_public_parser, robustness_main, robustness_parser,
+                          train_main, train_parser, _progress)
 from nrnn_jax.config import FIELD_HELP
 from nrnn_jax.data import LOADERS
 
@@ -197,7 +197,7 @@ def test_compare_model_overrides_and_cifar_defaults(tmp_path, monkeypatch):
         compare.check_compare_config(compare.CompareConfig(dataset=name))
 
 
-@pytest.mark.parametrize("make", [train_parser, compare_parser, robustness_parser])
+@pytest.mark.parametrize("make", [train_parser, compare_parser, robustness_parser, from_public_parser])
 def test_every_option_is_described_with_its_default(make):
     parser = make()
     for action in parser._actions:
@@ -211,7 +211,7 @@ def test_every_option_is_described_with_its_default(make):
     if dataset is not None:
         from nrnn_jax.compare import DEFAULTS
 
-        names = LOADERS if make is train_parser else DEFAULTS
+        names = LOADERS if make in (train_parser, from_public_parser) else DEFAULTS
         assert all(name in dataset.help for name in names)
 
 

@@ -12,6 +12,7 @@ The public API (the theory is in the repository's docs/theory.md):
   `TrainState`, `data_parallel_sharding`.
 - Evaluation and run directories: `evaluate`, `predict_logits`, `load_run`, `read_run_config`,
   `load_run_dataset`.
+- The public PyTorch code's models (`nrnn_jax.interchange`): `from_public`, `to_public`, `public_args`.
 - Data: `load_dataset`, `Dataset`.
 - Analyses: the `nrnn_jax.analysis` package.
 
@@ -46,6 +47,9 @@ from .evaluate import evaluate as evaluate
 from .evaluate import predict_logits as predict_logits
 from .model import NoisyRNN as NoisyRNN
 from .model import with_noise as with_noise
+from .interchange import from_public as from_public
+from .interchange import public_args as public_args
+from .interchange import to_public as to_public
 from .regularizer import Regularizer as Regularizer
 from .regularizer import antithetic_monte_carlo as antithetic_monte_carlo
 from .regularizer import explicit_regularizer as explicit_regularizer
@@ -73,7 +77,9 @@ __all__ = sorted([
     "AntisymmetricCell", "Cell", "FlaxCell", "GRUCell", "LipschitzCell", "ProductCell", "TanhCell",
     "Dataset", "GridBrownianPath", "GridIncrementPath", "NRNNConfig", "NoisyRNN", "RecurrentParams", "Regularizer",
     "RunResult", "Sweep", "TrainConfig", "TrainState", "TrainingDiverged", "antithetic_monte_carlo",
-    "brownian_increments", "data_parallel_sharding", "evaluate", "explicit_regularizer", "init_sweep_states",
+    "brownian_increments", "data_parallel_sharding", "evaluate", "explicit_regularizer", "from_public",
+    "init_sweep_states",
     "init_train_state", "load_dataset", "load_run", "load_run_dataset", "make_optimizer", "make_train_step",
-    "predict_logits", "read_run_config", "solve", "solve_batch", "train_and_evaluate", "with_noise",
+    "predict_logits", "public_args", "read_run_config", "solve", "solve_batch", "to_public", "train_and_evaluate",
+    "with_noise",
 ])

@@ -381,6 +381,70 @@ def robustness_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def from_public_parser() -> argparse.ArgumentParser:
+    """`nrnn-from-public`: the flags (the public constructor's arguments under its own names, with - or _)."""
+    from .interchange import PUBLIC_SOLVERS
+
+    parser = argparse.ArgumentParser(
+        prog="nrnn-from-public",
+        description="Convert a model saved by the public PyTorch code (erichson/NoisyRNN) into a run directory "
+                    "that load_run, nrnn-robustness, the analyses and nrnn-train --resume read (zero epochs; "
+                    "summary.json holds its validation and test metrics). Needs PyTorch to read the file (pip "
+                    "install torch); no code from the file is run. Layout: docs/theory.md §2.")
+    parser.add_argument("file", type=Path, help="the torch.save file: the whole model (the public driver's .pkl) "
+                                                "or its state_dict()")
+    parser.add_argument("--out", type=Path, required=True, help="run directory to write (required; no default)")
+    parser.add_argument("--dataset", required=True,
+                        help="the data the model was trained on, one of " + ", ".join(LOADERS) + " (required; no "
+                             "default)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the data files (default: $NRNN_DATA, else ~/.cache/nrnn_jax)")
+    parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
+                        help="an option of the data set's loader (repeatable); the public permuted MNIST feeds raw "
+                             "pixels: pixel_scale=raw (default: the loader's defaults)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="the model's dtype; float64 needs JAX_ENABLE_X64=1 (default: %(default)s, the public code's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run in --out (default: refuse)")
+    group = parser.add_argument_group(
+        "the public constructor's arguments (a whole-model file records all but --init-std, and a flag given must "
+        "agree with it; a state-dict file needs --solver, --eps, --beta, --gamma-A, --gamma-W)")
+    group.add_argument("--solver", choices=PUBLIC_SOLVERS, default=None,
+                       help="noisy: convention 'reference' with the learned step d; base: the fixed step --eps "
+                            "(default: the file's; none for a state dict)")
+    helps = {"eps": "the step (solver base), the initial value of d (noisy)", "beta": "β in [0, 1]",
+             "gamma_A": "γ_A ≥ 0", "gamma_W": "γ_W ≥ 0", "alpha": "α", "init_std": "recorded only",
+             "add_noise": "additive noise level (noisy)", "mult_noise": "multiplicative noise level in [0, 1] (noisy)"}
+    defaults = {"alpha": "1", "add_noise": "0", "mult_noise": "0"}
+    for name, text in helps.items():
+        flags = [_flag(name)] + (["--" + name] if "_" in name else [])
+        default = ("0.1; no file records it" if name == "init_std" else
+                   "the file's; " + (f"{defaults[name]} for a state dict" if name in defaults else "none for a state dict"))
+        group.add_argument(*flags, dest=name, type=float, default=None, metavar=name.upper(),
+                           help=f"{text} (default: {default})")
+    return parser
+
+
+def from_public_main(argv: list[str] | None = None) -> int:
+    """`nrnn-from-public FILE --out RUN --dataset NAME`: a public PyTorch model as a run directory."""
+    from .interchange import PUBLIC_ARGS, convert_public_file
+
+    args = from_public_parser().parse_args(argv)
+    try:
+        pairs = [o.split("=", 1) for o in args.data_option or ()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"--data-option={args.data_option} is invalid: expected NAME=VALUE.")
+        model, summary = convert_public_file(args.file, args.out, dataset=args.dataset, data_dir=args.data_dir,
+                                             data_options=dict(pairs), overwrite=args.overwrite, dtype=args.dtype,
+                                             **{k: getattr(args, k) for k in PUBLIC_ARGS})
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"nrnn-from-public: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table([{"convention": model.cfg.convention, **summary}],
+                       ["convention", "mode", "dataset", "val_acc", "test_acc"]))
+    print(f"run directory: {args.out}")
+    return 0
+
+
 def plot_robustness(rows: list[dict], strengths, kind: str, split: str, path: Path) -> None:
     """Accuracy against strength, one line per run (matplotlib's object API: no global backend is set)."""
     from matplotlib.figure import Figure
