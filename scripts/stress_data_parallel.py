@@ -37,8 +37,7 @@ y = rng.integers(0, 10, n).astype(np.int32)
 xv, yv = x[:B], y[:B]
 data = nj.Dataset("stress", x, y, xv, yv, xv, yv, num_classes=10)
 mcfg = nj.NRNNConfig(input_dim=1, num_classes=10, hidden=H, dt=0.03, eps_add=0.02, eps_mult=0.02)
-tcfg = nj.TrainConfig(mode="implicit", epochs=epochs, batch_size=B, lr=1e-3, eval_white_noise=(),
-                      eval_salt_pepper=(), seed={seed})
+tcfg = nj.TrainConfig(mode="implicit", epochs=epochs, batch_size=B, lr=1e-3, eval_white_noise=(), seed={seed})
 t0 = time.time()
 r = nj.train_and_evaluate(mcfg, tcfg, data=data, progress=False, log=None, devices={devices})
 print(json.dumps({{"steps": r.summary["steps"], "wall_s": time.time() - t0,

@@ -19,22 +19,12 @@ The public API (the theory is in the repository's docs/theory.md):
 Everything else stays importable from its module (`nrnn_jax.dynamics`, `nrnn_jax.recurrence`,
 `nrnn_jax.prng`, …).
 
-Importing the package first sets the host allocator for XLA:CPU (`nrnn_jax.host_memory`: large freed blocks
-are kept for reuse, which removes a third of a long-sequence CPU train step; `NRNN_JAX_HOST_MALLOC=system`
-opts out), then asks JAX for one CPU device per host core (`nrnn_jax.host_devices`: a long-sequence train
-step splits its batch over them; `NRNN_JAX_HOST_DEVICES=system` opts out).
+Importing the package changes nothing outside it. For fast CPU training, a program calls
+`nrnn_jax.host.configure()` before its first JAX computation (one CPU device per host core, and a host
+allocator that keeps XLA's buffers; the command-line programs do this).
 """
 
-# Before anything imports JAX: the allocator settings reach only threads that have not allocated yet.
-from . import host_memory as _host_memory
-
-_host_memory.apply_default()
-
-# Before JAX initializes its backends: the CPU device count is fixed then.
-from . import host_devices as _host_devices  # noqa: E402
-
-_host_devices.apply_default()
-
+from . import host as host
 from .config import NRNNConfig as NRNNConfig
 from .config import Sweep as Sweep
 from .config import TrainConfig as TrainConfig

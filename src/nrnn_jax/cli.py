@@ -81,6 +81,31 @@ def parse_devices(text: str):
     return n
 
 
+def _add_host_flags(parser: argparse.ArgumentParser) -> None:
+    """--host-devices / --host-allocator: the process set-up of `nrnn_jax.host.configure`."""
+    group = parser.add_argument_group("host set-up (nrnn_jax.host.configure, applied before JAX starts)")
+    group.add_argument("--host-devices", default=None, metavar="auto|system|N",
+                       help="CPU devices: 'auto' one per host core (the data-parallel step splits long-sequence "
+                            "batches over them), 'system' JAX's default, or N (default: $NRNN_JAX_HOST_DEVICES, "
+                            "else auto)")
+    group.add_argument("--host-allocator", default=None, choices=("keep", "system"),
+                       help="'keep': glibc's malloc keeps XLA's large freed buffers for reuse; 'system': leave it "
+                            "(default: $NRNN_JAX_HOST_MALLOC, else keep)")
+
+
+def _configure_host(args) -> None:
+    """The programs own their process: `host.configure` before any JAX computation. A main called as a
+    function inside a program whose JAX has already started (a notebook, a test) leaves the host alone."""
+    from . import host
+
+    if host._backends_started():
+        return
+    devices = args.host_devices
+    if devices is not None and devices.strip().isdigit():
+        devices = int(devices)
+    host.configure(devices=devices, allocator=args.host_allocator)
+
+
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on when stderr is a terminal, so that logs hold no bars)")
@@ -153,6 +178,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(parser, TrainConfig, "training", skip=("data_options",))
     _add_dataclass_flags(parser, NRNNConfig, "model (input_dim and num_classes default to the data set's)",
                          defaults={"input_dim": "the data set's", "num_classes": "the data set's"})
+    _add_host_flags(parser)
     return parser
 
 
@@ -230,6 +256,7 @@ def _new_run_settings(args, train_flags: dict, model_flags: dict):
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     try:
+        _configure_host(args)
         if args.distributed:
             import jax
 
@@ -306,6 +333,7 @@ def compare_parser() -> argparse.ArgumentParser:
                          skip=("input_dim", "num_classes", "backend"),
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
                                    if any(f.name in spec.get("model", {}) for spec in DEFAULTS.values())})
+    _add_host_flags(parser)
     return parser
 
 
@@ -315,6 +343,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     args = compare_parser().parse_args(argv)
     try:
+        _configure_host(args)
         cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, preset=args.preset, seeds=args.seeds,
                            epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
@@ -350,6 +379,7 @@ def robustness_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here (default: none)")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
                         help="also plot accuracy against strength, one line per run, to FILE (PNG; default: none)")
+    _add_host_flags(parser)
     return parser
 
 
@@ -362,6 +392,7 @@ def robustness_main(argv: list[str] | None = None) -> int:
     rows = []
     cols = [f"{args.kind} {s:g}" for s in args.strengths]
     try:
+        _configure_host(args)
         for run_dir in args.run_dirs:
             mcfg, tcfg = read_run_config(run_dir)
             data = load_run_dataset(run_dir, args.data_dir)

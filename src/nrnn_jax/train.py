@@ -247,8 +247,8 @@ def _mesh(devices: int) -> jax.sharding.Mesh:
     available = jax.device_count()
     if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= available:
         fail("", "devices", devices, f"expected an integer in [1, {available}], or 'auto' for train_and_evaluate "
-             f"(jax.device_count() = {available}; on CPU, `import nrnn_jax` gives one device per core, "
-             "nrnn_jax.host_devices; for more, set NRNN_JAX_HOST_DEVICES=N or "
+             f"(jax.device_count() = {available}; on CPU, nrnn_jax.host.configure() before JAX starts gives one "
+             "device per core, configure(devices=N) N devices; or set "
              "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
     return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("batch",))
 
@@ -274,7 +274,7 @@ AUTO_MIN_WORK = 1e8
 
 def default_devices(mcfg: NRNNConfig, batch_size: int, steps: int) -> int:
     """What `devices="auto"` resolves to: on a CPU backend in one process, the most CPU devices (at most
-    `jax.local_device_count()`, one per core after `import nrnn_jax`) that divide the batch and leave each
+    `jax.local_device_count()`, one per core after `nrnn_jax.host.configure()`) that divide the batch and leave each
     at least `AUTO_MIN_WORK` (batch share × steps × hidden²); else 1. Accelerators get 1: training on
     several is asked for with `devices=n`."""
     if jax.default_backend() != "cpu" or jax.process_count() > 1:
@@ -344,7 +344,7 @@ def train_and_evaluate(
     - `devices`: data-parallel training over the first `devices` devices (a mesh split along the batch;
       `batch_size` must be divisible by it; `make_train_step(..., devices=n)`). None or 1: the default
       device. `"auto"` (the default): `default_devices(...)`, i.e. on CPU the host's cores (one CPU device
-      each, `nrnn_jax.host_devices`) where each gets enough work for the split to pay (a long sequence such
+      each after `nrnn_jax.host.configure()`) where each gets enough work for the split to pay (a long sequence such
       as pixel MNIST), else one device. Results equal those of one device up to the order of floating-point
       sums (the same noise and probes are drawn for every example).
     - `cell`: a user cell as a factory `cell(mcfg, rngs=rngs) -> Cell` (a `Cell` subclass with that

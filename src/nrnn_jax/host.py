@@ -1,0 +1,170 @@
+"""Process set-up for fast CPU training, applied only when asked: `configure()`.
+
+Importing `nrnn_jax` changes nothing outside the package. A program that trains on CPU calls
+`nrnn_jax.host.configure()` once, before its first JAX computation, for two settings that make a
+long-sequence CPU train step about twice as fast on a 2-core machine (docs/performance.md):
+
+- **devices**: one XLA:CPU device per host core (`jax_num_cpu_devices`). XLA:CPU runs a `while` loop's
+  body on one thread, so the recurrence's loops use one core; with one device per core, the data-parallel
+  train step (`make_train_step(..., devices=n)`, picked by `train_and_evaluate(devices="auto")` for long
+  sequences) runs each device's rows of the batch through its own loops on its own core.
+- **allocator**: glibc's malloc keeps large freed blocks for reuse (`mallopt`: every thread allocates
+  from the main heap, which also serves large blocks, and up to 2 GiB of freed memory is kept). XLA:CPU
+  allocates each execution's temporary buffer afresh; without this, glibc maps and unmaps it on every
+  call, and every step page-faults its whole buffer in again. The cost: the process keeps its peak heap.
+
+The command-line programs call `configure` (their `--host-devices` and `--host-allocator` flags choose).
+A script or notebook gets the same speed with
+
+    import nrnn_jax
+    nrnn_jax.host.configure()          # before any JAX computation
+
+Both settings are process-wide. `status()` says what was done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+DEVICES_ENV = "NRNN_JAX_HOST_DEVICES"
+ALLOCATOR_ENV = "NRNN_JAX_HOST_MALLOC"
+ALLOCATORS = ("keep", "system")
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+# mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: the largest, 2 GiB
+# The same allocator settings for a process started from outside (e.g. a PyTorch baseline).
+GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                  f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
+
+_status = {"devices": "not configured", "allocator": "not configured"}
+
+
+class HostConfigError(RuntimeError):
+    """`configure` was asked for a device count after JAX had started."""
+
+
+def host_cores() -> int:
+    """The number of cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _device_count(devices, where: str) -> int | None:
+    """The CPU device count asked for (None: JAX's default); raises naming `where` on a bad value."""
+    if devices == "system":
+        return None
+    if devices in ("auto", "cores"):
+        return host_cores()
+    n = devices
+    if isinstance(devices, str):
+        n = int(devices) if devices.strip().isdigit() else 0
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}={devices!r} is invalid: expected 'auto' (one CPU device per host core), "
+                         "'system' (JAX's default) or a positive integer.")
+    return n
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a JAX without this private function
+        return False
+
+
+def _configure_devices(devices, where: str, explicit: bool) -> str:
+    n = _device_count(devices, where)
+    if n is None:
+        return f"JAX's default ({where}=system)"
+    if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return f"left as XLA_FLAGS sets it ({DEVICE_FLAG})"
+    import jax
+
+    current = jax.config.jax_num_cpu_devices
+    if not explicit and current not in (-1, n):  # a count the user set (JAX_NUM_CPU_DEVICES, jax.config)
+        return f"left at {current} (jax_num_cpu_devices was already set)"
+    if _backends_started():
+        if jax.default_backend() == "cpu" and jax.local_device_count() == n:
+            return f"{n} CPU device(s)"
+        raise HostConfigError(
+            f"nrnn_jax.host.configure: {where}={devices!r} asks for {n} CPU device(s), but JAX has already started "
+            f"(a computation ran or jax.devices() was called) with {jax.local_device_count()} "
+            f"{jax.default_backend().upper()} device(s), which can no longer change. Call configure() before any "
+            "JAX computation, or pass devices='system' to leave the count as it is.")
+    jax.config.update("jax_num_cpu_devices", n)
+    return f"{n} CPU device(s)" + (", one per host core" if devices in ("auto", "cores") else "")
+
+
+def _libc():
+    """glibc's shared library, or None (another C library, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.gnu_get_libc_version()  # only glibc has it
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _configure_allocator(allocator, where: str) -> str:
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"{where}={allocator!r} is invalid: expected one of "
+                         + ", ".join(repr(c) for c in ALLOCATORS) + ".")
+    if allocator == "system":
+        return f"glibc's defaults ({where}=system)"
+    libc = _libc()
+    if libc is None:
+        return "unchanged: the C library is not glibc"
+    ok = all(libc.mallopt(param, value) == 1 for param, value in
+             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    return ("keeps freed memory (arena_max 1, mmap_max 0, trim_threshold 2 GiB)" if ok
+            else "unchanged: glibc's mallopt refused a setting")
+
+
+def configure(devices: int | str | None = None, allocator: str | None = None) -> dict[str, str]:
+    """Set up this process for fast CPU training (see the module docstring). Call it before any JAX
+    computation.
+
+    **Arguments:**
+
+    - `devices`: `"auto"` (one CPU device per host core), a positive integer, or `"system"` (leave JAX's
+      default). None: the environment variable `NRNN_JAX_HOST_DEVICES` if set, else `"auto"`. A count set
+      through `XLA_FLAGS=--xla_force_host_platform_device_count=N` is left alone.
+    - `allocator`: `"keep"` (glibc's malloc keeps large freed blocks) or `"system"` (leave it). None: the
+      environment variable `NRNN_JAX_HOST_MALLOC` if set, else `"keep"`. Only Linux with glibc is affected.
+
+    **Returns:** what was done, `{"devices": ..., "allocator": ...}` in words (also `status()`).
+
+    **Raises:** `ValueError` for a bad value (naming it and what is allowed); `HostConfigError` when a device
+    count other than JAX's present one is asked for after JAX has started.
+    """
+    if devices is None:
+        devices, dwhere = os.environ.get(DEVICES_ENV, "auto"), f"the environment variable {DEVICES_ENV}"
+    else:
+        dwhere = "configure(devices)"
+    if allocator is None:
+        allocator, awhere = os.environ.get(ALLOCATOR_ENV, "keep"), f"the environment variable {ALLOCATOR_ENV}"
+    else:
+        awhere = "configure(allocator)"
+    _device_count(devices, dwhere)  # both values checked before anything changes
+    if allocator not in ALLOCATORS:
+        _configure_allocator(allocator, awhere)
+    # The allocator first: its settings reach only threads that have not allocated yet.
+    _status["allocator"] = _configure_allocator(allocator, awhere)
+    _status["devices"] = _configure_devices(devices, dwhere, explicit=dwhere.startswith("configure"))
+    return dict(_status)
+
+
+def status() -> dict[str, str]:
+    """What `configure` did in this process, in words (`"not configured"` before it is called)."""
+    return dict(_status)
