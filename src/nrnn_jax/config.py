@@ -402,8 +402,8 @@ class Sweep(ConfigMixin):
 # long form). tests/test_cli_workflow.py checks that every field of both classes has an entry.
 FIELD_HELP: dict[str, dict[str, str]] = {
     "NRNNConfig": {
-        "diffusion": "a user diffusion sigma(h, z) as an import path module:function (with --noise-kind custom "
-                     "and no eps levels)",
+        "diffusion": "a user diffusion sigma(h, z) as an import path module:function, a module in the current "
+                     "directory found (with --noise-kind custom and no eps levels)",
         "cell": "the drift f(h, z): lipschitz, antisymmetric, gru or tanh (a user cell: the Python API)",
         "input_dim": "input features per step (default: the data set's)",
         "hidden": "hidden units d",
