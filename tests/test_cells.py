@@ -296,10 +296,11 @@ def test_command_line_cells_are_recorded_and_resumed(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["cell"] == "antisymmetric"
     assert isinstance(load_run(tmp_path / "a").cell, nj.AntisymmetricCell)
     # a user cell by its import path (this test module is importable by its name); --resume imports it again
+    # when trusted (tests/test_run_code.py: not without)
     user = common + ["--cell-factory", "test_cells:UserCell", "--mode", "implicit", "--eps-add", "0.1"]
     assert train_main(user + ["--epochs", "1", "--out", str(tmp_path / "u")]) == 0
     saved = json.loads((tmp_path / "u" / "config.json").read_text())
     assert saved["model"]["cell"] == "custom" and saved["cell_factory"] == "test_cells:UserCell"
-    assert train_main(["--resume", str(tmp_path / "u"), "--epochs", "2", "--no-progress"]) == 0
-    assert isinstance(load_run(tmp_path / "u").cell, UserCell)
+    assert train_main(["--resume", str(tmp_path / "u"), "--epochs", "2", "--no-progress", "--trust-code"]) == 0
+    assert isinstance(load_run(tmp_path / "u", trust_code=True).cell, UserCell)
     assert train_main(common + ["--cell-factory", "nowhere:Cell", "--out", str(tmp_path / "x")]) == 2

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
 from pathlib import Path
 
-from .config import FIELD_HELP, MODES, NRNNConfig, Sweep, TrainConfig, _import_path
+from .config import FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path, import_path
 from .data import LOADERS, load_dataset
-from .runs import (RESUMABLE_TRAIN_FIELDS, load_run_dataset, read_config_file, read_run_config, read_run_sweep,
-                   run_cell_factory, run_data_dir)
+from .runs import (RESUMABLE_TRAIN_FIELDS, _refuse, _unsupplied, load_run_dataset, read_config_file, read_run_config,
+                   read_run_sweep, recorded_code, run_cell_factory, run_data_dir)
 from .tables import format_table
 from .train import train_and_evaluate
 
@@ -84,13 +86,23 @@ def parse_devices(text: str):
 def _add_host_flags(parser: argparse.ArgumentParser) -> None:
     """--host-devices / --host-allocator: the process set-up of `nrnn_jax.host.configure`."""
     group = parser.add_argument_group("host set-up (nrnn_jax.host.configure, applied before JAX starts)")
-    group.add_argument("--host-devices", default=None, metavar="auto|system|N",
+    group.add_argument("--host-devices", default=None, metavar="auto|system|N", type=_parse_host_devices,
                        help="CPU devices: 'auto' one per host core (the data-parallel step splits long-sequence "
                             "batches over them), 'system' JAX's default, or N (default: $NRNN_JAX_HOST_DEVICES, "
                             "else auto)")
     group.add_argument("--host-allocator", default=None, choices=("keep", "system"),
                        help="'keep': glibc's malloc keeps XLA's large freed buffers for reuse; 'system': leave it "
                             "(default: $NRNN_JAX_HOST_MALLOC, else keep)")
+
+
+def _parse_host_devices(text: str):
+    """--host-devices: 'auto', 'system' or a positive integer."""
+    if text in ("auto", "system"):
+        return text
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--host-devices={text!r} is invalid: expected 'auto', 'system' or a "
+                                         "positive integer")
+    return int(text)
 
 
 def _configure_host(args) -> None:
@@ -100,10 +112,7 @@ def _configure_host(args) -> None:
 
     if host._backends_started():
         return
-    devices = args.host_devices
-    if devices is not None and devices.strip().isdigit():
-        devices = int(devices)
-    host.configure(devices=devices, allocator=args.host_allocator)
+    host.configure(devices=args.host_devices, allocator=args.host_allocator)
 
 
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +130,40 @@ def _add_preset_flag(parser: argparse.ArgumentParser, text: str) -> None:
 
 def _progress(args) -> bool:
     return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+# User code: what the user types (--cell-factory, --diffusion) is imported, with the current directory first on
+# the import path, as `python -m` has it (a module next to the user). Import paths read from a run directory
+# or a configuration file are imported only with --trust-code, and on the process's own path.
+TRUST_CODE_HELP = ("import the user code (a cell factory, a diffusion) that a run directory or configuration file "
+                   "names by import path; importing a module runs it, so only for files you trust (default: off; "
+                   "built-in cells and noises need no code)")
+
+
+def _add_trust_code_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
+
+
+@contextlib.contextmanager
+def _current_directory_on_path():
+    """The current directory first on `sys.path` for the duration (imports of what the user typed)."""
+    here = os.getcwd()
+    sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        sys.path.remove(here)
+
+
+def _import_typed(flag: str, path: str):
+    """The object of an import path the user typed as `flag` (see `_current_directory_on_path`)."""
+    with _current_directory_on_path():
+        return _import_path("", flag, path)
+
+
+def _code_flags(fields) -> str:
+    return ", ".join(("--cell-factory " if field == "cell_factory" else "--diffusion ") + path
+                     for field, path in fields.items())
 
 
 # Flags that `--resume` applies: they cannot change what was already trained (runs.RESUMABLE_TRAIN_FIELDS, and
@@ -150,6 +193,7 @@ def train_parser() -> argparse.ArgumentParser:
                              "(default: none, a new run)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in --out (default: refuse)")
+    _add_trust_code_flag(parser)
     _add_progress_flag(parser)
     par = parser.add_argument_group("sweeps and devices")
     par.add_argument("--sweep-seeds", type=_parse_tuple(int), default=None, metavar="S1,S2,...",
@@ -170,8 +214,9 @@ def train_parser() -> argparse.ArgumentParser:
                      "--dataset mnist_pixel or mnist_permuted); other flags override its fields (default: none)")
     parser.add_argument("--cell-factory", default=None, metavar="MODULE:NAME",
                         help="a user cell: the import path of a factory NAME(cfg, rngs=rngs) -> Cell, e.g. a Cell "
-                             "subclass (the run records it; --resume imports it again). Built-in cells: --cell "
-                             "(default: none, the built-in cell of --cell)")
+                             "subclass; a module in the current directory is found. The run records the path; "
+                             "--resume imports it again only when given the same --cell-factory or --trust-code. "
+                             "Built-in cells: --cell (default: none, the built-in cell of --cell)")
     parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
                         help="an option of the data set's loader (repeatable), e.g. pixel_scale=raw, "
                              "permutation=numpy (default: the loader's defaults)")
@@ -182,13 +227,28 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_settings(args, train_flags: dict, model_flags: dict):
-    """(model config, train config, sweep, data) of `--resume RUN` with the flags that may change applied;
-    a flag that would change the past raises ValueError naming it."""
+def _resume_settings(args, train_flags: dict, model_flags: dict, cell=None):
+    """(model config, train config, sweep, data, cell factory) of `--resume RUN` with the flags that may change
+    applied; a flag that would change the past raises ValueError naming it. The run's user code is what the
+    user typed (`cell`, model_flags' diffusion: the run's own paths) or, with --trust-code, its recorded paths;
+    without either, a ValueError names the paths before anything is imported."""
     run = args.resume
     if args.config is not None:
         raise ValueError("--config starts a new run; it cannot be combined with --resume (the run has its config)")
-    mcfg, tcfg = read_run_config(run)
+    # user code: what the user typed must be the run's own; the rest of the run's recorded code needs --trust-code
+    typed = {"cell_factory": cell, "model.diffusion": model_flags.pop("diffusion", None)}
+    recorded = recorded_code(run)
+    for field, obj in typed.items():
+        if obj is not None and import_path(obj) != recorded.get(field):
+            flag = "--cell-factory" if field == "cell_factory" else "--diffusion"
+            raise ValueError(f"--resume continues {str(run)!r} with its own code; refused: {flag}={import_path(obj)!r} "
+                             f"(the run records {field}={recorded.get(field)!r}). Give the run's own path or none.")
+    missing = _unsupplied(run, typed["cell_factory"], typed["model.diffusion"])
+    if missing and not args.trust_code:
+        _refuse(run, missing, f"name it yourself on the command line ({_code_flags(missing)}), or, if you trust "
+                              "this run directory and the code it names, pass --trust-code")
+    mcfg, tcfg = read_run_config(run, typed["model.diffusion"], args.trust_code)
+    cell = run_cell_factory(run, cell, args.trust_code)
     sweep = read_run_sweep(run)
     refused = []
     if args.overwrite:
@@ -208,7 +268,7 @@ def _resume_settings(args, train_flags: dict, model_flags: dict):
         elif TrainConfig.from_dict({**tcfg.to_dict(), k: v}) != tcfg:
             refused.append(_flag(k))
     for k, v in model_flags.items():
-        if NRNNConfig.from_dict({**mcfg.to_dict(), k: v}) != mcfg:
+        if mcfg.replace(**{k: v}) != mcfg:
             refused.append(_flag(k))
     if refused:
         raise ValueError(f"--resume continues {str(run)!r} with its own configuration; refused: "
@@ -218,7 +278,7 @@ def _resume_settings(args, train_flags: dict, model_flags: dict):
     found = run_data_dir(run, applied.get("data_dir"))
     if found is not None:  # absolute (an older run's relative data_dir is made absolute); a missing one is kept
         applied["data_dir"] = found
-    return mcfg, tcfg.replace(**applied), sweep, data
+    return mcfg, tcfg.replace(**applied), sweep, data, cell
 
 
 def _new_run_settings(args, train_flags: dict, model_flags: dict):
@@ -226,6 +286,14 @@ def _new_run_settings(args, train_flags: dict, model_flags: dict):
     file = read_config_file(args.config) if args.config is not None else {}
     train_kw = {**file.get("train", {}), **train_flags}
     model_kw = {**file.get("model", {}), **model_flags}
+    named = model_kw.get("diffusion")
+    if isinstance(named, ImportPath):  # the file's, not overridden by --diffusion: imported only with consent
+        if not args.trust_code:
+            raise ValueError(f"config file {str(args.config)!r} names user code by its import path: "
+                             f"model.diffusion={str(named)!r}. Reading a configuration file imports no code by itself: "
+                             f"name it yourself on the command line (--diffusion {named}), or, if you trust this "
+                             "file and the code it names, pass --trust-code.")
+        model_kw["diffusion"] = _import_path("NRNNConfig", "diffusion", named)
     if "dataset" in train_flags and train_flags["dataset"] != file.get("train", {}).get("dataset", train_flags["dataset"]):
         for name in ("input_dim", "num_classes"):  # another data set: its sizes, unless given as flags
             if name not in model_flags:
@@ -262,16 +330,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
             jax.distributed.initialize()
         train_flags, model_flags = _collect(args, TrainConfig), _collect(args, NRNNConfig)
+        cell = None if args.cell_factory is None else _import_typed("--cell-factory", args.cell_factory)
+        if "diffusion" in model_flags:
+            model_flags["diffusion"] = _import_typed("--diffusion", model_flags["diffusion"])
         if args.resume is not None:
-            if args.cell_factory is not None:
-                raise ValueError("--cell-factory starts a new run; --resume imports the run's own cell factory")
-            mcfg, tcfg, sweep, data = _resume_settings(args, train_flags, model_flags)
+            mcfg, tcfg, sweep, data, cell = _resume_settings(args, train_flags, model_flags, cell)
             run_dir = args.resume
-            cell = run_cell_factory(run_dir)
         else:
             mcfg, tcfg, sweep, data = _new_run_settings(args, train_flags, model_flags)
             run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-            cell = None if args.cell_factory is None else _import_path("", "--cell-factory", args.cell_factory)
         result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=_progress(args),
                                     resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
                                     devices=args.devices, cell=cell)
@@ -350,7 +417,8 @@ def compare_main(argv: list[str] | None = None) -> int:
                            curve_examples=args.curve_examples, modes=args.modes, model=_collect(args, NRNNConfig),
                            train={k: v for k, v in (("lr", args.lr), ("lr_decay_epochs", args.lr_decay_epochs),
                                                     ("batch_size", args.batch_size)) if v is not None})
-        check_compare_config(cc)  # before anything is loaded or trained
+        with _current_directory_on_path():  # a --diffusion the user typed (the one code nrnn-compare imports)
+            check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
@@ -379,6 +447,7 @@ def robustness_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here (default: none)")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
                         help="also plot accuracy against strength, one line per run, to FILE (PNG; default: none)")
+    _add_trust_code_flag(parser)
     _add_host_flags(parser)
     return parser
 
@@ -392,12 +461,19 @@ def robustness_main(argv: list[str] | None = None) -> int:
     rows = []
     cols = [f"{args.kind} {s:g}" for s in args.strengths]
     try:
+        for run_dir in args.run_dirs:  # every run's user code, before any work
+            missing = _unsupplied(run_dir)
+            if missing and not args.trust_code:
+                _refuse(run_dir, missing, "if you trust this run directory and the code it names, pass --trust-code; "
+                                          "or load the run in Python with the objects, nrnn_jax.load_run(run_dir, "
+                                          "cell=factory, diffusion=sigma), and use nrnn_jax.analysis.robustness_curve")
         _configure_host(args)
         for run_dir in args.run_dirs:
             mcfg, tcfg = read_run_config(run_dir)
             data = load_run_dataset(run_dir, args.data_dir)
             x, y = data.split(args.split)
-            accs = robustness_curve(load_run(run_dir), x, y, args.kind, args.strengths, seed=args.seed)
+            accs = robustness_curve(load_run(run_dir, trust_code=args.trust_code), x, y, args.kind, args.strengths,
+                                    seed=args.seed)
             rows.append({"run": str(run_dir), "dataset": data.name, "mode": tcfg.mode,
                          **{c: float(a) for c, a in zip(cols, accs)}})
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -347,7 +347,8 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
             return {"summary": r.summary, "history": r.history}
 
         run = record.get("run", train)
-        return record, run, lambda: fresh[0] if fresh else load_run(run_dir)
+        # a reused run is loaded with this comparison's own diffusion: nothing the run directory names is imported
+        return record, run, lambda: fresh[0] if fresh else load_run(run_dir, diffusion=mcfg.diffusion)
 
     for seed in cc.seeds:
         common = dict(dataset=cc.dataset, data_dir=cc.data_dir, data_options=st.data_options, seed=seed,

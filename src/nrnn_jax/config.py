@@ -42,8 +42,22 @@ PRNGS = ("threefry2x32", "philox4x32")
 DIVERGENCE_POLICIES = ("raise", "rollback")
 
 
+class ImportPath(str):
+    """The import path 'module:qualname' of user code, kept as text and never imported by the library: what
+    `read_run_config` puts in `NRNNConfig.diffusion` for a run's recorded user diffusion that was neither
+    passed nor trusted. A configuration holding one can be read, compared and written back, not run (a
+    model of it is refused, naming the path). A plain string given as `NRNNConfig(diffusion="module:name")`
+    is the caller naming the code, and is imported."""
+
+    def __repr__(self) -> str:
+        return f"ImportPath({str.__repr__(self)})"
+
+
 def import_path(obj) -> str:
-    """'module:qualname' of a function or class, how run directories record user code."""
+    """'module:qualname' of a function or class, how run directories record user code (an `ImportPath`
+    is its own)."""
+    if isinstance(obj, ImportPath):
+        return obj
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
@@ -115,7 +129,9 @@ class NRNNConfig(ConfigMixin):
     - `diffusion`: a user σ(h, z) for one example (h, z of shape (hidden,)), returning a diagonal (hidden,)
       or a (hidden, m) matrix for m Brownian motions (`nrnn_jax.noise.CustomNoise`); it requires
       `noise_kind="custom"` (`NoisyRNN(cfg, rngs=..., diffusion=sigma)` sets both), and ε_add = ε_mult = 0
-      (scale σ itself). Recorded in run directories by its import path.
+      (scale σ itself). Recorded in run directories by its import path; `read_run_config` gives it back as
+      an `ImportPath` (text, not imported) unless the function is passed or the run is trusted. A string
+      given here is imported.
     - `solver`: `"euler"` (Itô Euler–Maruyama, default), `"euler_heun"` (Stratonovich Euler–Heun) or
       `"milstein"` (Itô Milstein; requires commutative noise, so not scalar noise together with additive
       noise). Under `"reference"` only `"euler"` is defined.
@@ -178,7 +194,7 @@ class NRNNConfig(ConfigMixin):
             if self.solver != "euler":
                 fail(own, "solver", self.solver, "the reference convention is a fixed update rule; "
                       "use solver='euler' or convention='sde'")
-        if isinstance(self.diffusion, str):  # an import path, as run directories record it
+        if isinstance(self.diffusion, str) and not isinstance(self.diffusion, ImportPath):  # named by the caller
             object.__setattr__(self, "diffusion", _import_path(own, "diffusion", self.diffusion))
         if (self.diffusion is None) != (self.noise_kind != "custom"):
             fail(own, "noise_kind" if self.diffusion is None else "diffusion",
@@ -186,13 +202,16 @@ class NRNNConfig(ConfigMixin):
                  "a user diffusion goes with noise_kind='custom' and noise_kind='custom' needs diffusion=sigma "
                  "(sigma(h, z) for one example); NoisyRNN(cfg, rngs=..., diffusion=sigma) sets both")
         if self.diffusion is not None:
-            if not callable(self.diffusion):
+            code = not isinstance(self.diffusion, ImportPath)  # an ImportPath is text: nothing to call or check
+            if code and not callable(self.diffusion):
                 fail(own, "diffusion", self.diffusion, "expected a function sigma(h, z) of one example")
             if self.eps_add or self.eps_mult:
                 fail(own, "eps_add" if self.eps_add else "eps_mult", self.eps_add or self.eps_mult,
                      "the noise levels do not apply to a user diffusion: set them to 0 and scale sigma itself")
-            from .noise import custom_shape  # validates the shape: (hidden,) or (hidden, m)
-            object.__setattr__(self, "_diffusion_shape", custom_shape(self.diffusion, self.hidden))
+            if code:
+                from .noise import custom_shape  # validates the shape: (hidden,) or (hidden, m)
+
+                object.__setattr__(self, "_diffusion_shape", custom_shape(self.diffusion, self.hidden))
         if self.solver == "milstein" and self.noise_kind == "scalar" and self.eps_add > 0:
             fail(own, "solver", self.solver, "Milstein needs commutative noise, which scalar multiplicative "
                   "noise with eps_add > 0 is not; set eps_add=0, use noise_kind='diagonal', or pick "
@@ -209,6 +228,7 @@ class NRNNConfig(ConfigMixin):
         if self.convention == "reference":
             return 2 * self.hidden
         if self.noise_kind == "custom":
+            self.check_runnable()
             return self._diffusion_shape[1]
         return self.hidden + 1 if self.noise_kind == "scalar" else self.hidden
 
@@ -221,6 +241,15 @@ class NRNNConfig(ConfigMixin):
         if self.diffusion is not None:
             d["diffusion"] = import_path(self.diffusion)
         return d
+
+    def check_runnable(self) -> None:
+        """Refuse (ValueError naming the path) a configuration whose user diffusion is an `ImportPath`,
+        i.e. recorded text that was not imported: no model can be built or run from it."""
+        if isinstance(self.diffusion, ImportPath):
+            fail("NRNNConfig", "diffusion", self.diffusion, "this is a run's recorded import path, which was not "
+                 "imported, so no model can run with it; pass the function (load_run(run_dir, diffusion=sigma), "
+                 "read_run_config(run_dir, diffusion=sigma)), or, if you trust the run directory and the code "
+                 "it names, trust_code=True")
 
     @property
     def has_additive_noise(self) -> bool:
@@ -373,8 +402,8 @@ class Sweep(ConfigMixin):
 # long form). tests/test_cli_workflow.py checks that every field of both classes has an entry.
 FIELD_HELP: dict[str, dict[str, str]] = {
     "NRNNConfig": {
-        "diffusion": "a user diffusion sigma(h, z) as an import path module:function (with --noise-kind custom "
-                     "and no eps levels)",
+        "diffusion": "a user diffusion sigma(h, z) as an import path module:function, a module in the current "
+                     "directory found (with --noise-kind custom and no eps levels)",
         "cell": "the drift f(h, z): lipschitz, antisymmetric, gru or tanh (a user cell: the Python API)",
         "input_dim": "input features per step (default: the data set's)",
         "hidden": "hidden units d",

@@ -55,6 +55,7 @@ class NoisyRNN(nnx.Module):
                              "'jax_enable_x64', True) or run inside `with jax.enable_x64(True):`.")
         if diffusion is not None:
             cfg = cfg.replace(noise_kind="custom", diffusion=diffusion)
+        cfg.check_runnable()
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden
         if cell is None and cfg.cell == "custom":

@@ -156,6 +156,7 @@ def custom_shape(fn: Callable, hidden: int) -> tuple[bool, int]:
 def of(cfg) -> Noise:
     """The diffusion of a configuration (`noise_kind`, and `diffusion` for a user one)."""
     if cfg.noise_kind == "custom":
+        cfg.check_runnable()  # a recorded import path that was not imported has no function to run
         diagonal, m = cfg._diffusion_shape  # checked when the configuration was made
         return CustomNoise(cfg.diffusion, diagonal, m)
     return ScalarNoise() if cfg.noise_kind == "scalar" else DiagonalNoise()

@@ -9,6 +9,12 @@
 
 `load_run(run_dir)` returns the trained model; `read_run_config`, `read_run_sweep` and `load_run_dataset`
 return its configuration, sweep and data set. `start_run` and `resume_run` are the loop's side of it.
+
+Reading a run directory imports no code by itself. A run of user code records its import paths
+(`recorded_code`: a user cell's `cell_factory`, a user diffusion's `model.diffusion`); they are imported
+only when the caller says so (`trust_code=True`, `--trust-code`), otherwise the caller passes the objects
+(`cell=`, `diffusion=`) or gets a `ValueError` naming each path before anything is imported. Checkpoints are
+arrays read by orbax (no unpickling); the JSON files are data.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 from flax import nnx
 
 from . import checkpoint
-from .config import NRNNConfig, Sweep, TrainConfig, _import_path
+from .config import ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path
 from .data import Dataset, load_dataset
 from .model import NoisyRNN
 from .state import TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, unstack, zero_sums
@@ -135,15 +141,80 @@ def _run_json(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def read_run_config(run_dir: str | Path, diffusion=None) -> tuple[NRNNConfig, TrainConfig]:
-    """The model and training configurations of a run directory. A run with a user diffusion records its
-    import path; `diffusion` passes the function instead (needed when it cannot be imported from here)."""
+def recorded_code(run_dir: str | Path) -> dict[str, str]:
+    """The user code a run directory names by import path; reading it imports nothing.
+
+    **Arguments:**
+
+    - `run_dir`: a run directory (its config.json is read as JSON).
+
+    **Returns:** `{field: "module:name"}` with `"cell_factory"` (the factory of a user cell, for a run with
+    `model.cell="custom"`) and `"model.diffusion"` (a user diffusion) where the run has them; empty for a run
+    of built-in cells and noises, which needs no code of the user's."""
+    return _recorded_code(run_dir, _run_json(run_dir))
+
+
+def _recorded_code(run_dir, saved: dict[str, Any]) -> dict[str, str]:
+    model = saved.get("model", {})
+    code = {"cell_factory": saved.get("cell_factory") if model.get("cell") == "custom" else None,
+            "model.diffusion": model.get("diffusion")}
+    for field, path in code.items():
+        if path is not None and not isinstance(path, str):
+            raise ValueError(f"{Path(run_dir) / 'config.json'}: {field}={path!r} is invalid: expected an import "
+                             "path 'module:name'.")
+    return {field: path for field, path in code.items() if path is not None}
+
+
+def _refuse(run_dir, missing: dict[str, str], ways: str | None = None) -> None:
+    """The ValueError of recorded user code imported without consent: names each path and the ways forward
+    (`ways`; default: the Python API's)."""
+    named = ", ".join(f"{field}={path!r}" for field, path in missing.items())
+    if ways is None:
+        objects = ", ".join("cell=factory" if field == "cell_factory" else "diffusion=sigma" for field in missing)
+        ways = (f"pass the code yourself, load_run(run_dir, {objects}), or, if you trust this run directory and "
+                "the code it names, import it with trust_code=True")
+    raise ValueError(f"{run_dir} names user code by its import path: {named}. Reading a run directory imports "
+                     f"no code by itself: {ways}.")
+
+
+def _unsupplied(run_dir, cell=None, diffusion=None) -> dict[str, str]:
+    """The recorded import paths that reading `run_dir` with these objects would import: those of its user
+    code not passed as objects (`cell`, `diffusion`)."""
+    passed = {"cell_factory": cell, "model.diffusion": diffusion}
+    return {field: path for field, path in recorded_code(run_dir).items() if passed[field] is None}
+
+
+def _consent(run_dir, cell=None, diffusion=None, trust_code: bool = False) -> None:
+    """Refuse (`_refuse`, before anything is imported) to read `run_dir` if that would import recorded user
+    code the caller neither passed nor trusted."""
+    missing = _unsupplied(run_dir, cell, diffusion)
+    if missing and not trust_code:
+        _refuse(run_dir, missing)
+
+
+def read_run_config(run_dir: str | Path, diffusion=None, trust_code: bool = False) -> tuple[NRNNConfig, TrainConfig]:
+    """The model and training configurations of a run directory, importing nothing unless told to.
+
+    **Arguments:**
+
+    - `run_dir`: a run directory.
+    - `diffusion`: the user diffusion σ(h, z) the run was trained with, for a run that has one (refused for a
+      run without).
+    - `trust_code`: import a user diffusion from the run's recorded import path.
+
+    **Returns:** `(NRNNConfig, TrainConfig)`. A user diffusion that is neither passed nor trusted stays its
+    recorded import path, `NRNNConfig.diffusion = ImportPath("module:name")`: the configuration can be read
+    and compared, and a model of it is refused. A user cell is `cell="custom"` (its factory:
+    `recorded_code`)."""
     cfg = _run_json(run_dir)
     model = dict(cfg["model"])
+    recorded = _recorded_code(run_dir, cfg).get("model.diffusion")
     if diffusion is not None:
-        if model.get("diffusion") is None:
+        if recorded is None:
             fail("", "diffusion", diffusion, f"{run_dir} was trained without a user diffusion; pass none")
         model["diffusion"] = diffusion
+    elif recorded is not None:  # a plain string is imported by NRNNConfig; an ImportPath is kept as text
+        model["diffusion"] = recorded if trust_code else ImportPath(recorded)
     return NRNNConfig.from_dict(model), TrainConfig.from_dict(cfg["train"])
 
 
@@ -197,7 +268,8 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     """A configuration file for a new run: JSON holding {"model": {...}, "train": {...}} and optionally
     "sweep" (every part optional; a run's own config.json qualifies, its "dataset" description is ignored).
     Fields are checked against the configuration classes. A relative `train.data_dir` is taken relative to
-    the file's directory, so that the file means the same from any working directory."""
+    the file's directory, so that the file means the same from any working directory. A user diffusion named
+    in the file is returned as an `ImportPath` (text; nothing is imported)."""
     path = Path(path)
     try:
         cfg = json.loads(path.read_text())
@@ -218,16 +290,19 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"config file {str(path)!r}: {part!r} must be a JSON object")
             cls._check_names(cfg[part])
             out[part] = dict(cfg[part])
+    if isinstance(out.get("model", {}).get("diffusion"), str):  # the file's text: imported only with consent
+        out["model"]["diffusion"] = ImportPath(out["model"]["diffusion"])
     data_dir = out.get("train", {}).get("data_dir")
     if data_dir is not None and not Path(data_dir).expanduser().is_absolute():
         out["train"]["data_dir"] = str((path.resolve().parent / data_dir).resolve())
     return out
 
 
-def run_cell_factory(run_dir: str | Path, cell=None):
+def run_cell_factory(run_dir: str | Path, cell=None, trust_code: bool = False):
     """The cell factory a run needs: None for a built-in cell; for a user cell (`cell="custom"`) the given
-    `cell`, else the one recorded in config.json, imported (a factory defined in a notebook or a script's
-    `__main__` cannot be imported: pass it)."""
+    `cell`, else, with `trust_code`, the one recorded in config.json, imported (a factory defined in a
+    notebook or a script's `__main__` cannot be imported: pass it). Without either, a ValueError names the
+    recorded path."""
     saved = _run_json(run_dir)
     name = saved["model"].get("cell", "lipschitz")
     if name != "custom":
@@ -236,9 +311,11 @@ def run_cell_factory(run_dir: str | Path, cell=None):
         return None
     if cell is not None:
         return cell
-    path = saved.get("cell_factory")
+    path = _recorded_code(run_dir, saved).get("cell_factory")
     if path is None:
         fail("", "cell", None, f"{run_dir} was trained with a user cell; pass its factory: load_run(run_dir, cell=factory)")
+    if not trust_code:
+        _refuse(run_dir, {"cell_factory": path})
     try:
         return _import_path("", "cell", path)
     except ValueError:
@@ -246,15 +323,26 @@ def run_cell_factory(run_dir: str | Path, cell=None):
                          "the same factory: load_run(run_dir, cell=factory)") from None
 
 
-def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusion=None) -> NoisyRNN:
+def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusion=None,
+             trust_code: bool = False) -> NoisyRNN:
     """The trained model of a run directory written by `train_and_evaluate` / `nrnn-train`.
 
-    For a sweep, `member` picks one member (with its own noise levels in its configuration); it is
-    required there and must be None for a single-model run. A run of a user cell is rebuilt with `cell`, the
-    factory it was trained with (`train_and_evaluate(..., cell=factory)`); without it, the factory's
-    recorded import path is tried. The same for a user diffusion σ(h, z) and `diffusion`."""
-    cell = run_cell_factory(run_dir, cell)
-    mcfg, tcfg = read_run_config(run_dir, diffusion)
+    **Arguments:**
+
+    - `run_dir`: the run directory.
+    - `member`: for a sweep, the member to return (with its own noise levels in its configuration); required
+      there, and None for a single-model run.
+    - `cell`: for a run of a user cell, the factory it was trained with (`train_and_evaluate(..., cell=factory)`).
+    - `diffusion`: for a run of a user diffusion, the function σ(h, z) it was trained with.
+    - `trust_code`: import the user code the run records (`recorded_code`) instead, for what `cell` /
+      `diffusion` do not give. Only for run directories whose code you trust: importing a module runs it.
+
+    **Returns:** the `NoisyRNN` with the checkpoint's parameters. A run of built-in cells and noises needs
+    none of `cell`, `diffusion`, `trust_code`; for one with user code that is neither passed nor trusted a
+    ValueError names each recorded import path before anything is imported or restored."""
+    _consent(run_dir, cell, diffusion, trust_code)
+    cell = run_cell_factory(run_dir, cell, trust_code)
+    mcfg, tcfg = read_run_config(run_dir, diffusion, trust_code)
     sweep = read_run_sweep(run_dir)
     tx = make_optimizer(tcfg, 1, len(read_rollbacks(Path(run_dir))))  # the optimizer state's structure
     if sweep is None:
