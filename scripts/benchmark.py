@@ -42,8 +42,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_torch  # noqa: E402  (scripts/benchmark_torch.py, the eager-PyTorch baseline)
-from nrnn_jax import host_memory  # noqa: E402
-from nrnn_jax import host_devices  # noqa: E402
+from nrnn_jax import host  # noqa: E402
 from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, data_parallel_sharding, init_sweep_states,  # noqa: E402
                       init_train_state, make_optimizer, make_train_step)
 from nrnn_jax.cli import parse_devices  # noqa: E402
@@ -95,7 +94,7 @@ def build_jax(shape: dict, backend: str, mode: str, reg_method: str = "probe", e
         jax.block_until_ready(box[0])
         return time.perf_counter() - t0
 
-    for _ in range(3):  # warm-up: the host heap reaches its steady size (nrnn_jax.host_memory) in a few steps
+    for _ in range(3):  # warm-up: the host heap reaches its steady size (nrnn_jax.host.configure) in a few steps
         run_one()
     return run_one, temp_mb
 
@@ -233,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-malloc", default="default",
                         help="glibc allocator settings of the PyTorch worker, or several comma-separated, one worker "
                              "each, the fastest being the baseline: default, tuned (raised thresholds), keep (what "
-                             "import nrnn_jax sets for the JAX process)")
+                             "nrnn_jax.host.configure() sets for the JAX process)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads of the PyTorch worker (0: PyTorch's default; 1 gives steady "
                              "times on a shared machine)")
@@ -245,6 +244,7 @@ def main(argv=None) -> int:
                              "train_and_evaluate picks for the shape (default); the -1dev variants use one")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    host.configure()  # before any JAX computation: one CPU device per core, the keeping allocator
     benchmark_torch.parse_variant(args.torch_variant)
     bad = [m for m in args.torch_malloc.split(",") if m not in benchmark_torch.MALLOC_CHOICES]
     if bad or not args.torch_malloc:
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     n_dev = devices_for(shape, args)
     print(f"shape {args.shape}: {shape}; median of {args.repeats} train steps; prng {args.prng}; "
           f"device {jax.devices()[0].device_kind}; JAX variants on {n_dev} device(s) (the -1dev "
-          f"ones on one); host allocator: {host_memory.status()}; host devices: {host_devices.status()}")
+          f"ones on one); host: {host.status()}")
     print("| variant | median step (s) | vs scan (implicit) | speed-up vs PyTorch | XLA temp memory (MiB, per device) |")
     print("|---|---|---|---|---|")
     out = {"shape": args.shape, **shape, "repeats": args.repeats, "prng": args.prng, "device": jax.devices()[0].device_kind,

@@ -40,7 +40,7 @@ was what made the old quadratic `slice` baseline tolerable (13.7 s -> 4.0 s per 
 formulations it did not help in the one measurement made (every variant 10-30 s per step, but the machine's
 load rose from 2.6 to 5 during that run, so the comparison is confounded), so the default is `--malloc default`.
 (glibc ignores an mmap threshold above 32 MiB, so `tuned` leaves larger blocks mmapped.) `--malloc keep` gives
-the worker the settings `import nrnn_jax` gives the JAX process (nrnn_jax/host_memory.py: one arena, no
+the worker the settings `nrnn_jax.host.configure()` gives the JAX process (nrnn_jax/host.py: one arena, no
 per-block mmap, 2 GiB kept at the heap's top), as GLIBC_TUNABLES.
 
 Threads: `--threads 1` pins PyTorch to one intra-op thread. With PyTorch's default (2 threads on the 2-core
@@ -72,9 +72,9 @@ MALLOC_CHOICES = ("default", "tuned", "keep")
 
 def malloc_env(malloc: str) -> dict:
     """The environment variables of a worker with these glibc allocator settings. "keep": the settings
-    `import nrnn_jax` gives glibc's malloc (`nrnn_jax.host_memory.GLIBC_TUNABLES`), at process start."""
+    `nrnn_jax.host.configure()` gives glibc's malloc (`nrnn_jax.host.GLIBC_TUNABLES`), at process start."""
     if malloc == "keep":
-        from nrnn_jax.host_memory import GLIBC_TUNABLES
+        from nrnn_jax.host import GLIBC_TUNABLES
         return {"GLIBC_TUNABLES": GLIBC_TUNABLES}
     return TUNED_MALLOC if malloc == "tuned" else {}
 

@@ -6,11 +6,12 @@ levels). Runs in about a minute on 2 CPU cores and needs no download. Writes run
 
 from __future__ import annotations
 
-from nrnn_jax import NRNNConfig, TrainConfig, load_dataset, train_and_evaluate
+from nrnn_jax import NRNNConfig, TrainConfig, host, load_dataset, train_and_evaluate
 from nrnn_jax.cli import format_table
 
 
 def main() -> None:
+    host.configure()  # this program owns its process: fast CPU set-up before JAX starts
     data = load_dataset("digits")
     base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, hidden=64, dt=0.5,
                       eps_add=0.3, eps_mult=0.3, backend="diffrax")

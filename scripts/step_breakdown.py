@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_torch  # noqa: E402
 from benchmark import SHAPES, auto_devices, build_jax  # noqa: E402
 
-from nrnn_jax import NoisyRNN, NRNNConfig, host_memory, prng  # noqa: E402
+from nrnn_jax import NoisyRNN, NRNNConfig, host, prng  # noqa: E402
 from nrnn_jax.losses import cross_entropy, masked_mean  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (default: 7)")
     parser.add_argument("--shape", choices=tuple(SHAPES), default="paper", help="the benchmark shape (default: paper)")
     args = parser.parse_args()
+    host.configure()  # before any JAX computation: one CPU device per core, the keeping allocator
     sh = SHAPES[args.shape]
     B, T, n, d = sh["batch"], sh["T"], sh["input_dim"], sh["hidden"]
     mcfg = NRNNConfig(input_dim=n, hidden=d, num_classes=sh["num_classes"], dt=sh["dt"], eps_add=0.02,
@@ -132,7 +133,7 @@ def main() -> None:
             faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     print(f"shape {args.shape} (T {T}, hidden {d}, batch {B}); median of {args.repeats}, parts interleaved; "
           f"{jax.devices()[0].platform}, load average {os.getloadavg()[0]:.2f}; host allocator: "
-          f"{host_memory.status()}")
+          f"{host.status()}")
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print("| part | median | minor page faults per call (median) |")
     print("|---|---|---|")

@@ -1,12 +1,13 @@
 """Stress test of the data-parallel CPU train step: long trainings, each in a fresh process.
 
     python scripts/stress_data_parallel.py --processes 8 --steps 400          # pixel-MNIST shape, 2 devices
-    python scripts/stress_data_parallel.py --processes 4 --steps 400 --concurrent 2
+    python scripts/stress_data_parallel.py --processes 4 --steps 400 --loop steps --concurrent 2
 
-Each process runs `train_and_evaluate` on synthetic data of the pixel-MNIST shape (T 784, input 1, hidden 128,
+Each process trains on synthetic data of the pixel-MNIST shape (T 784, input 1, hidden 128,
 batch 128, 10 classes) in implicit mode with `devices=--devices` (default 2: one CPU device per core of a
 2-core machine, what `devices="auto"` picks there), for `--steps` steps (whole epochs of `--steps-per-epoch`
-steps). `--concurrent` processes run at once: a busy machine (another training, a test suite) is where a
+steps): `--loop train` (the default) through `train_and_evaluate`, `--loop steps` through `make_train_step`
+dispatched back to back without waiting, as a hand-written loop does (the host runs ahead of the devices). `--concurrent` processes run at once: a busy machine (another training, a test suite) is where a
 step that waits on its threads is most likely to be starved. A process passes when it exits 0 having trained
 every step; one that aborts (e.g. XLA:CPU's "Termination timeout for `all reduce ...`", exit 134) or outlives
 `--timeout` fails. Prints one line per process and a closing `N passed, M failed` line; exit 1 if any failed.
@@ -39,9 +40,21 @@ data = nj.Dataset("stress", x, y, xv, yv, xv, yv, num_classes=10)
 mcfg = nj.NRNNConfig(input_dim=1, num_classes=10, hidden=H, dt=0.03, eps_add=0.02, eps_mult=0.02)
 tcfg = nj.TrainConfig(mode="implicit", epochs=epochs, batch_size=B, lr=1e-3, eval_white_noise=(), seed={seed})
 t0 = time.time()
-r = nj.train_and_evaluate(mcfg, tcfg, data=data, progress=False, log=None, devices={devices})
-print(json.dumps({{"steps": r.summary["steps"], "wall_s": time.time() - t0,
-                   "loss": r.history[-1]["train_loss"]}}))
+if "{loop}" == "train":
+    r = nj.train_and_evaluate(mcfg, tcfg, data=data, progress=False, log=None, devices={devices})
+    steps, loss = r.summary["steps"], r.history[-1]["train_loss"]
+else:  # a hand-written loop: steps dispatched back to back, the host running ahead of the devices
+    from flax import nnx
+    tx = nj.make_optimizer(tcfg, spe)
+    graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs({seed})))
+    batch, replicated = nj.data_parallel_sharding({devices})
+    state = jax.device_put(nj.init_train_state(params, tx, {seed}), replicated)
+    step = nj.make_train_step(graphdef, tx, tcfg, devices={devices})
+    xs = [jax.device_put(a, batch) for a in (x[:B], y[:B], np.ones(B, np.float32))]
+    for _ in range(spe * epochs):
+        state, metrics = step(state, *xs)
+    steps, loss = int(state.step), float(metrics["loss"])
+print(json.dumps({{"steps": steps, "wall_s": time.time() - t0, "loss": loss}}))
 """
 
 
@@ -51,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400, help="train steps per process (rounded up to whole epochs)")
     p.add_argument("--steps-per-epoch", type=int, default=50)
     p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--loop", choices=("train", "steps"), default="train",
+                   help="train_and_evaluate, or make_train_step dispatched back to back (default: train)")
     p.add_argument("--concurrent", type=int, default=1, help="processes running at once")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per process")
     p.add_argument("--json", default=None)
@@ -65,7 +80,7 @@ def main(argv=None) -> int:
     while pending or running:
         while pending and len(running) < args.concurrent:
             i = pending.pop(0)
-            code = WORKER.format(devices=args.devices, steps_per_epoch=args.steps_per_epoch, epochs=epochs, seed=i)
+            code = WORKER.format(loop=args.loop, devices=args.devices, steps_per_epoch=args.steps_per_epoch, epochs=epochs, seed=i)
             proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
             running.append((i, proc, time.time()))
@@ -92,7 +107,7 @@ def main(argv=None) -> int:
                   + (f"  steps {rec['steps']}" if "steps" in rec else "")
                   + (f"  {rec['error']}" if rec["error"] else ""), flush=True)
     passed = sum(r["ok"] for r in results)
-    print(f"{args.processes} processes x {epochs * args.steps_per_epoch} steps, devices {args.devices}, "
+    print(f"{args.processes} processes x {epochs * args.steps_per_epoch} steps ({args.loop} loop), devices {args.devices}, "
           f"{args.concurrent} at once, {time.time() - t_start:.0f} s")
     print(f"{passed} passed, {len(results) - passed} failed")
     if args.json:

@@ -243,3 +243,36 @@ def test_devices_flag_is_validated(capsys):
         with pytest.raises(SystemExit):
             train_main(["--dataset", "digits", "--devices", bad])
         assert f"--devices={bad!r} is invalid: expected 'auto' or a positive integer" in capsys.readouterr().err
+
+
+RUN_AHEAD = textwrap.dedent("""
+    import jax
+    import numpy as np
+    from flax import nnx
+    import nrnn_jax as nj
+    mcfg = nj.NRNNConfig(input_dim=1, num_classes=10, hidden=32, dt=0.03, eps_add=0.02, eps_mult=0.02)
+    tcfg = nj.TrainConfig(mode="implicit", lr=1e-3)
+    tx = nj.make_optimizer(tcfg, 10)
+    graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
+    batch, replicated = nj.data_parallel_sharding(2)
+    state = jax.device_put(nj.init_train_state(params, tx, 0), replicated)
+    rng = np.random.default_rng(0)
+    x, y, m = (jax.device_put(a, batch) for a in (rng.standard_normal((16, 100, 1)).astype(np.float32),
+                                                   rng.integers(0, 10, 16).astype(np.int32), np.ones(16, np.float32)))
+    step = nj.make_train_step(graphdef, tx, tcfg, devices=2)
+    for _ in range(300):
+        state, metrics = step(state, x, y, m)
+    jax.block_until_ready(state)
+    print("finished", int(state.step))
+""")
+
+
+def test_data_parallel_step_survives_the_host_running_ahead():
+    """300 data-parallel steps on 2 CPU devices dispatched without waiting (the host runs far ahead of the
+    devices, as a training loop does). With an in-process all-reduce in the step, XLA:CPU's client ran out
+    of threads and the process aborted after its 40 s rendezvous timeout (docs/xla_cpu_all_reduce.md: 2 of 2
+    such processes on a busy 2-core machine); the step has no collective now."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", RUN_AHEAD], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "finished 300"
