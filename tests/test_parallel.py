@@ -151,7 +151,11 @@ DATA_PARALLEL = textwrap.dedent("""
     out["replicated"] = all(a.sharding.is_fully_replicated and len(a.addressable_shards) == 4
                             for a in jax.tree.leaves(new_state))
     out["auto"] = [default_devices(mcfg, 64, 8), default_devices(mcfg.replace(hidden=128), 128, 784),
-                   default_devices(mcfg.replace(hidden=128), 126, 784), default_devices(mcfg.replace(hidden=128), 127, 784)]
+                   default_devices(mcfg.replace(hidden=128), 126, 784), default_devices(mcfg.replace(hidden=128), 127, 784),
+                   default_devices(mcfg.replace(hidden=128), 128, 784, "philox4x32")]
+    # philox4x32 with devices="auto" trains on one device (the data-parallel step cannot draw with it)
+    r = nj.train_and_evaluate(mcfg, tcfg.replace(epochs=1, prng="philox4x32"), data=data, progress=False, log=None)
+    out["philox_auto"] = r.history[-1]["train_loss"]
     for bad in (dict(devices=5), dict(devices=3), dict(devices="two")):
         try:
             nj.train_and_evaluate(mcfg, tcfg, data=data, progress=False, log=None, **bad)
@@ -184,7 +188,8 @@ def test_data_parallel_equals_one_device():
                 np.testing.assert_allclose(m4[k], m1[k], rtol=2e-6, atol=1e-7, err_msg=f"{mode}: {k}")
         assert out[f"step {mode}"]["param_diff"] < 1e-5, mode  # lr 1e-2, 3 Adam steps
     assert out["collectives"] == 0 and out["replicated"]
-    assert out["auto"] == [1, 4, 3, 1]
+    assert out["auto"] == [1, 4, 3, 1, 1]
+    assert np.isfinite(out["philox_auto"])
     assert "devices=5 is invalid" in out["{'devices': 5}"]
     assert "batch_size=64 is invalid for devices=3" in out["{'devices': 3}"]
     assert "devices='two' is invalid" in out["{'devices': 'two'}"]
@@ -276,3 +281,17 @@ def test_data_parallel_step_survives_the_host_running_ahead():
     proc = subprocess.run([sys.executable, "-c", RUN_AHEAD], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "finished 300"
+
+
+def test_data_parallel_step_refuses_a_generator_it_cannot_draw_with():
+    """philox4x32 cannot be lowered inside shard_map: the data-parallel step refuses it up front, naming the
+    field, the value and what works (devices='auto' picks one device for it: test_data_parallel_equals_one_device)."""
+    from flax import nnx
+
+    from nrnn_jax import NoisyRNN, make_optimizer, make_train_step
+
+    tcfg = TrainConfig(mode="implicit", prng="philox4x32")
+    graphdef, _ = nnx.split(NoisyRNN(NRNNConfig(**TINY), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"TrainConfig.prng='philox4x32' is invalid: the data-parallel step "
+                                         r"\(devices=2\).*expected one of \('threefry2x32',\), or devices=1"):
+        make_train_step(graphdef, make_optimizer(tcfg, 10), tcfg, devices=2)

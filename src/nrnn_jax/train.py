@@ -115,6 +115,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfi
     The one-device step donates the state's buffers; the data-parallel step leaves the caller's state intact.
     """
     if devices is not None and devices > 1:
+        if tcfg.prng not in DATA_PARALLEL_PRNGS:
+            fail("TrainConfig", "prng", tcfg.prng, f"the data-parallel step (devices={devices}) draws each device's "
+                 "noise inside jax.shard_map, where JAX cannot lower philox4x32 ('Unable to convert MHLO to "
+                 f"StableHLO'); expected one of {DATA_PARALLEL_PRNGS}, or devices=1 (devices='auto' picks 1 for it)")
         return _data_parallel_step(graphdef, tx, tcfg, sweep, devices)
 
     def train_step(state: TrainState, x, y, mask, noise_levels=None):
@@ -272,12 +276,17 @@ def data_parallel_sharding(devices: int | None):
 AUTO_MIN_WORK = 1e8
 
 
-def default_devices(mcfg: NRNNConfig, batch_size: int, steps: int) -> int:
+# The generators the data-parallel step can draw with (see make_train_step).
+DATA_PARALLEL_PRNGS = ("threefry2x32",)
+
+
+def default_devices(mcfg: NRNNConfig, batch_size: int, steps: int, prng: str = "threefry2x32") -> int:
     """What `devices="auto"` resolves to: on a CPU backend in one process, the most CPU devices (at most
     `jax.local_device_count()`, one per core after `nrnn_jax.host.configure()`) that divide the batch and leave each
     at least `AUTO_MIN_WORK` (batch share × steps × hidden²); else 1. Accelerators get 1: training on
-    several is asked for with `devices=n`."""
-    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+    several is asked for with `devices=n`. A generator the data-parallel step cannot draw with
+    (`prng` not in `DATA_PARALLEL_PRNGS`) gets 1."""
+    if jax.default_backend() != "cpu" or jax.process_count() > 1 or prng not in DATA_PARALLEL_PRNGS:
         return 1
     best = 1
     for n in range(2, jax.local_device_count() + 1):
@@ -383,7 +392,7 @@ def train_and_evaluate(
     batch_size = min(tcfg.batch_size, n_train)
     steps_per_epoch = n_train // batch_size
     if isinstance(devices, str) and devices == "auto":
-        devices = default_devices(mcfg, batch_size, int(data.x_train.shape[1]))
+        devices = default_devices(mcfg, batch_size, int(data.x_train.shape[1]), tcfg.prng)
     if type(devices) is int and devices == 1:  # the plain step (batches placed on a 1-device mesh cost more)
         devices = None
     batch_sharding, replicated = data_parallel_sharding(devices)
