@@ -2,6 +2,7 @@
 
     python scripts/compare_revisions.py --rev e52d302 --shape ecg --repeats 7
     python scripts/compare_revisions.py --rev HEAD~3 --shape paper --variants implicit-diffrax,explicit-probe
+    python scripts/compare_revisions.py --rev HEAD~3 --shape paper --devices 2   # the data-parallel step
 
 The revision's `src/nrnn_jax` is exported with `git archive` into a temporary directory and imported under
 another name (the package uses relative imports only), so both versions are compiled and timed in the same
@@ -54,18 +55,23 @@ def import_revision(rev: str, where: Path):
     return importlib.import_module("nrnn_jax_rev")
 
 
-def build(nj, shape: dict, backend: str, mode: str, method: str):
+def build(nj, shape: dict, backend: str, mode: str, method: str, devices: int = 1):
     mcfg = nj.NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"],
                          dt=shape["dt"], eps_add=0.02, eps_mult=0.02, backend=backend)
     tcfg = nj.TrainConfig(mode=mode, lr=1e-3, reg_method=method, num_probes=1)
     tx = nj.make_optimizer(tcfg, 100)
     graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
     state = nj.init_train_state(params, tx, seed=0)
-    step = nj.make_train_step(graphdef, tx, tcfg)
+    step = nj.make_train_step(graphdef, tx, tcfg, devices=devices)
+    if devices > 1:  # the data-parallel step: the state replicated and the batch split over the mesh
+        batch, replicated = nj.data_parallel_sharding(devices)
+        state = jax.device_put(state, replicated)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape["batch"], shape["T"], shape["input_dim"])).astype(np.float32)
     y = rng.integers(0, shape["num_classes"], shape["batch"]).astype(np.int32)
     mask = np.ones(shape["batch"], np.float32)
+    if devices > 1:
+        x, y, mask = (jax.device_put(a, batch) for a in (x, y, mask))
     box = [state]
     box[0], metrics = step(box[0], x, y, mask)  # compile; the first step's loss
     first_loss = (float(metrics["loss"]), float(metrics.get("reg", 0.0)))  # reg: explicit mode
@@ -86,7 +92,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="ecg")
     parser.add_argument("--variants", default="implicit-diffrax,implicit-scan,explicit-probe")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="data-parallel over this many devices (make_train_step(devices=n)); more than one needs "
+                             "that many CPU devices: nrnn_jax.host.configure() gives one per core (default: 1)")
     args = parser.parse_args(argv)
+    if args.devices > 1:
+        this_host = importlib.import_module("nrnn_jax.host")
+        this_host.configure(devices=args.devices)
     import nrnn_jax as this
 
     shape = SHAPES[args.shape]
@@ -95,9 +107,9 @@ def main(argv=None) -> int:
         runners, losses = {}, {}
         for name in args.variants.split(","):
             for label, nj in (("this", this), (args.rev, other)):
-                runners[(name, label)], losses[(name, label)] = build(nj, shape, *VARIANTS[name])
+                runners[(name, label)], losses[(name, label)] = build(nj, shape, *VARIANTS[name], devices=args.devices)
         medians = {name: statistics.median(ts) for name, ts in time_interleaved(runners, args.repeats).items()}
-    print(f"{jax.devices()[0].device_kind}, shape {args.shape} {shape}, median of {args.repeats} steps, "
+    print(f"{jax.devices()[0].device_kind} x {args.devices}, shape {args.shape} {shape}, median of {args.repeats} steps, "
           f"versions taking turns\n")
     print(f"| variant | this checkout (ms) | {args.rev} (ms) | ratio | first-step (loss, reg) equal |")
     print("|---|---|---|---|---|")
