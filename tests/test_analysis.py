@@ -244,6 +244,7 @@ def test_stochastic_stabilisation_matches_theory():
         exact = _exact_exponent("euler", a, r["eps"], _DT)
         # 4 SE: Monte Carlo over 64 paths; 1e-9: float64 rounding of 10⁴ logs (ε = 0 is deterministic, SE = 0)
         assert abs(r["exponent"] - exact) < 4 * r["exponent_se"] + 1e-9, (r, exact)
+        assert r["discrete_bound"] == pytest.approx(exact, abs=1e-6)  # (5.11) is (5.10) here
     assert rows[0]["exponent"] > 0 and rows[-1]["exponent"] < 0  # unstable made stable by noise
     # Stratonovich noise of the same size does not stabilise, and the certificate says so
     (strat,) = stabilization_demo(a=a, eps_values=(1.5,), hidden=2, dt=_DT, t_max=_T, solver="euler_heun", num_paths=_PATHS)
