@@ -313,8 +313,15 @@ def train_and_evaluate(
         raise ValueError(f"TrainConfig.mode='explicit' needs the noise levels of the penalty{who}: set "
                          "NRNNConfig.eps_add or eps_mult > 0.")
     n_train = data.x_train.shape[0]
-    batch_size = min(tcfg.batch_size, n_train)
+    batch_size = tcfg.batch_size
+    if batch_size > n_train:
+        fail("TrainConfig", "batch_size", batch_size, f"expected at most the {n_train} examples of the training "
+             f"split of {data.name!r} (each step takes a full batch)")
     steps_per_epoch = n_train // batch_size
+    if log and n_train % batch_size:
+        log(f"each epoch trains on {steps_per_epoch * batch_size} of the {n_train} training examples: "
+            f"{steps_per_epoch} batches of {batch_size} from the epoch's shuffled order, whose last "
+            f"{n_train % batch_size} sit that epoch out (others in each epoch)")
     if isinstance(devices, str) and devices == "auto":
         devices = default_devices(mcfg, batch_size, int(data.x_train.shape[1]))
     if type(devices) is int and devices == 1:  # the plain step (batches placed on a 1-device mesh cost more)
