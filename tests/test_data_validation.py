@@ -119,3 +119,29 @@ def test_entry_points_name_the_offending_labels_and_examples():
     with pytest.raises(ValueError, match=r"^x contains 1 NaN or Inf value\(s\) in example\(s\) \[2\] "
                                          r"\(first: x\[2, 1, 0\] = nan\); inputs must be finite\.$"):
         model(bad)
+
+
+@pytest.mark.parametrize("levels, detail", [
+    ((-0.5, 0), " (eps_add=-0.5)"), ((0.1, -1e-3), " (eps_mult=-0.001)"), ((0.1, float("nan")), " (eps_mult=nan)"),
+    ((0.1,), ""), (0.3, ""), ((True, 0.1), " (eps_add=True)"),
+])
+def test_noise_levels_are_checked(levels, detail):
+    """`noise_levels=(eps_add, eps_mult)` of a model call and of the explicit regularizer: finite and >= 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from nrnn_jax import explicit_regularizer
+
+    model = NoisyRNN(NRNNConfig(input_dim=2, hidden=4, num_classes=3, eps_add=0.1, eps_mult=0.1), rngs=nnx.Rngs(0))
+    x, y, key = np.ones((2, 5, 2), np.float32), np.array([0, 2]), jax.random.PRNGKey(0)
+    message = (f"noise_levels={levels!r} is invalid: expected a pair (eps_add, eps_mult) of finite real numbers >= 0"
+               f"{detail}.")
+    for call in (lambda: model(x, key=key, noise_levels=levels),
+                 lambda: explicit_regularizer(model, x, y, noise_levels=levels)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+    # valid levels are used: zero levels give the noise-free output; traced levels (a vmapped sweep) pass
+    np.testing.assert_array_equal(model(x, key=key, noise_levels=(0.0, 0)), model(x))
+    stacked = jax.vmap(lambda lv: model(x, key=key, noise_levels=lv))(jnp.asarray([[0.0, 0.0], [0.1, 0.1]]))
+    np.testing.assert_array_equal(stacked[0], model(x))

@@ -157,6 +157,28 @@ def check_inputs(x, input_dim: int, *, name: str = "x") -> None:
             raise ValueError(bad.replace(f"{name} has", f"{name} contains", 1) + "; inputs must be finite.")
 
 
+def check_noise_levels(levels, *, name: str = "noise_levels") -> None:
+    """`levels` = (eps_add, eps_mult), the noise levels replacing a configuration's: two finite real numbers
+    >= 0 (Python numbers, NumPy or JAX values). None passes; values being traced (a vmapped sweep's, checked
+    where they are made, `Sweep`) are not checked."""
+    if levels is None or _is_tracer(levels):
+        return
+    allowed = "expected a pair (eps_add, eps_mult) of finite real numbers >= 0"
+    try:
+        pair = list(levels)
+    except TypeError:
+        pair = None
+    if pair is None or len(pair) != 2:
+        fail("", name, levels, allowed)
+    for field, v in zip(("eps_add", "eps_mult"), pair):
+        if _is_tracer(v):
+            continue
+        a = np.asarray(v)
+        real = np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+        if a.shape != () or not real or not np.isfinite(a) or a < 0:
+            fail("", name, levels, f"{allowed} ({field}={v!r})")
+
+
 def check_noise(xi, batch: int, steps: int, noise_dim: int, *, name: str = "noise") -> None:
     shape = _shape_of(xi)
     if shape != (batch, steps, noise_dim):
