@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, evaluate, load_dataset, train_and_evaluate
-from nrnn_jax.analysis import fgsm, hessian_trace, output_margins
+from nrnn_jax.analysis import deepfool, fgsm, hessian_trace, output_margins
 from nrnn_jax.data import Dataset
 
 
@@ -116,9 +116,10 @@ def test_entry_points_name_the_offending_labels_and_examples():
             call()
     bad = x.copy()
     bad[2, 1, 0] = np.nan
-    with pytest.raises(ValueError, match=r"^x contains 1 NaN or Inf value\(s\) in example\(s\) \[2\] "
-                                         r"\(first: x\[2, 1, 0\] = nan\); inputs must be finite\.$"):
-        model(bad)
+    for call in (lambda: model(bad), lambda: deepfool(model, bad)):
+        with pytest.raises(ValueError, match=r"^x contains 1 NaN or Inf value\(s\) in example\(s\) \[2\] "
+                                             r"\(first: x\[2, 1, 0\] = nan\); inputs must be finite\.$"):
+            call()
 
 
 @pytest.mark.parametrize("levels, detail", [

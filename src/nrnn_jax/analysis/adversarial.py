@@ -105,5 +105,6 @@ def deepfool(model, x, max_iter: int = 50, overshoot: float = 0.02):
     """DeepFool (Moosavi-Dezfooli et al., 2016): the smallest L2 perturbation that changes the predicted
     class, by linearising the decision boundaries. Returns (perturbation, found) per example;
     ‖perturbation‖₂ is the input-space margin (docs/theory.md (4.5))."""
+    check_inputs(x, model.cfg.input_dim)
     graphdef, params = nnx.split(model)
     return _deepfool(graphdef, params, jnp.asarray(x), int(max_iter), model.cfg.num_classes, float(overshoot))
