@@ -96,7 +96,7 @@ def test_the_examples_an_epoch_leaves_out_are_stated(digits):
                        log=lines.append)
     n = digits.x_train.shape[0]
     assert n == 1258
-    assert lines[0] == ("each epoch trains on 700 of the 1258 training examples: 1 batches of 700 from the epoch's "
+    assert lines[0] == ("each epoch trains on 700 of the 1258 training examples: 1 batch(es) of 700 from the epoch's "
                         "shuffled order, whose last 558 sit that epoch out (others in each epoch)")
     lines.clear()
     train_and_evaluate(mcfg, TrainConfig(epochs=0, batch_size=629, eval_white_noise=()), data=digits, progress=False,

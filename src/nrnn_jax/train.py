@@ -321,7 +321,7 @@ def train_and_evaluate(
     steps_per_epoch = n_train // batch_size
     if log and n_train % batch_size:
         log(f"each epoch trains on {steps_per_epoch * batch_size} of the {n_train} training examples: "
-            f"{steps_per_epoch} batches of {batch_size} from the epoch's shuffled order, whose last "
+            f"{steps_per_epoch} batch(es) of {batch_size} from the epoch's shuffled order, whose last "
             f"{n_train % batch_size} sit that epoch out (others in each epoch)")
     if isinstance(devices, str) and devices == "auto":
         devices = default_devices(mcfg, batch_size, int(data.x_train.shape[1]))
