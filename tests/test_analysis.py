@@ -228,6 +228,8 @@ def test_scalar_linear_exponent_matches_quadrature_oracle(scheme):
     # fraction of it at δ = 0.01 (k₂/k₁ ~ ε² so remainder/k₁δ ~ ε²δ ≈ 0.02; 0.25 leaves room)
     k1 = _first_order_coefficient(scheme, a, eps)
     assert abs(exact - bound - k1 * _DT) <= 0.25 * abs(k1) * _DT, (exact, bound, k1)
+    # the bound at the step size (docs/theory.md (5.11)) is the discrete exponent itself here: A = aI, W = 0
+    assert certificate(cfg, p).discrete_bound == pytest.approx(exact, abs=1e-6)
 
 
 @pytest.mark.usefixtures("x64")
@@ -242,6 +244,7 @@ def test_stochastic_stabilisation_matches_theory():
         exact = _exact_exponent("euler", a, r["eps"], _DT)
         # 4 SE: Monte Carlo over 64 paths; 1e-9: float64 rounding of 10⁴ logs (ε = 0 is deterministic, SE = 0)
         assert abs(r["exponent"] - exact) < 4 * r["exponent_se"] + 1e-9, (r, exact)
+        assert r["discrete_bound"] == pytest.approx(exact, abs=1e-6)  # (5.11) is (5.10) here
     assert rows[0]["exponent"] > 0 and rows[-1]["exponent"] < 0  # unstable made stable by noise
     # Stratonovich noise of the same size does not stabilise, and the certificate says so
     (strat,) = stabilization_demo(a=a, eps_values=(1.5,), hidden=2, dt=_DT, t_max=_T, solver="euler_heun", num_paths=_PATHS)
@@ -268,6 +271,9 @@ def test_certificate_bounds_the_measured_exponent(scheme, noise_kind):
     exact = _exact_exponent(scheme, c, eps, _DT, rotation=s)
     allowance = max(0.0, exact - (c if strat else c - eps**2 / 2))
     assert lam <= cert.bound + 3 * se + allowance, (lam, se, cert.bound, allowance)  # 3 SE: one-sided, p ≈ 1e-3
+    # the bound at the step size needs no discretisation allowance (docs/theory.md (5.11))
+    assert lam <= cert.discrete_bound + 3 * se, (lam, se, cert.discrete_bound)
+    assert cert.dt == _DT
     # the certificate records the scheme's Itô correction of c₁
     assert cert.ito_correction == (0.5 * eps**2 if strat else 0.0)
     assert ("Stratonovich" in cert.note) == strat
@@ -279,6 +285,74 @@ def test_certificate_bounds_the_measured_exponent(scheme, noise_kind):
 
 
 @pytest.mark.usefixtures("x64")
+def test_certificate_holds_for_the_model_at_its_step_size():
+    """`certified_stable` speaks of the scheme as simulated at its δ (docs/theory.md (5.11)), not of the SDE."""
+    # dh = −30 h dt: the ODE decays at rate 30, but Euler at δ = 0.1 multiplies h by 1 − 3 = −2 every step
+    cfg = NRNNConfig(hidden=4, dt=0.1, alpha=1.0, dtype="float64")
+    p = RecurrentParams(A=-30.0 * jnp.eye(4, dtype=jnp.float64), W=jnp.zeros((4, 4), jnp.float64))
+    cert = certificate(cfg, p)
+    assert cert.bound == pytest.approx(-30.0, abs=1e-12)
+    lam, _ = lyapunov_exponent(cfg, p, t_max=10.0, num_paths=2)
+    assert lam == pytest.approx(math.log(2.0) / 0.1, rel=1e-9)  # deterministic: |h| doubles every step
+    assert cert.discrete_bound == pytest.approx(math.log(2.0) / 0.1, rel=1e-12) and not cert.certified_stable
+    # at δ = 0.05 the step multiplies h by 1 − 1.5 = −0.5: certified, with the exact exponent log(0.5)/0.05
+    cert = certificate(cfg.replace(dt=0.05), p)
+    assert cert.certified_stable and cert.discrete_bound == pytest.approx(math.log(0.5) / 0.05, rel=1e-12)
+
+    # Euler–Heun, scalar noise ε h ∘ dβ, f = 0.5 h, δ = 0.1, ε = 2: the continuous bound a = 0.5 is below the
+    # simulated exponent; the bound at δ is the exact discrete exponent (5.10) (quadrature; m(ξ) > 0, no root)
+    a, eps, dt = 0.5, 2.0, 0.1
+    cfg = NRNNConfig(hidden=4, dt=dt, alpha=1.0, eps_mult=eps, noise_kind="scalar", solver="euler_heun",
+                     dtype="float64")
+    p = RecurrentParams(A=a * jnp.eye(4, dtype=jnp.float64), W=jnp.zeros((4, 4), jnp.float64))
+    cert = certificate(cfg, p)
+    assert _normal_mass_where_nonpositive(_factor("euler_heun", a, eps, dt)) == 0.0
+    exact = _exact_exponent("euler_heun", a, eps, dt)
+    assert abs(exact - _exact_exponent("euler_heun", a, eps, dt, nodes=160)) < 1e-8  # converged in the nodes
+    assert cert.discrete_bound == pytest.approx(exact, abs=1e-6)
+    lam, se = lyapunov_exponent(cfg, p, t_max=_T, num_paths=_PATHS)
+    assert abs(lam - exact) < 4 * se, (lam, se, exact)  # 4 SE: two-sided, p ≈ 6e-5
+    assert cert.bound == pytest.approx(a, abs=1e-12) and cert.bound < lam - 4 * se
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("scheme, a, eps, dt", [("euler", 0.5, 2.0, 0.1), ("euler", -3.0, 1.0, 0.2),
+                                                ("euler_heun", -8.0, 1.0, 0.1), ("milstein", 0.5, 2.0, 0.3)])
+def test_discrete_bound_is_the_exact_exponent_of_the_linear_scheme(scheme, a, eps, dt):
+    """A = aI, W = 0, scalar noise: (5.11) is E log|m(ξ)|/δ (5.10), here with Gaussian mass where m(ξ) < 0, so
+    log|m| is singular at m's real roots; oracle: scipy's adaptive quadrature split at those roots."""
+    from scipy import integrate
+
+    cfg = NRNNConfig(hidden=3, dt=dt, eps_mult=eps, noise_kind="scalar", solver=scheme, dtype="float64")
+    p = RecurrentParams(A=a * jnp.eye(3, dtype=jnp.float64), W=jnp.zeros((3, 3), jnp.float64))
+    m = _factor(scheme, a, eps, dt)
+    f = lambda t: math.log(abs(m(t))) * math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    edges = [-12.0, *sorted(r.real for r in m.roots() if abs(r.imag) < 1e-12 and abs(r.real) < 12), 12.0]
+    exact = sum(integrate.quad(f, lo, hi, limit=500, epsabs=1e-13)[0] for lo, hi in zip(edges[:-1], edges[1:])) / dt
+    assert _normal_mass_where_nonpositive(m) > 1e-4 or scheme == "milstein"  # the singular case is exercised
+    assert certificate(cfg, p).discrete_bound == pytest.approx(exact, abs=1e-7)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("noise_kind", ["scalar", "diagonal"])
+@pytest.mark.parametrize("scheme", _SCHEMES)
+def test_discrete_bound_tends_to_the_continuous_bound(scheme, noise_kind):
+    """As δ → 0 the bound at the step size (5.11) tends to the continuous one (5.6)–(5.7) at first order in δ
+    (diagonal noise: plus ε²/d, the slack of its mean-square bound), for non-normal A and W and α ≠ 1."""
+    rng = np.random.default_rng(5)
+    d, eps = 4, 1.2
+    p = RecurrentParams(A=jnp.asarray(rng.normal(size=(d, d))), W=jnp.asarray(0.5 * rng.normal(size=(d, d))))
+    cfg = NRNNConfig(hidden=d, alpha=0.7, eps_mult=eps, noise_kind=noise_kind, solver=scheme, dtype="float64")
+    gaps = []
+    for dt in (1e-2, 1e-3):
+        cert = certificate(cfg.replace(dt=dt), p)
+        gaps.append(cert.discrete_bound - cert.bound - (eps**2 / d if noise_kind == "diagonal" else 0.0))
+    # first order: the gap shrinks tenfold with δ (0.08–0.12 leaves room for the O(δ²) term and the
+    # quadrature's 1e-5), and is already small at δ = 1e-2
+    assert 0.08 < gaps[1] / gaps[0] < 0.12 and abs(gaps[0]) < 0.1, gaps
+
+
+@pytest.mark.usefixtures("x64")
 def test_reference_convention_has_no_lyapunov_exponent():
     cfg = NRNNConfig(hidden=2, convention="reference", eps_mult=0.5, dtype="float64")
     p = RecurrentParams(A=-jnp.eye(2), W=jnp.zeros((2, 2)), step_size=jnp.full(2, 0.1))
@@ -286,6 +360,7 @@ def test_reference_convention_has_no_lyapunov_exponent():
         lyapunov_exponent(cfg, p, t_max=1.0, num_paths=2)
     cert = certificate(cfg, p)
     assert cert.bound is None and not cert.certified_stable and "use convention='sde'" in cert.note
+    assert cert.discrete_bound is None
 
 
 def test_hessian_analyses_run_on_the_default_backend():

@@ -146,3 +146,64 @@ def test_epoch_lr_is_the_optimizers_learning_rate():
             updates, state = tx.update(jnp.ones(()), state, params)
         assert float(-updates) == pytest.approx(epoch_lr(tcfg, step // steps_per_epoch + 1), rel=1e-6)
     assert [epoch_lr(tcfg, e) for e in range(1, 6)] == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])
+
+
+def test_event_encoding_matches_the_protocol_buffers(tmp_path):
+    """The hand-encoded events equal the `Event` protocol buffers serialised by protobuf itself (tensorboardX's
+    compiled event.proto), the records equal tensorboardX's TFRecord framing, and the checksum is CRC-32C (its
+    standard check value)."""
+    from nrnn_jax.metrics_log import crc32c, event, tfrecord
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
+    record_writer = pytest.importorskip("tensorboardX.record_writer")
+    data = [b"", b"x", bytes(range(256)) * 3]
+    w = record_writer.RecordWriter(str(tmp_path / "records"))
+    for d in data:
+        w.write(d)
+    w.close()
+    assert (tmp_path / "records").read_bytes() == b"".join(tfrecord(d) for d in data)
+    pb = pytest.importorskip("tensorboardX.proto.event_pb2")
+    summary_pb = pytest.importorskip("tensorboardX.proto.summary_pb2")
+    value = summary_pb.Summary.Value
+    cases = [
+        (event(1.5, file_version="brain.Event:2"), pb.Event(wall_time=1.5, file_version="brain.Event:2")),
+        (event(2.25, 3, session_start=True),
+         pb.Event(wall_time=2.25, step=3, session_log=pb.SessionLog(status=pb.SessionLog.START))),
+        (event(1e9 + 0.125, 300, scalars=[("train/loss", 0.3), ("val/acc", -2.0)]),
+         pb.Event(wall_time=1e9 + 0.125, step=300, summary=summary_pb.Summary(
+             value=[value(tag="train/loss", simple_value=0.3), value(tag="val/acc", simple_value=-2.0)]))),
+    ]
+    for ours, theirs in cases:
+        assert ours == theirs.SerializeToString()
+        assert pb.Event.FromString(ours) == theirs
+
+
+def test_writing_and_resuming_do_not_import_torch(tmp_path):
+    """A run writes and resumes its event files with a `torch` on the path whose import fails (an installed
+    but broken PyTorch), so TensorBoard logging does not depend on PyTorch."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fake = tmp_path / "site"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise RuntimeError('torch was imported')\n")
+    run = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        from nrnn_jax import NRNNConfig, TrainConfig, load_dataset, train_and_evaluate
+        mcfg = NRNNConfig(input_dim=8, num_classes=10, hidden=8, dt=0.5, backend="scan")
+        data = load_dataset("digits")
+        kw = dict(data=data, progress=False, log=None, devices=None)
+        train_and_evaluate(mcfg, TrainConfig(epochs=1, batch_size=128, eval_white_noise=()), {str(run)!r}, **kw)
+        train_and_evaluate(mcfg, TrainConfig(epochs=2, batch_size=128, eval_white_noise=()), {str(run)!r},
+                           resume=True, **kw)
+        import sys
+        assert "torch" not in sys.modules
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{fake}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    tb = scalars(run / "tensorboard")
+    assert sorted(tb["train/loss"]) == [1, 2]
+    assert_matches(tb, records(run), TrainConfig(epochs=2, batch_size=128, eval_white_noise=()))

@@ -265,6 +265,10 @@ class TrainConfig(ConfigMixin):
       `{"permutation": "public", "pixel_scale": "raw"}` for MNIST (`nrnn_jax.data.load_mnist`); stored as
       sorted pairs so that the configuration stays hashable and a run directory reloads the same data.
     - `mode`: "deterministic", "implicit" (noise injection) or "explicit" (penalty).
+    - `batch_size`: examples per training step, at most the N of the training split (`train_and_evaluate`
+      refuses more). An epoch takes ⌊N / batch_size⌋ batches from its shuffled order; the last
+      N mod batch_size examples of that order sit the epoch out (others in each epoch), which the run's
+      log states when it starts.
     - `optimizer` "adam" or "sgd" (with `momentum`); `lr`; step decay: the learning rate is multiplied
       by `lr_decay` at each epoch in `lr_decay_epochs` (the paper: × 0.1 at epoch 90); `grad_clip` > 0
       clips the global gradient norm; `weight_decay` adds decoupled weight decay.

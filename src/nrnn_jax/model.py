@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 from . import cells, prng, solvers
 from .config import NRNNConfig
 from .dynamics import RecurrentParams
-from .validation import check_inputs, check_noise
+from .validation import check_inputs, check_noise, check_noise_levels
 
 
 class NoisyRNN(nnx.Module):
@@ -78,7 +78,8 @@ class NoisyRNN(nnx.Module):
     def recurrent_params(self, noise_levels: tuple | None = None) -> RecurrentParams:
         """The parameters of the noise and the scheme: the step size s, and `noise_levels` = (ε_add, ε_mult)
         when given (None: the configuration's levels apply); for the Lipschitz cell also its matrices A, W
-        (docs/theory.md (1.4); None for other cells)."""
+        (docs/theory.md (1.4); None for other cells). Negative or non-finite levels are refused."""
+        check_noise_levels(noise_levels)
         eps_add, eps_mult = (None, None) if noise_levels is None else noise_levels
         lipschitz = isinstance(self.cell, cells.LipschitzCell)
         return RecurrentParams(

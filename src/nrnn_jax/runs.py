@@ -3,6 +3,8 @@
     RUN/config.json        {"model": NRNNConfig, "train": TrainConfig, ["sweep": Sweep], "dataset": text}
     RUN/metrics.jsonl      one JSON record per finished epoch
     RUN/summary.json       final metrics (a sweep: one entry per member)
+    RUN/train_time.json    {"sessions": [{"first_step", "last_step", "train_time_s"}, ...]}: the training time
+                           of every session (process) that worked on the run, up to its last checkpoint
     RUN/checkpoints/       orbax checkpoints of {"state": TrainState, "sums": metric sums}
     RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax.metrics_log`; a sweep:
                            one sub-directory per member), unless TrainConfig(tensorboard=False)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,7 @@ def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None
                          "nrnn-train --resume) or pass overwrite=True (--overwrite) to replace it.")
     if (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / TRAIN_TIME).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config)
     (run_dir / "metrics.jsonl").write_text("")
@@ -131,6 +135,32 @@ def previous_train_time(run_dir: Path) -> float:
     """The `train_time_s` of the run's summary.json (0 when none was written, e.g. a killed first session)."""
     path = Path(run_dir) / "summary.json"
     return float(json.loads(path.read_text()).get("train_time_s", 0.0)) if path.exists() else 0.0
+
+
+TRAIN_TIME = "train_time.json"
+
+
+def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
+    """The training sessions recorded in RUN/train_time.json, oldest first, each {"first_step", "last_step",
+    "train_time_s"}. A run written before that file existed gives one entry, its summary.json's
+    `train_time_s` (`previous_train_time`); so does an unreadable file, with a warning naming it."""
+    path = Path(run_dir) / TRAIN_TIME
+    if path.exists():
+        try:
+            sessions = json.loads(path.read_text())["sessions"]
+            if all(isinstance(s["train_time_s"], (int, float)) for s in sessions):
+                return sessions
+            raise ValueError("a train_time_s is not a number")
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"{path} cannot be read ({e}); the training time of the earlier sessions is taken from "
+                          "summary.json instead", stacklevel=2)
+    previous = previous_train_time(run_dir)
+    return [{"train_time_s": previous, "recorded_in": "summary.json"}] if previous else []
+
+
+def write_sessions(run_dir: Path, sessions: list[dict[str, Any]]) -> None:
+    """Record the training sessions of the run in RUN/train_time.json (atomically)."""
+    write_json(Path(run_dir) / TRAIN_TIME, {"sessions": sessions})
 
 
 def _run_json(run_dir: str | Path) -> dict[str, Any]:

@@ -344,7 +344,8 @@ def train_and_evaluate(
     - `progress`: show a progress bar per epoch.
     - `resume`: continue the run in `run_dir` from its latest checkpoint (same configuration required, except
       `runs.RESUMABLE_TRAIN_FIELDS`: a larger `epochs` extends the run); the result equals that of an
-      uninterrupted run. `summary["train_time_s"]` accumulates over the sessions that wrote a summary.
+      uninterrupted run. `summary["train_time_s"]` adds the training time of every session (process) that
+      worked on the run, a killed one's up to its last checkpoint (recorded in `RUN/train_time.json`).
     - `overwrite`: replace an existing run in `run_dir` (otherwise refused).
     - `on_epoch_end(epoch, model)`: extra measurements merged into the epoch's record (e.g. the explicit
       regularizer along training); called for each member of a sweep.
@@ -389,8 +390,15 @@ def train_and_evaluate(
         raise ValueError(f"TrainConfig.mode='explicit' needs the noise levels of the penalty{who}: set "
                          "NRNNConfig.eps_add or eps_mult > 0.")
     n_train = data.x_train.shape[0]
-    batch_size = min(tcfg.batch_size, n_train)
+    batch_size = tcfg.batch_size
+    if batch_size > n_train:
+        fail("TrainConfig", "batch_size", batch_size, f"expected at most the {n_train} examples of the training "
+             f"split of {data.name!r} (each step takes a full batch)")
     steps_per_epoch = n_train // batch_size
+    if log and n_train % batch_size:
+        log(f"each epoch trains on {steps_per_epoch * batch_size} of the {n_train} training examples: "
+            f"{steps_per_epoch} batch(es) of {batch_size} from the epoch's shuffled order, whose last "
+            f"{n_train % batch_size} sit that epoch out (others in each epoch)")
     if isinstance(devices, str) and devices == "auto":
         devices = default_devices(mcfg, batch_size, int(data.x_train.shape[1]), tcfg.prng)
     if type(devices) is int and devices == 1:  # the plain step (batches placed on a 1-device mesh cost more)
@@ -461,6 +469,9 @@ def train_and_evaluate(
         if ckpt_dir is not None:
             checkpoint.save_checkpoint(ckpt_dir, first_step(state), {"state": state, "sums": sums})
             last_saved[0] = first_step(state)
+            # this session's training time so far, kept should the process be killed before its summary
+            session.update(last_step=last_saved[0], train_time_s=time.perf_counter() - t_start)
+            runs.write_sessions(run_dir, sessions + [session])
 
     def roll_back(good: TrainState, bad: int, epoch: int) -> TrainState:
         """The epoch's starting state with the optimizer of one more rollback (fresh moments), recorded."""
@@ -486,6 +497,9 @@ def train_and_evaluate(
     t_start = time.perf_counter()
     host_step = first_step(state)
     host_step_at_start = host_step
+    # the training time of the run's earlier sessions, and this one's (RUN/train_time.json)
+    sessions = runs.read_sessions(run_dir) if resume else []
+    session = {"first_step": host_step, "last_step": host_step, "train_time_s": 0.0}
     first_epoch, offset = divmod(host_step, steps_per_epoch)
     if resume and log:
         log(f"resumed at epoch {first_epoch + 1}, step {host_step} (training to epoch {tcfg.epochs})"
@@ -545,12 +559,15 @@ def train_and_evaluate(
 
     models = members(state)
     summaries = [summarize(m_, data, tcfg) for m_ in models]
-    # A resumed run's training time accumulates over its sessions (those that wrote a summary); a resume that
-    # trains nothing keeps the recorded time.
-    previous = runs.previous_train_time(run_dir) if resume else 0.0
-    trained = first_step(state) > host_step_at_start
+    # A run's training time adds that of all its sessions, killed ones included (up to their last checkpoint);
+    # a resume that trains nothing keeps the recorded time.
+    if first_step(state) > host_step_at_start or not resume:
+        session.update(last_step=first_step(state), train_time_s=time.perf_counter() - t_start)
+        sessions = sessions + [session]
+        if run_dir is not None:
+            runs.write_sessions(run_dir, sessions)
     common = {"mode": tcfg.mode, "dataset": data.name, "epochs": tcfg.epochs, "steps": first_step(state),
-              "train_time_s": previous + (time.perf_counter() - t_start if trained or not resume else 0.0)}
+              "train_time_s": sum(s["train_time_s"] for s in sessions)}
     if rollbacks:
         common["rollbacks"] = rollbacks
     if sweep is None:

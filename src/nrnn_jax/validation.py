@@ -97,6 +97,49 @@ def _is_tracer(a) -> bool:
     return isinstance(a, jax.core.Tracer)
 
 
+def _listing(values, k: int = 5) -> str:
+    """The first `k` of `values` as a list, with the count of the rest: `[3, 8, 9] and 2 more`."""
+    values = np.asarray(values)
+    head = "[" + ", ".join(str(v) for v in values[:k].tolist()) + "]"
+    return head if values.size <= k else f"{head} and {values.size - k} more"
+
+
+def describe_nonfinite(x, name: str) -> str | None:
+    """None when every value of the array `x` (examples along its first axis) is finite; else what is not:
+    ``x_train has 3 NaN or Inf value(s) in example(s) [4, 17] (first: x_train[4, 0, 2] = nan)``. Read in
+    blocks of examples, so no full-size temporary is made."""
+    n = _shape_of(x)[0] if len(_shape_of(x)) else 1
+    per = max(1, int(np.prod(_shape_of(x)[1:], dtype=np.int64)))
+    block = max(1, (1 << 22) // per)
+    count, rows, first = 0, [], None
+    for start in range(0, n, block):
+        a = np.asarray(x[start:start + block]) if len(_shape_of(x)) else np.asarray(x)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            count += int(bad.sum())
+            rows.extend((start + np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))).tolist())
+            if first is None:
+                at = tuple(int(i) for i in np.argwhere(bad)[0])
+                first = (start + at[0],) + at[1:], a[at]
+    if count == 0:
+        return None
+    where = ", ".join(str(i) for i in first[0])
+    return (f"{name} has {count} NaN or Inf value(s) in example(s) {_listing(rows)} "
+            f"(first: {name}[{where}] = {first[1]})")
+
+
+def describe_bad_labels(y, num_classes: int, name: str) -> str | None:
+    """None when every label of `y` lies in [0, num_classes); else which do not:
+    ``y_train has 2 label(s) outside [0, 10) at index(es) [4, 17] (value(s) [-1, 10])``."""
+    a = np.asarray(y)
+    bad = (a < 0) | (a >= num_classes)
+    if not bad.any():
+        return None
+    idx = np.flatnonzero(bad)
+    return (f"{name} has {idx.size} label(s) outside [0, {num_classes}) at index(es) {_listing(idx)} "
+            f"(value(s) {_listing(a.reshape(-1)[idx])})")
+
+
 def check_inputs(x, input_dim: int, *, name: str = "x") -> None:
     """x must be a real array of shape (batch, T, input_dim) with batch, T ≥ 1 and no NaN/Inf."""
     shape = _shape_of(x)
@@ -109,10 +152,31 @@ def check_inputs(x, input_dim: int, *, name: str = "x") -> None:
         raise TypeError(f"{name} has dtype {dtype}; expected a real (float or integer) array.")
     # Lazy containers (data.PaddedSequences) check finiteness at construction; arrays are checked here.
     if isinstance(x, (np.ndarray, jax.Array)) and not _is_tracer(x):
-        finite = np.isfinite(np.asarray(x))
-        if not finite.all():
-            raise ValueError(f"{name} contains {finite.size - int(finite.sum())} NaN or Inf value(s); "
-                             "inputs must be finite.")
+        bad = describe_nonfinite(x, name)
+        if bad is not None:
+            raise ValueError(bad.replace(f"{name} has", f"{name} contains", 1) + "; inputs must be finite.")
+
+
+def check_noise_levels(levels, *, name: str = "noise_levels") -> None:
+    """`levels` = (eps_add, eps_mult), the noise levels replacing a configuration's: two finite real numbers
+    >= 0 (Python numbers, NumPy or JAX values). None passes; values being traced (a vmapped sweep's, checked
+    where they are made, `Sweep`) are not checked."""
+    if levels is None or _is_tracer(levels):
+        return
+    allowed = "expected a pair (eps_add, eps_mult) of finite real numbers >= 0"
+    try:
+        pair = list(levels)
+    except TypeError:
+        pair = None
+    if pair is None or len(pair) != 2:
+        fail("", name, levels, allowed)
+    for field, v in zip(("eps_add", "eps_mult"), pair):
+        if _is_tracer(v):
+            continue
+        a = np.asarray(v)
+        real = np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+        if a.shape != () or not real or not np.isfinite(a) or a < 0:
+            fail("", name, levels, f"{allowed} ({field}={v!r})")
 
 
 def check_noise(xi, batch: int, steps: int, noise_dim: int, *, name: str = "noise") -> None:
@@ -134,7 +198,7 @@ def check_labels(y, batch: int, num_classes: int, *, name: str = "y") -> None:
         raise TypeError(f"{name} has dtype {dtype}; expected integer class labels in [0, {num_classes}).")
     if not _is_tracer(y):
         arr = np.asarray(y)
-        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-            raise ValueError(
-                f"{name} has labels in [{arr.min()}, {arr.max()}]; expected labels in [0, {num_classes})."
-            )
+        bad = describe_bad_labels(arr, num_classes, name)
+        if bad is not None:
+            raise ValueError(f"{name} has labels in [{arr.min()}, {arr.max()}]; expected labels in [0, {num_classes}) "
+                             f"({bad.removeprefix(name + ' has ')}).")

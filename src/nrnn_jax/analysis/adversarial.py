@@ -15,14 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..losses import cross_entropy
-from ..validation import check_choice, check_real
+from ..validation import check_choice, check_inputs, check_labels, check_real
 
 NORMS = ("linf", "l2")
 
 
-def _check(norm: str, eps: float) -> None:
+def _check(model, x, y, norm: str, eps: float) -> None:
     check_choice("", "norm", norm, NORMS)
     check_real("", "eps", eps, 0.0)
+    check_inputs(x, model.cfg.input_dim)
+    check_labels(y, x.shape[0], model.cfg.num_classes)
 
 
 def _per_example_norm(v):
@@ -59,14 +61,14 @@ def _pgd(graphdef, params, x, y, eps, norm, steps, step_size):
 
 def fgsm(model, x, y, eps: float, norm: Literal["linf", "l2"] = "linf"):
     """One signed-gradient (L∞) or normalised-gradient (L2) step of size eps (Goodfellow et al., 2015)."""
-    _check(norm, eps)
+    _check(model, x, y, norm, eps)
     graphdef, params = nnx.split(model)
     return _pgd(graphdef, params, jnp.asarray(x), jnp.asarray(y), eps, norm, 1, eps)
 
 
 def pgd(model, x, y, eps: float, norm: Literal["linf", "l2"] = "linf", steps: int = 10, step_size: float | None = None):
     """Projected gradient ascent on the loss within the eps-ball (Madry et al., 2018); step 2.5 eps / steps."""
-    _check(norm, eps)
+    _check(model, x, y, norm, eps)
     step_size = 2.5 * eps / steps if step_size is None else step_size
     graphdef, params = nnx.split(model)
     return _pgd(graphdef, params, jnp.asarray(x), jnp.asarray(y), eps, norm, int(steps), step_size)
@@ -103,5 +105,6 @@ def deepfool(model, x, max_iter: int = 50, overshoot: float = 0.02):
     """DeepFool (Moosavi-Dezfooli et al., 2016): the smallest L2 perturbation that changes the predicted
     class, by linearising the decision boundaries. Returns (perturbation, found) per example;
     ‖perturbation‖₂ is the input-space margin (docs/theory.md (4.5))."""
+    check_inputs(x, model.cfg.input_dim)
     graphdef, params = nnx.split(model)
     return _deepfool(graphdef, params, jnp.asarray(x), int(max_iter), model.cfg.num_classes, float(overshoot))

@@ -10,9 +10,12 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from ..losses import cross_entropy
+from ..validation import check_inputs, check_labels
 
 
 def _loss_and_hvp(model, x, y):
+    check_inputs(x, model.cfg.input_dim)
+    check_labels(y, x.shape[0], model.cfg.num_classes)
     graphdef, params = nnx.split(model)
     flat, unravel = ravel_pytree(params)
 

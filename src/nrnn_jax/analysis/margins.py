@@ -6,11 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..evaluate import predict_logits
+from ..validation import check_inputs, check_labels
 from .adversarial import deepfool
 
 
 def output_margins(model, x, y, batch_size: int = 500) -> np.ndarray:
     """logit_y − max_{j≠y} logit_j per example (negative: misclassified)."""
+    check_inputs(x, model.cfg.input_dim)
+    check_labels(y, x.shape[0], model.cfg.num_classes)
     logits = predict_logits(model, x, batch_size)
     y = np.asarray(y)
     true = logits[np.arange(len(y)), y]

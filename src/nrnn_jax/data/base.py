@@ -9,12 +9,18 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from ..validation import check_choice, check_int
+from ..validation import check_choice, check_int, describe_bad_labels, describe_nonfinite
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A classification task on sequences: inputs (N, T, input_dim) float32, labels (N,) int32."""
+    """A classification task on sequences: inputs (N, T, input_dim) float32, labels (N,) int32.
+
+    Checked at construction (`validate`), before anything trains on it: every split (train, val, test)
+    non-empty, inputs of shape (N, T, input_dim) with one input_dim, real and finite, and integer labels in
+    [0, num_classes). An error names the split, the field, the first offending indices and values, and what
+    is allowed.
+    """
 
     name: str
     x_train: np.ndarray
@@ -27,11 +33,42 @@ class Dataset:
     description: str = ""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` (`TypeError` for a wrong dtype) unless every split is usable: at least one
+        example; x (N, T, input_dim) real and finite, with the training split's input_dim; y (N,) integer
+        labels in [0, num_classes)."""
+        own = f"Dataset {self.name!r}"
+        check_int("Dataset", "num_classes", self.num_classes, 1)
         for split in ("train", "val", "test"):
-            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.ndim != 3 or y.shape != (x.shape[0],):
+            fx, fy = f"x_{split}", f"y_{split}"
+            x, y = getattr(self, fx), getattr(self, fy)
+            for field, a in ((fx, x), (fy, y)):
+                if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+                    raise TypeError(f"{own}: {field} is a {type(a).__name__}; expected an array.")
+            if len(x.shape) != 3 or tuple(y.shape) != (x.shape[0],):
                 raise ValueError(f"Dataset {self.name!r}: x_{split} {x.shape} / y_{split} {y.shape}; expected "
                                  "(N, T, input_dim) and (N,).")
+            if x.shape[0] == 0:
+                raise ValueError(f"{own}: the {split} split is empty ({fx} has shape {tuple(x.shape)}); every "
+                                 "split (train, val, test) needs at least one example.")
+            if x.shape[2] != self.x_train.shape[2]:
+                raise ValueError(f"{own}: {fx} has input_dim {x.shape[2]} (shape {tuple(x.shape)}); expected "
+                                 f"the training split's {self.x_train.shape[2]}.")
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise TypeError(f"{own}: {fx} has dtype {x.dtype}; expected real (float or integer) inputs.")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise TypeError(f"{own}: {fy} has dtype {y.dtype}; expected integer class labels in "
+                                f"[0, num_classes={self.num_classes}).")
+            bad = describe_bad_labels(y, self.num_classes, fy)
+            if bad is not None:
+                raise ValueError(f"{own}, {split} split: {bad}; expected integer class labels in "
+                                 f"[0, num_classes={self.num_classes}).")
+            if not isinstance(x, PaddedSequences):  # checks its own finiteness at construction
+                bad = describe_nonfinite(x, fx)
+                if bad is not None:
+                    raise ValueError(f"{own}, {split} split: {bad}; inputs must be finite.")
 
     @property
     def input_dim(self) -> int:
