@@ -36,7 +36,7 @@ test: $(STAMP)
 # their stored outputs, nothing executed); --strict: any warning (a broken link or anchor, a docstring
 # reference that does not resolve, a page left out of the navigation) fails the build.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir site
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site .cache
