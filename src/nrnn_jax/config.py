@@ -104,7 +104,7 @@ class ConfigMixin:
 
 @dataclasses.dataclass(frozen=True)
 class NRNNConfig(ConfigMixin):
-    """Hyper-parameters of a noisy Lipschitz RNN (docs/theory.md §1–§2).
+    """Hyper-parameters of a noisy RNN: the Lipschitz RNN by default, or any cell (docs/theory.md §1–§2, §8).
 
     **Arguments:**
 

@@ -39,8 +39,15 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and accuracy of `model` (noise off) on (x, y), in fixed-shape batches.
 
-    `perturb(x_batch, y_batch, rng)` (see `nrnn_jax.perturbations`) is applied to each batch with a generator
-    seeded by `seed`, so perturbed evaluation needs no copy of the whole data set.
+    **Arguments:**
+
+    - `model`: a `NoisyRNN`.
+    - `x`: inputs (N, T, input_dim); `y`: integer labels (N,).
+    - `batch_size`: examples per compiled call (the last batch is padded and masked).
+    - `perturb`: `perturb(x_batch, y_batch, rng)` (see `nrnn_jax.perturbations`) is applied to each batch with
+      a generator seeded by `seed`, so perturbed evaluation needs no copy of the whole data set.
+
+    **Returns:** `{"loss": mean cross-entropy, "acc": accuracy}` as Python floats.
     """
     check_inputs(x, model.cfg.input_dim)
     check_labels(y, x.shape[0], model.cfg.num_classes)
@@ -60,7 +67,16 @@ def _logits_step(graphdef, params, x):
 
 
 def predict_logits(model: NoisyRNN, x, batch_size: int = 500) -> np.ndarray:
-    """Logits (noise off) for every example of x, in fixed-shape batches."""
+    """Logits (noise off) for every example of x, in fixed-shape batches.
+
+    **Arguments:**
+
+    - `model`: a `NoisyRNN`.
+    - `x`: inputs (N, T, input_dim).
+    - `batch_size`: examples per compiled call (the last batch is padded and its padding dropped).
+
+    **Returns:** a NumPy array (N, num_classes).
+    """
     check_inputs(x, model.cfg.input_dim)
     graphdef, params = nnx.split(model)
     batch_size = min(batch_size, x.shape[0])

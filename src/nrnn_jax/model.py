@@ -131,7 +131,15 @@ class NoisyRNN(nnx.Module):
 
 def with_noise(model: NoisyRNN, eps_add: float, eps_mult: float) -> NoisyRNN:
     """A copy of `model` with the same parameters (and cell) and other noise levels (e.g. to measure a
-    deterministic model's explicit regularizer at the noise levels of a comparison)."""
+    deterministic model's explicit regularizer at the noise levels of a comparison).
+
+    **Arguments:**
+
+    - `model`: a `NoisyRNN` (left unchanged).
+    - `eps_add`, `eps_mult`: the copy's noise levels (`NRNNConfig` fields, validated as there).
+
+    **Returns:** a new `NoisyRNN` sharing no mutable state with `model`.
+    """
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)  # a new module sharing no mutable structure with `model`
     copy.cfg = model.cfg.replace(eps_add=eps_add, eps_mult=eps_mult)

@@ -419,10 +419,18 @@ def explicit_regularizer(
 
 def antithetic_monte_carlo(model, x, y, num_samples: int, key: Array, clean_loss: Array | None = None) -> Array:
     """Monte Carlo samples of E[noisy loss] − clean loss with antithetic pairs (docs/theory.md (3.19)):
-    ½[ℓ(h(ξ)) + ℓ(h(−ξ))] − ℓ(h̄), each averaged over the batch; shape (num_samples,).
+    ½[ℓ(h(ξ)) + ℓ(h(−ξ))] − ℓ(h̄), each averaged over the batch.
 
-    `clean_loss` defaults to the loss on the path the expansion is taken around (`explicit_regularizer`'s
-    `.clean_loss`). Their mean estimates `explicit_regularizer(...).value` up to O(ε⁴).
+    **Arguments:**
+
+    - `model`: a `NoisyRNN` with its noise levels.
+    - `x`: inputs (batch, T, input_dim); `y`: integer labels (batch,).
+    - `num_samples`: antithetic pairs drawn; `key`: a JAX PRNG key.
+    - `clean_loss`: ℓ(h̄); default: the loss on the path the expansion is taken around
+      (`explicit_regularizer`'s `.clean_loss`).
+
+    **Returns:** the samples, shape (num_samples,). Their mean estimates `explicit_regularizer(...).value` up
+    to O(ε⁴).
     """
     if clean_loss is None:
         clean_loss = explicit_regularizer(model, x, y).clean_loss

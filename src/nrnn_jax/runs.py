@@ -281,8 +281,16 @@ def run_data_dir(run_dir: str | Path, data_dir: str | Path | None = None) -> str
 
 
 def load_run_dataset(run_dir: str | Path, data_dir: str | Path | None = None) -> Dataset:
-    """The data set a run was trained on, read from `run_data_dir(run_dir, data_dir)`: `data_dir` overrides
-    the run's stored directory; a stored directory that no longer exists falls back to $NRNN_DATA."""
+    """The data set a run was trained on (a named task; reading its configuration imports nothing).
+
+    **Arguments:**
+
+    - `run_dir`: the run directory.
+    - `data_dir`: overrides the run's stored data directory (e.g. after the data moved). None: the stored
+      directory, or `$NRNN_DATA` when it no longer exists.
+
+    **Returns:** the `Dataset`, loaded with the run's data options.
+    """
     tcfg = _read_train_config(run_dir)
     where = run_data_dir(run_dir, data_dir)
     try:

@@ -33,7 +33,17 @@ Save = Literal["final", "all"]
 
 
 def brownian_increments(key: Array, shape: tuple[int, ...], dt: float, dtype=jnp.float32) -> Array:
-    """Independent Brownian increments ΔW ~ N(0, δ I) of the given shape (time on the second-last axis)."""
+    """Independent Brownian increments ΔW ~ N(0, δ I) of the given shape (time on the second-last axis).
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key.
+    - `shape`: e.g. (T, noise_dim) for one example or (B, T, noise_dim) for a batch.
+    - `dt`: the step δ.
+    - `dtype`: the floating dtype of the result.
+
+    **Returns:** √δ times standard normals (`nrnn_jax.prng.normal`, the numbers of `jax.random.normal`).
+    """
     return jnp.sqrt(jnp.asarray(dt, dtype)) * prng.normal(key, shape, dtype)
 
 

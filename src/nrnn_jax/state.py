@@ -26,7 +26,16 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """The state before the first step: optimizer initialised, step 0, key from `seed`, no bad step."""
+    """The state before the first step: optimizer initialised, step 0, key from `seed`, no bad step.
+
+    **Arguments:**
+
+    - `params`: the model's state, `nnx.split(model)[1]`.
+    - `tx`: the optimizer (`make_optimizer`).
+    - `seed`: sets the noise key of training (as `TrainConfig.seed` does).
+
+    **Returns:** a `TrainState`.
+    """
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed + 1),
                       jnp.full((), -1, jnp.int32))
 
@@ -61,8 +70,16 @@ def epoch_lr(tcfg: TrainConfig, epoch: int, rollbacks: int = 0) -> float:
 def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> optax.GradientTransformation:
     """Adam (or AdamW) or SGD with momentum, the step-decay schedule of `tcfg` and optional clipping.
 
-    `rollbacks`: how many divergence rollbacks have happened (their learning rate and clip:
-    `rollback_settings`)."""
+    **Arguments:**
+
+    - `tcfg`: the `TrainConfig` (`optimizer`, `lr`, `momentum`, `weight_decay`, `lr_decay`,
+      `lr_decay_epochs`, `grad_clip`).
+    - `steps_per_epoch`: turns the decay epochs into step counts.
+    - `rollbacks`: how many divergence rollbacks have happened (their learning rate and clip:
+      `rollback_settings`).
+
+    **Returns:** an `optax.GradientTransformation`.
+    """
     lr, clip = rollback_settings(tcfg, rollbacks)
     boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
     schedule = optax.piecewise_constant_schedule(lr, boundaries)
@@ -93,9 +110,19 @@ def init_model_state(mcfg: NRNNConfig, tx: optax.GradientTransformation, seed: i
 
 
 def init_sweep_states(mcfg: NRNNConfig, tx: optax.GradientTransformation, sweep: Sweep, cell=None):
-    """(graphdef, stacked TrainState): member i initialised exactly as a single run with
-    `TrainConfig.seed = seed_i`. The graph holds `sweep.structure_config(mcfg)` (every noise term any member
-    uses); the members' own levels are passed to the step (the initialisation does not depend on them)."""
+    """The states of a sweep's members, stacked: member i initialised exactly as a single run with
+    `TrainConfig.seed = seed_i`.
+
+    **Arguments:**
+
+    - `mcfg`: the model configuration; `tx`: the optimizer (`make_optimizer`).
+    - `sweep`: the `Sweep`.
+    - `cell`: a user cell's factory, as `train_and_evaluate(..., cell=)` takes it (None: the built-in cell).
+
+    **Returns:** (graphdef, `TrainState` with a leading members axis). The graph holds
+    `sweep.structure_config(mcfg)` (every noise term any member uses); the members' own levels are passed to
+    the step (the initialisation does not depend on them).
+    """
     structure = sweep.structure_config(mcfg)
     graphdef, states = zip(*(init_model_state(structure, tx, seed, cell) for seed in sweep.member_seeds()))
     return graphdef[0], jax.tree.map(lambda *a: jnp.stack(a), *states)

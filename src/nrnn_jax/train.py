@@ -95,7 +95,18 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, tcfg: TrainConfig, *, sweep: bool = False,
                     devices: int | None = None) -> Callable:
-    """A jit-compiled `train_step(state, x, y, mask) -> (state, metrics)`.
+    """A jit-compiled `train_step(state, x, y, mask) -> (state, metrics)` in the mode of `tcfg`.
+
+    **Arguments:**
+
+    - `graphdef`: the model's graph, `nnx.split(model)[0]`.
+    - `tx`: the optimizer (`make_optimizer`).
+    - `tcfg`: the `TrainConfig` (mode, regularizer settings, PRNG).
+    - `sweep`: the step of a sweep's stacked states (below).
+    - `devices`: data-parallel over this many devices (below); None or 1: one device.
+
+    **Returns:** the compiled step. `metrics` holds the batch's `loss`, `acc`, `grad_norm` and, in explicit
+    mode, `reg`; `mask` (batch,) is 1 for real examples and 0 for padding.
 
     With `sweep=True`: `train_step(states, x, y, mask, noise_levels)` for a stack of states (leading axis:
     the members) and their (members, 2) noise levels, all on the same batch, vmapped in one jit; the
@@ -258,10 +269,16 @@ def _mesh(devices: int) -> jax.sharding.Mesh:
 
 
 def data_parallel_sharding(devices: int | None):
-    """(batch sharding, replicated sharding) over a 1-D mesh of the first `devices` devices, or
-    (None, None) for `devices=None`: where a data-parallel step (`make_train_step(..., devices=n)`) wants
-    its batches and state. Works across hosts after `jax.distributed.initialize()` (then `devices` counts
-    all processes' devices)."""
+    """Where a data-parallel step (`make_train_step(..., devices=n)`) wants its batches and state.
+
+    **Arguments:**
+
+    - `devices`: the number of devices of the 1-D mesh (the first `devices` devices), or None. Across hosts,
+      after `jax.distributed.initialize()`, it counts all processes' devices.
+
+    **Returns:** (batch sharding along the mesh's "batch" axis, replicated sharding), or (None, None) for
+    `devices=None`.
+    """
     if devices is None:
         return None, None
     mesh, P = _mesh(devices), jax.sharding.PartitionSpec

@@ -28,7 +28,18 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> Dataset:
-    """Load a named task. Names: see `LOADERS` ("digits" is embedded and needs no files)."""
+    """Load a named task.
+
+    **Arguments:**
+
+    - `name`: one of `LOADERS`: "digits" (embedded, no files), "mnist1d", "ecg5000", "mnist_rows",
+      "mnist_pixel", "mnist_permuted", "cifar10_rows", "cifar10_pixel", "cifar10_noise_padded".
+    - `data_dir`: the folder with the data files; None: `$NRNN_DATA`, else `~/.cache/nrnn_jax`.
+    - `options`: the loader's keyword options (e.g. `permutation=`, `pixel_scale=` for MNIST).
+
+    **Returns:** a `Dataset`. An unknown name is a ValueError listing the names; missing or corrupted files
+    raise an error naming the file.
+    """
     if name not in LOADERS:
         check_choice("", "dataset", name, sorted(LOADERS))
     return LOADERS[name](data_dir, **options)
