@@ -464,11 +464,7 @@ def state_layout(cell: Any, cfg: NRNNConfig) -> StateLayout | None:
     if getattr(type(cell), "output", Cell.output) is Cell.output and treedef.num_nodes == 1:
         out = sentinels[0]  # the default: the state itself, one array
     else:
-        try:
-            out = cell.output(jax.tree.unflatten(treedef, sentinels))
-        except Exception as e:
-            raise ValueError(f"NoisyRNN(cell=...): {own}.output(state) failed for the declared state ({found}): "
-                             f"{type(e).__name__}: {e}") from e
+        out = _output_of(cell, treedef, sentinels, own, found)
     where = [i for i, a in enumerate(sentinels) if out is a]
     if not where:
         raise ValueError(f"NoisyRNN(cell=...): the decoder cannot read {own}'s output: {own}.output(state) must "
@@ -497,6 +493,24 @@ def state_layout(cell: Any, cfg: NRNNConfig) -> StateLayout | None:
     if layout.noise is None and len(leaves) == 1 and layout.shapes[0] == (cfg.hidden,):
         return None
     return layout
+
+
+def _output_of(cell, treedef, sentinels, own: str, found: str):
+    """`cell.output` of the declared state, traced (no numbers): the sentinel leaf it returns, else the
+    shapes of what it returns."""
+    picked = []
+
+    def read(*leaves):
+        out = cell.output(jax.tree.unflatten(treedef, list(leaves)))
+        picked.extend(i for i, a in enumerate(leaves) if out is a)
+        return out
+
+    try:
+        out = jax.eval_shape(read, *sentinels)
+    except Exception as e:
+        raise ValueError(f"NoisyRNN(cell=...): {own}.output(state) failed for the declared state ({found}): "
+                         f"{type(e).__name__}: {e}") from e
+    return sentinels[picked[0]] if picked else out
 
 
 def cell_name(cell) -> str:

@@ -254,7 +254,7 @@ def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_
     return entering, final
 
 
-def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Array, "B d"]) -> Float[Array, "B d"]:
+def batch_drift(drift: cells.Drift, params, h: Float[Array, "B s"], z: Float[Array, "B d"]) -> Float[Array, "B s"]:
     """The cell's drift for a batch: a product cell's products M h as one matrix product, then g per example;
     any other cell vmapped."""
     if drift.has_products:
