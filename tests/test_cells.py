@@ -266,8 +266,8 @@ def test_bad_cells_are_named(cell, exc, match):
 
 
 def test_bad_cell_names():
-    with pytest.raises(ValueError, match="NRNNConfig.cell='lstm' is invalid"):
-        NRNNConfig(cell="lstm")
+    with pytest.raises(ValueError, match="NRNNConfig.cell='transformer' is invalid"):
+        NRNNConfig(cell="transformer")
     with pytest.raises(ValueError, match="pass it as NoisyRNN"):
         NoisyRNN(_cfg(cell="custom"), rngs=nnx.Rngs(0))
 

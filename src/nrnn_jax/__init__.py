@@ -3,7 +3,7 @@
 The public API (the theory is in the repository's docs/theory.md):
 
 - The model: `NRNNConfig`, `NoisyRNN`, `with_noise`, `RecurrentParams`; the cells `Cell`, `ProductCell`,
-  `LipschitzCell`, `AntisymmetricCell`, `GRUCell`, `TanhCell`, `FlaxCell` (`nrnn_jax.cells`); the solvers `solve`, `solve_batch`,
+  `LipschitzCell`, `AntisymmetricCell`, `GRUCell`, `TanhCell`, `LSTMCell`, `FlaxCell` (`nrnn_jax.cells`); the solvers `solve`, `solve_batch`,
   `brownian_increments`, `GridBrownianPath`, `GridIncrementPath`.
 - The explicit regularizer: `explicit_regularizer` → `Regularizer`; `antithetic_monte_carlo` to check it.
   The general pure functions (`exact_terms`, `probe_terms`, `continuous_terms`) are in `nrnn_jax.regularizer`.
@@ -32,7 +32,8 @@ from .data import Dataset as Dataset
 from .data import load_dataset as load_dataset
 from .dynamics import RecurrentParams as RecurrentParams
 from .cells import (AntisymmetricCell as AntisymmetricCell, Cell as Cell, FlaxCell as FlaxCell, GRUCell as GRUCell,
-                    LipschitzCell as LipschitzCell, ProductCell as ProductCell, TanhCell as TanhCell)
+                    LipschitzCell as LipschitzCell, LSTMCell as LSTMCell, ProductCell as ProductCell,
+                    TanhCell as TanhCell)
 from .evaluate import evaluate as evaluate
 from .evaluate import predict_logits as predict_logits
 from .model import NoisyRNN as NoisyRNN
@@ -64,7 +65,7 @@ from .train import train_and_evaluate as train_and_evaluate
 __version__ = "0.1.0"
 
 __all__ = sorted([
-    "AntisymmetricCell", "Cell", "FlaxCell", "GRUCell", "LipschitzCell", "ProductCell", "TanhCell",
+    "AntisymmetricCell", "Cell", "FlaxCell", "GRUCell", "LipschitzCell", "LSTMCell", "ProductCell", "TanhCell",
     "Dataset", "GridBrownianPath", "GridIncrementPath", "NRNNConfig", "NoisyRNN", "RecurrentParams", "Regularizer",
     "RunResult", "Sweep", "TrainConfig", "TrainState", "TrainingDiverged", "antithetic_monte_carlo",
     "brownian_increments", "data_parallel_sharding", "evaluate", "explicit_regularizer", "from_public",

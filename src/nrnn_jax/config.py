@@ -26,7 +26,7 @@ def check_options(owner: str, field: str, value: Any) -> tuple[tuple[str, str], 
         fail(owner, field, value, "expected a dict or a sequence of (name, value) pairs of strings with distinct names")
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
-CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "custom")
+CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "lstm", "custom")
 CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar", "custom")
 SOLVERS = ("euler", "euler_heun", "milstein")
@@ -109,7 +109,7 @@ class NRNNConfig(ConfigMixin):
     **Arguments:**
 
     - `cell`: the drift f(h, z) (`nrnn_jax.cells`): `"lipschitz"` (default, the Lipschitz RNN below),
-      `"antisymmetric"`, `"gru"`, `"tanh"`; `"custom"` marks a user cell passed as
+      `"antisymmetric"`, `"gru"`, `"tanh"`, `"lstm"` (state (c, h), the decoder reading h); `"custom"` marks a user cell passed as
       `NoisyRNN(cfg, rngs=rngs, cell=my_cell)` (set by the model itself).
     - `input_dim`, `hidden`, `num_classes`: sizes n, d and the number of output classes.
     - `dt`: the step size δ of the Euler–Maruyama discretisation (the initial per-unit step `s` of the
@@ -132,6 +132,10 @@ class NRNNConfig(ConfigMixin):
       (scale σ itself). Recorded in run directories by its import path; `read_run_config` gives it back as
       an `ImportPath` (text, not imported) unless the function is passed or the run is trusted. A string
       given here is imported.
+    - `noise_on`: the parts of the cell's state the noise enters: `()` (default) the whole state; else
+      names of parts: `"output"` (the part the decoder reads, e.g. h of the LSTM) or the name of a leaf of
+      the state (its key path: `"0"`, `"1"` for a tuple (c, h), `"h"` for a dict entry). The noise width
+      `NoisyRNN.noise_dim` follows from it. Not with the reference convention.
     - `solver`: `"euler"` (Itô Euler–Maruyama, default), `"euler_heun"` (Stratonovich Euler–Heun) or
       `"milstein"` (Itô Milstein; requires commutative noise, so not scalar noise together with additive
       noise). Under `"reference"` only `"euler"` is defined.
@@ -169,10 +173,20 @@ class NRNNConfig(ConfigMixin):
     dtype: Literal["float32", "float64"] = "float32"
     cell: str = "lipschitz"
     diffusion: Any = None
+    noise_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         own = "NRNNConfig"
         check_choice(own, "cell", self.cell, CELLS)
+        names = self.noise_on
+        if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(
+                isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            fail(own, "noise_on", names, "expected a tuple of distinct part names of the cell's state, e.g. "
+                 "('output',) or ('1',), or () for the whole state")
+        object.__setattr__(self, "noise_on", tuple(names))
+        if self.noise_on and self.convention == "reference":
+            fail(own, "noise_on", self.noise_on, "the reference convention injects its own noise into the whole "
+                 "state; use noise_on=() or convention='sde'")
         for name, minimum in (("input_dim", 1), ("hidden", 1), ("num_classes", 2)):
             check_int(own, name, getattr(self, name), minimum)
         check_real(own, "dt", self.dt, 0.0, lo_open=True)
@@ -219,7 +233,8 @@ class NRNNConfig(ConfigMixin):
 
     @property
     def noise_dim(self) -> int:
-        """Width of the standard-normal noise array `xi` of shape (batch, T, noise_dim).
+        """Width of the standard-normal noise array `xi` of shape (batch, T, noise_dim) for a cell whose state
+        is one array (hidden,); `NoisyRNN.noise_dim` gives it for any cell.
 
         `hidden` for diagonal SDE noise; `hidden + 1` for scalar noise (d additive components, then the
         one multiplicative Brownian motion); `2 * hidden` for the reference convention (additive normals,
@@ -408,7 +423,9 @@ FIELD_HELP: dict[str, dict[str, str]] = {
     "NRNNConfig": {
         "diffusion": "a user diffusion sigma(h, z) as an import path module:function, a module in the current "
                      "directory found (with --noise-kind custom and no eps levels)",
-        "cell": "the drift f(h, z): lipschitz, antisymmetric, gru or tanh (a user cell: the Python API)",
+        "cell": "the drift f(h, z): lipschitz, antisymmetric, gru, tanh or lstm (a user cell: the Python API)",
+        "noise_on": "comma-separated parts of the cell's state the noise enters, e.g. output (the LSTM's h); "
+                    "none: the whole state",
         "input_dim": "input features per step (default: the data set's)",
         "hidden": "hidden units d",
         "num_classes": "output classes (default: the data set's)",

@@ -63,18 +63,24 @@ def drift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, "*batch d"], z: F
     return lipschitz_from_products(cfg.alpha, h, h @ products_matrix(p).T, z)
 
 
-def diffusion(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"] | None = None) -> lx.AbstractLinearOperator:
+def diffusion(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " n"] | None = None,
+              sigma: noise.Noise | None = None) -> lx.AbstractLinearOperator:
     """σ(h, z) as a linear operator from noise space (cfg.noise_dim,) to state space (docs/theory.md (2.1)–(2.2)):
     the configuration's diffusion (`nrnn_jax.noise`). Diagonal: ε_add I + ε_mult diag(h). Scalar:
     [ε_add I | ε_mult h], the last column driven by the one multiplicative Brownian motion. Custom: the user's
-    σ(h, z) (z needed)."""
-    return noise.of(cfg).operator(noise_levels(cfg, p), h, z)
+    σ(h, z) (z needed). `sigma`: the diffusion on a cell's flat state (`noise.of(cfg, layout)`; None: the
+    configuration's on a state (hidden,)), here and in the functions below."""
+    return _sigma(cfg, sigma).operator(noise_levels(cfg, p), h, z)
 
 
 def diffusion_mv(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], dw: Float[Array, " m"],
-                 z: Float[Array, " d"] | None = None) -> Float[Array, " d"]:
+                 z: Float[Array, " n"] | None = None, sigma: noise.Noise | None = None) -> Float[Array, " d"]:
     """σ(h, z) ΔW without materialising σ."""
-    return noise.of(cfg).mv(noise_levels(cfg, p), h, z, dw)
+    return _sigma(cfg, sigma).mv(noise_levels(cfg, p), h, z, dw)
+
+
+def _sigma(cfg: NRNNConfig, sigma: noise.Noise | None) -> noise.Noise:
+    return noise.of(cfg) if sigma is None else sigma
 
 
 def increments(cfg: NRNNConfig, xi: Float[Array, "... m"]) -> Float[Array, "... m"]:
@@ -82,8 +88,8 @@ def increments(cfg: NRNNConfig, xi: Float[Array, "... m"]) -> Float[Array, "... 
     return jnp.sqrt(jnp.asarray(cfg.dt, xi.dtype)) * xi
 
 
-def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"], f: Float[Array, " d"],
-         xi: Float[Array, " m"] | None) -> Float[Array, " d"]:
+def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " n"], f: Float[Array, " d"],
+         xi: Float[Array, " m"] | None, sigma: noise.Noise | None = None) -> Float[Array, " d"]:
     """One recurrence step of the configured scheme (`nrnn_jax.schemes.of(cfg)`) with the configured diffusion,
     driven by the standard normals `xi` of shape (cfg.noise_dim,) (None: noise off, the test-time step).
 
@@ -92,9 +98,9 @@ def step(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Ar
       `xi` = (ξ_add, ζ) of shape (2 hidden,); with noise off, h + s ⊙ f (docs/theory.md (2.9)–(2.10)).
 
     `z`: the step's input drive; `f`: the drift f(h, z) of the model's cell at h (every scheme evaluates it
-    once, at h).
+    once, at h). `sigma`: as in `diffusion`.
     """
-    return schemes.of(cfg).step(cfg, p, noise.of(cfg), h, z, f, xi)
+    return schemes.of(cfg).step(cfg, p, _sigma(cfg, sigma), h, z, f, xi)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -123,19 +129,19 @@ def expands_around_test_path(cfg: NRNNConfig) -> bool:
     return schemes.of(cfg).expands_around_test_path
 
 
-def perturbation_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"],
-                        f: Float[Array, " d"]) -> lx.AbstractLinearOperator:
+def perturbation_factor(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " n"],
+                        f: Float[Array, " d"], sigma: noise.Noise | None = None) -> lx.AbstractLinearOperator:
     """G_k(h) with perturbation G_k η_k, Cov η_k = I, so that C_k = G_k G_kᵀ (docs/theory.md (3.2)).
 
     "sde": √δ σ(h, z). "reference": [diag(s ⊙ f) ε_mult/√12 | ε_add I] (u − E u has variance ε_mult²/12),
     giving C_k = diag(s ⊙ f)² ε_mult²/12 + ε_add² I, with f the drift f(h, x_k) at h.
     """
-    return schemes.of(cfg).perturbation_factor(cfg, p, noise.of(cfg), h, z, f)
+    return schemes.of(cfg).perturbation_factor(cfg, p, _sigma(cfg, sigma), h, z, f)
 
 
-def perturbation_factor_mv(cfg: NRNNConfig, p: RecurrentParams, h, z, f, eta):
+def perturbation_factor_mv(cfg: NRNNConfig, p: RecurrentParams, h, z, f, eta, sigma: noise.Noise | None = None):
     """G_k η for one η of shape (noise_dim,) without forming G_k (the same G_k as `perturbation_factor`)."""
-    return schemes.of(cfg).perturbation_factor_mv(cfg, p, noise.of(cfg), h, z, f, eta)
+    return schemes.of(cfg).perturbation_factor_mv(cfg, p, _sigma(cfg, sigma), h, z, f, eta)
 
 
 def has_mean_shift(cfg: NRNNConfig) -> bool:
@@ -144,9 +150,9 @@ def has_mean_shift(cfg: NRNNConfig) -> bool:
     return schemes.of(cfg).has_mean_shift
 
 
-def stratonovich_shift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " d"],
-                       dt) -> Float[Array, " d"]:
+def stratonovich_shift(cfg: NRNNConfig, p: RecurrentParams, h: Float[Array, " d"], z: Float[Array, " n"],
+                       dt, sigma: noise.Noise | None = None) -> Float[Array, " d"]:
     """dt · ½ Σ_j (∂σ_j/∂h) σ_j: the mean drift a Stratonovich scheme (Euler–Heun) adds (docs/theory.md (3.5));
     in closed form for the built-in diffusions, by autodiff for a user one. Zero for the Itô schemes
     (Euler–Maruyama, Milstein), whose extra terms have mean zero."""
-    return schemes.SCHEMES["euler_heun"].mean_shift(cfg, p, noise.of(cfg), h, z, dt)
+    return schemes.SCHEMES["euler_heun"].mean_shift(cfg, p, _sigma(cfg, sigma), h, z, dt)

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from . import cells, prng, solvers
+from . import noise as noise_lib
 from .config import NRNNConfig
 from .dynamics import RecurrentParams
 from .validation import check_inputs, check_noise, check_noise_levels
@@ -24,23 +25,26 @@ class NoisyRNN(nnx.Module):
 
     - `cfg`: an `NRNNConfig`.
     - `rngs`: `flax.nnx.Rngs` for the initialisation.
-    - `cell`: a user cell (a `flax.nnx.Module` with `drift(h, z)` for one example, see `nrnn_jax.cells`);
-      None builds the built-in cell `cfg.cell`. With a user cell the model's configuration records
-      `cell="custom"`.
+    - `cell`: a user cell (a `flax.nnx.Module` with `drift(h, z)` for one example, see `nrnn_jax.cells`;
+      its state may be any pytree, e.g. `FlaxCell(nnx.LSTMCell(d, d, rngs=rngs))`); None builds the built-in
+      cell `cfg.cell`. With a user cell the model's configuration records `cell="custom"`.
     - `diffusion`: a user σ(h, z) for one example returning a diagonal (hidden,) or a (hidden, m) matrix
       (`nrnn_jax.noise.CustomNoise`); sets `cfg.noise_kind="custom"` (the noise levels must be 0). None: the
       configuration's diffusion.
 
     **Parts:** `model.encode(x)` = z (batch, T, hidden), the input drive; `model.cell` the drift;
-    `model.decode(h)` the logits of final states.
+    `model.decode(h)` the logits of final states. The states are the cell's states laid flat, (state_size,)
+    per example (= hidden for a state of one array (hidden,)); `model.state_layout` says where each part of a
+    pytree state lies (None for one array), `model.state_tree(h)` gives the pytree back, and the decoder
+    reads the cell's output part (the LSTM's h).
 
     **Calling:**
 
     - `model(x)`: x of shape (batch, T, input_dim); noise off; returns logits (batch, num_classes).
-    - `model(x, noise=xi)`: xi of shape (batch, T, cfg.noise_dim), standard normals; the recursion of the
+    - `model(x, noise=xi)`: xi of shape (batch, T, model.noise_dim), standard normals; the recursion of the
       configured scheme with ξ_k = xi[:, k] (for Euler–Maruyama, h_{k+1} = h_k + δ f + √δ σ(h_k) ξ_k).
     - `model(x, key=key)`: draws xi itself.
-    - `model.trajectory(x, noise=None, key=None)`: hidden states (batch, T + 1, hidden).
+    - `model.trajectory(x, noise=None, key=None)`: states (batch, T + 1, state_size).
     - Each call also takes `noise_levels=(eps_add, eps_mult)` (numbers or JAX values) replacing the
       configuration's levels, e.g. one pair per member of a vmapped sweep; the configuration still decides
       which noise terms exist.
@@ -62,12 +66,20 @@ class NoisyRNN(nnx.Module):
             raise ValueError("NRNNConfig.cell='custom' means a user cell: pass it as NoisyRNN(cfg, rngs=rngs, "
                              "cell=my_cell), or name a built-in cell (lipschitz, antisymmetric, gru, tanh).")
         if cell is not None:
-            cells.check_cell(cell, d, dtype)
             if not cells.is_built_in(cell, cfg.cell):
                 cfg = cfg.replace(cell="custom")
         self.cfg = cfg
         self.encoder = nnx.Linear(cfg.input_dim, d, rngs=rngs, dtype=dtype, param_dtype=dtype)
-        self.cell = cells.make_cell(cfg, rngs) if cell is None else cell
+        if cell is None:
+            cell = cells.make_cell(cfg, rngs)
+        usable = isinstance(cell, nnx.Module) and callable(getattr(cell, "drift", None))
+        layout = cells.state_layout(cell, cfg) if usable else None  # check_cell names what is missing
+        cells.check_cell(cell, d, dtype, layout)
+        if layout is not None and cfg.convention == "reference":
+            raise ValueError(f"NRNNConfig.convention='reference' is invalid with {type(cell).__name__}, whose "
+                             f"state is not one array ({d},): the reference convention's per-unit step and noise "
+                             "act on one array of hidden units; use convention='sde'")
+        self.cell = cell
         if cfg.convention == "reference":
             self.step_size = nnx.Param(jnp.full((d,), cfg.dt, dtype))
         else:
@@ -94,17 +106,44 @@ class NoisyRNN(nnx.Module):
         """The input drive z_k = U x_k + b for all steps at once."""
         return self.encoder(x)
 
-    def decode(self, h: Float[Array, "batch d"]) -> Float[Array, "batch classes"]:
-        return self.decoder(h)
+    @property
+    def state_layout(self) -> cells.StateLayout | None:
+        """Where the parts of the cell's state lie in the flat state (`cells.StateLayout`); None when the
+        state is one array (hidden,), read whole by the decoder, with the noise on all of it."""
+        return cells.state_layout(self.cell, self.cfg)
+
+    @property
+    def state_size(self) -> int:
+        """The size of one example's flat state: `hidden` for a state of one array (hidden,)."""
+        layout = self.state_layout
+        return self.cfg.hidden if layout is None else layout.size
+
+    @property
+    def noise_dim(self) -> int:
+        """The width m of the standard normals: `model(x, noise=xi)` takes xi of shape (batch, T, m). For a state
+        of one array (hidden,) it is `cfg.noise_dim`; otherwise that of the configured diffusion on the parts
+        `cfg.noise_on` of the state (e.g. 2 hidden for diagonal noise on an LSTM's (c, h), hidden on its h)."""
+        return noise_lib.width(self.cfg, self.state_layout)
+
+    def state_tree(self, h: Float[Array, "*batch s"]):
+        """The cell's state pytree of flat states h (..., state_size), leading axes kept (h itself for a state
+        of one array)."""
+        layout = self.state_layout
+        return h if layout is None else layout.unravel(h)
+
+    def decode(self, h: Float[Array, "batch s"]) -> Float[Array, "batch classes"]:
+        """The logits of states h (batch, state_size): the decoder applied to the cell's output part."""
+        layout = self.state_layout
+        return self.decoder(h if layout is None else layout.read(h))
 
     def _noise(self, x, noise, key):
         if noise is not None and key is not None:
             raise ValueError("NoisyRNN: pass either noise=xi or key=key, not both.")
         if key is not None:
-            shape = (x.shape[0], x.shape[1], self.cfg.noise_dim)
+            shape = (x.shape[0], x.shape[1], self.noise_dim)
             return prng.normal(key, shape, jnp.dtype(self.cfg.dtype))
         if noise is not None:
-            check_noise(noise, x.shape[0], x.shape[1], self.cfg.noise_dim)
+            check_noise(noise, x.shape[0], x.shape[1], self.noise_dim)
             return jnp.asarray(noise, jnp.dtype(self.cfg.dtype))
         return None
 
@@ -120,12 +159,12 @@ class NoisyRNN(nnx.Module):
     def __call__(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch classes"]:
         return self.decode(self._solve(x, noise, key, "final", noise_levels))
 
-    def final_state(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch hidden"]:
-        """h_T for each example, shape (batch, hidden)."""
+    def final_state(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch s"]:
+        """h_T for each example, shape (batch, state_size) (the flat state; `state_tree` gives its parts)."""
         return self._solve(x, noise, key, "final", noise_levels)
 
-    def trajectory(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch steps hidden"]:
-        """All hidden states h_0 = 0, h_1, …, h_T, shape (batch, T + 1, hidden)."""
+    def trajectory(self, x, *, noise=None, key=None, noise_levels=None) -> Float[Array, "batch steps s"]:
+        """All states h_0 = 0, h_1, …, h_T, shape (batch, T + 1, state_size)."""
         return self._solve(x, noise, key, "all", noise_levels)
 
 

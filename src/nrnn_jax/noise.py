@@ -9,7 +9,11 @@ below, so a new kind of noise works with every scheme, backend and regularizer m
   (the case of stochastic stabilisation, docs/theory.md (5.6)); m = d + 1.
 - `CustomNoise`: a user σ(h, z) returning a diagonal (d,) or a (d, m) matrix for m Brownian motions.
 
-`of(cfg)` is the one place where a configuration picks its diffusion.
+- `OnParts`: any of these on a fixed selection of coordinates of the (flat) state: σ(h) = E σ₀(Eᵀ h, z),
+  E the embedding of the selected coordinates (`NRNNConfig.noise_on`); m = that of σ₀ on the selection.
+
+`of(cfg, layout)` is the one place where a configuration (and the cell's `cells.StateLayout`) picks its
+diffusion.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 
 Levels = tuple  # (ε_add, ε_mult): numbers or JAX values (traced in a sweep over noise levels)
 
@@ -153,10 +158,53 @@ def custom_shape(fn: Callable, hidden: int) -> tuple[bool, int]:
                      f"shape ({hidden}, m) for m Brownian motions; got {got}")
 
 
-def of(cfg) -> Noise:
-    """The diffusion of a configuration (`noise_kind`, and `diffusion` for a user one)."""
+class OnParts(Noise):
+    """A diffusion `inner` acting on the coordinates `index` of the flat state only: σ(h, z) = E σ₀(Eᵀ h, z)
+    with E (n, len(index)) the embedding of those coordinates; the other coordinates get no noise. The noise
+    width is that of `inner` on the selection."""
+
+    def __init__(self, inner: Noise, index: tuple[int, ...], size: int):
+        self.inner, self.index, self.size = inner, np.asarray(index), size
+
+    def noise_dim(self, hidden):
+        return self.inner.noise_dim(len(self.index))
+
+    def _embed(self, v):
+        return jnp.zeros(v.shape[:-1] + (self.size,), v.dtype).at[..., self.index].set(v)
+
+    def operator(self, levels, h, z):
+        inner = self.inner.operator(levels, h[self.index], z).as_matrix()
+        return lx.MatrixLinearOperator(self._embed(inner.T).T)
+
+    def mv(self, levels, h, z, dw):
+        return self._embed(self.inner.mv(levels, h[self.index], z, dw))
+
+    def column_derivative_sum(self, levels, h, z):
+        return self._embed(self.inner.column_derivative_sum(levels, h[self.index], z))
+
+    def milstein_correction(self, levels, h, z, dw, dt):
+        return self._embed(self.inner.milstein_correction(levels, h[self.index], z, dw, dt))
+
+
+def of(cfg, layout=None) -> Noise:
+    """The diffusion of a configuration (`noise_kind`, and `diffusion` for a user one), on the flat state of
+    a cell's `layout` (`cells.StateLayout`; None: the state is one array (hidden,)): on the whole state, or
+    on the coordinates `layout.noise` (`OnParts`)."""
+    size = cfg.hidden if layout is None else layout.noise_size
     if cfg.noise_kind == "custom":
         cfg.check_runnable()  # a recorded import path that was not imported has no function to run
-        diagonal, m = cfg._diffusion_shape  # checked when the configuration was made
-        return CustomNoise(cfg.diffusion, diagonal, m)
-    return ScalarNoise() if cfg.noise_kind == "scalar" else DiagonalNoise()
+        diagonal, m = cfg._diffusion_shape if size == cfg.hidden else custom_shape(cfg.diffusion, size)
+        base = CustomNoise(cfg.diffusion, diagonal, m)
+    else:
+        base = ScalarNoise() if cfg.noise_kind == "scalar" else DiagonalNoise()
+    if layout is None or layout.noise is None:
+        return base
+    return OnParts(base, layout.noise, layout.size)
+
+
+def width(cfg, layout=None) -> int:
+    """The width m of the standard normals of one step, ξ_k (m,), for a cell's `layout` (None: the state is one
+    array (hidden,)): that of `NRNNConfig.noise_dim` for a state (hidden,)."""
+    if layout is None:
+        return cfg.noise_dim
+    return of(cfg, layout).noise_dim(layout.noise_size)

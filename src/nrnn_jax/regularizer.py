@@ -35,7 +35,7 @@ import lineax as lx
 from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
-from . import cells, dynamics, prng, recurrence
+from . import cells, dynamics, noise, prng, recurrence
 from .losses import cross_entropy, masked_mean
 from .validation import check_choice, check_inputs, check_int, check_labels
 
@@ -302,17 +302,19 @@ def continuous_terms(
 # The model-level entry point.
 # ------------------------------------------------------------------------------------------------------
 def _model_pieces(model, noise_levels):
-    """The cell's drift, and the per-example step map, perturbation factor and mean shift of the model's
-    scheme (docs/theory.md (3.2), (3.5))."""
+    """The cell's drift, its diffusion, and the per-example step map, perturbation factor and mean shift of
+    the model's scheme (docs/theory.md (3.2), (3.5)), on the model's flat state."""
     cfg = model.cfg
     p = model.recurrent_params(noise_levels)
-    drift = cells.pure(model.cell)
+    layout = model.state_layout
+    drift = cells.pure(model.cell, layout=layout)
+    sigma = noise.of(cfg, layout)
     step = lambda h, z: dynamics.mean_step_map(cfg, p, h, drift(h, z))
-    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, z, drift(h, z))
+    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, z, drift(h, z), sigma)
     shift = None
     if dynamics.has_mean_shift(cfg):
-        shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, z, cfg.dt)
-    return cfg, p, drift, step, factor, shift
+        shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, z, cfg.dt, sigma)
+    return cfg, p, drift, sigma, step, factor, shift
 
 
 def explicit_regularizer(
@@ -352,7 +354,7 @@ def explicit_regularizer(
     check_choice("", "method", method, METHODS)
     check_int("", "num_probes", num_probes, 1)
     check_choice("", "probe", probe, PROBES)
-    cfg, p, drift, step, factor, shift = _model_pieces(model, noise_levels)
+    cfg, p, drift, sigma_lib, step, factor, shift = _model_pieces(model, noise_levels)
     levels = dynamics.noise_levels(cfg, p)
     if cfg.noise_kind != "custom" and all(isinstance(v, (int, float)) and v == 0 for v in levels):
         warnings.warn("explicit_regularizer: the noise levels are eps_add = eps_mult = 0, so the regularizer is 0; "
@@ -368,7 +370,7 @@ def explicit_regularizer(
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.asarray(x, dtype)
     z = model.encode(x)
-    h0 = jnp.zeros(cfg.hidden, dtype)
+    h0 = jnp.zeros(model.state_size, dtype)
     decode = lambda h: model.decode(h[None])[0]
 
     def per_example(z_i, y_i, extra):
@@ -377,13 +379,14 @@ def explicit_regularizer(
             return exact_terms(step, factor, loss, h0, z_i, shift)
         if method == "probe":
             return probe_terms(step, factor, loss, h0, z_i, extra, shift)
-        sigma = lambda h, u: dynamics.diffusion(cfg, p, h, u)
-        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, u, 1.0))
+        sigma = lambda h, u: dynamics.diffusion(cfg, p, h, u, sigma_lib)
+        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, u, 1.0,
+                                                                                          sigma_lib))
         return continuous_terms(drift, sigma, loss, h0, z_i, cfg.dt, rate_shift)
 
     B, T = x.shape[0], x.shape[1]
     if method == "probe":
-        probes = draw_probes(key, (B, T, num_probes, cfg.noise_dim), probe, dtype)
+        probes = draw_probes(key, (B, T, num_probes, model.noise_dim), probe, dtype)
         if cfg.gradient == "adjoint" and drift.has_products:
             terms = _model_probe_terms(cfg, p, drift, decode, z, y, probes)
         else:
@@ -435,6 +438,6 @@ def antithetic_monte_carlo(model, x, y, num_samples: int, key: Array, clean_loss
     if clean_loss is None:
         clean_loss = explicit_regularizer(model, x, y).clean_loss
     x = jnp.asarray(x, jnp.dtype(model.cfg.dtype))
-    xi = prng.normal(key, (num_samples,) + x.shape[:2] + (model.cfg.noise_dim,), x.dtype)
+    xi = prng.normal(key, (num_samples,) + x.shape[:2] + (model.noise_dim,), x.dtype)
     loss = lambda noise: jnp.mean(cross_entropy(model(x, noise=noise), y))
     return jax.jit(jax.vmap(lambda s: 0.5 * (loss(s) + loss(-s)) - clean_loss))(xi)

@@ -264,7 +264,7 @@ def _step_on_grid(terms, solver, grid_dt: float, num_steps: int, y0, args, save_
     return entering, final
 
 
-def batch_drift(drift: cells.Drift, params, h: Float[Array, "B d"], z: Float[Array, "B d"]) -> Float[Array, "B d"]:
+def batch_drift(drift: cells.Drift, params, h: Float[Array, "B s"], z: Float[Array, "B d"]) -> Float[Array, "B s"]:
     """The cell's drift for a batch: a product cell's products M h as one matrix product, then g per example;
     any other cell vmapped."""
     if drift.has_products:
@@ -313,15 +313,16 @@ def _diffusion_vf(cfg: NRNNConfig, sigma: noise_lib.Noise, batch: int, grid_dt: 
 
 
 def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"] | Encoded, xi,
-                  h0: Float[Array, "B d"],
+                  h0: Float[Array, "B s"],
                   save: Save, drift: cells.Drift, for_adjoint: bool = False):
     """The whole batch as ONE diffrax solve on the batch state (B, d) (a batched loop, no vmap; a diffusion
     that couples the components of one example is solved example by example on vec(h)): diffrax terms and
     solver, stepped on the grid by `cfg.diffrax_loop`, "steps" (a `lax.scan` of `solver.step`,
     `_step_on_grid`) or "diffeqsolve" (`diffrax.diffeqsolve` with `StepTo` on the grid). Both take the same
     steps. Batch-major inputs, read in place: z (B, T, d), xi (B, T, noise_dim) or None;
-    `drift` the cell's pure form (`cells.pure`), its arrays passed to the solve as `args`. Returns (B, d)
-    or, with `save="all"`, time-major (T + 1, B, d).
+    `drift` the cell's pure form (`cells.pure`), its arrays passed to the solve as `args`; h0 (B, s) the flat
+    states (s = d unless the cell's state is a pytree, `drift.layout`). Returns (B, s)
+    or, with `save="all"`, time-major (T + 1, B, s).
 
     `for_adjoint=True` (a product cell whose gradient is the discrete adjoint): nothing differentiates the
     solve (under diffeqsolve it runs as a plain while loop, `diffrax.ForwardMode`); it carries the products
@@ -330,7 +331,8 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"] 
     (T, B, 1, p) when stepped (T + 1 rows under diffeqsolve, which saves the final state too), and the final
     state (B, 1, d)."""
     B, T, d = z.shape
-    scheme, sigma = schemes.of(cfg), noise_lib.of(cfg)
+    n = h0.shape[-1]  # the flat state's size
+    scheme, sigma = schemes.of(cfg), noise_lib.of(cfg, drift.layout)
     # A diffusion coupling the components of one example (e.g. one multiplicative Brownian motion per example):
     # the state is vec(h) of one example and σ a matrix. Over the batch it would be (B d) x (B m), so the
     # examples are solved one by one (vmapped).
@@ -383,10 +385,10 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"] 
         entering, final = _step_on_grid(terms, solver, grid_dt, T, y0, args, save == "all",
                                         per_example if for_adjoint else (lambda y: y))
         if for_adjoint:
-            return entering[0], final[0].reshape(B, 1, d), entering[1]
+            return entering[0], final[0].reshape(B, 1, n), entering[1]
         if save == "final":
-            return final.reshape(B, d)
-        return jnp.concatenate([entering, final[None]]).reshape(T + 1, B, d)
+            return final.reshape(B, n)
+        return jnp.concatenate([entering, final[None]]).reshape(T + 1, B, n)
     if for_adjoint:
         saveat = diffrax.SaveAt(t1=True, solver_state=True)
     else:
@@ -410,17 +412,18 @@ def solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "B T d"] 
     )
     if for_adjoint:
         hs, prods = sol.solver_state[2]
-        return hs.reshape(T + 1, B, 1, d), hs[-1].reshape(B, 1, d), prods.reshape(T + 1, B, 1, -1)
-    return sol.ys[-1].reshape(B, d) if save == "final" else sol.ys.reshape(T + 1, B, d)
+        return hs.reshape(T + 1, B, 1, n), hs[-1].reshape(B, 1, n), prods.reshape(T + 1, B, 1, -1)
+    return sol.ys[-1].reshape(B, n) if save == "final" else sol.ys.reshape(T + 1, B, n)
 
 
 def solve_scan(cfg: NRNNConfig, p: RecurrentParams, z: Float[Array, "T d"], xi, h0, save: Save, drift: cells.Drift):
     """The plain per-example `lax.scan` of `dynamics.step` with the cell's drift (JAX differentiates it: the
-    generic path, `gradient="autodiff"` or a cell that is not a product cell)."""
+    generic path, `gradient="autodiff"` or a cell that is not a product cell), on the flat state h0 (s,)."""
+    sigma = noise_lib.of(cfg, drift.layout)
 
     def body(h, inputs):
         z_k, xi_k = inputs
-        h_next = dynamics.step(cfg, p, h, z_k, drift(h, z_k), xi_k)
+        h_next = dynamics.step(cfg, p, h, z_k, drift(h, z_k), xi_k, sigma)
         return h_next, (h_next if save == "all" else None)
 
     h_final, hs = jax.lax.scan(body, h0, (z, xi))
@@ -468,14 +471,15 @@ def solve_batch(
     z: Float[ArrayLike, "B T _"],  # (B, T, d); with `encoder`, the raw inputs (B, T, n)
     xi: Float[ArrayLike, "B T m"] | None = None,
     *,
-    h0: Float[ArrayLike, "B d"] | None = None,
+    h0: Float[ArrayLike, "B s"] | None = None,
     save: Save = "final",
     cell=None,
     encoder: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> Array:
     """`solve` for a batch: z (B, T, hidden), xi (B, T, noise_dim) or None, h0 (B, hidden).
 
-    Returns (B, hidden) or, with `save="all"`, (B, T + 1, hidden). `cell`: the drift, a `nrnn_jax.Cell` or
+    Returns (B, hidden) or, with `save="all"`, (B, T + 1, hidden). For a cell whose state is a pytree
+    (`cells.StateLayout`), the states are the flat states (B, s) and the noise width is `NoisyRNN.noise_dim`. `cell`: the drift, a `nrnn_jax.Cell` or
     its pure form `cells.Drift` (None: the Lipschitz drift of the matrices `p.A`, `p.W`). `encoder=(kernel
     (n, hidden), bias (hidden,))`: `z` holds the raw inputs x (B, T, n) instead, and the drive is
     x kernel + bias (what `NoisyRNN` passes); the fast path forms each step's drive inside the step.
@@ -501,6 +505,8 @@ def solve_batch(
         if not fast:  # JAX differentiates the backend's loop on the drives
             z, encoder = _encode(z, kernel, bias), None
     d = z.shape[-1] if encoder is None else encoder[0].shape[-1]
+    if drift.layout is not None:
+        d = drift.layout.size
     h0 = jnp.zeros((z.shape[0], d), z.dtype) if h0 is None else jnp.asarray(h0)
     if not fast and cfg.backend == "scan":
         one = lambda z_i, xi_i, h0_i: solve_scan(cfg, p, z_i, xi_i, h0_i, save, drift)
@@ -523,7 +529,7 @@ def solve(
     z: Float[ArrayLike, "T d"],
     xi: Float[ArrayLike, "T m"] | None = None,
     *,
-    h0: Float[ArrayLike, " d"] | None = None,
+    h0: Float[ArrayLike, " s"] | None = None,
     save: Save = "final",
     cell=None,
 ) -> Array:
@@ -541,9 +547,8 @@ def solve(
 
     **Returns:** the final state or the whole trajectory. `solve_batch` runs a batch.
     """
-    if h0 is None:
-        h0 = jnp.zeros(z.shape[-1], z.dtype)
-    return solve_batch(cfg, p, z[None], None if xi is None else xi[None], h0=h0[None], save=save, cell=cell)[0]
+    return solve_batch(cfg, p, z[None], None if xi is None else xi[None], h0=None if h0 is None else h0[None],
+                       save=save, cell=cell)[0]
 
 
 def as_drift(cfg: NRNNConfig, p: RecurrentParams, cell=None) -> cells.Drift:
@@ -551,4 +556,6 @@ def as_drift(cfg: NRNNConfig, p: RecurrentParams, cell=None) -> cells.Drift:
     Lipschitz drift of the matrices in `p`."""
     if isinstance(cell, cells.Drift):
         return cell
-    return cells.pure(cells.MatrixLipschitz.of(cfg, p, "solve") if cell is None else cell)
+    if cell is None:
+        return cells.pure(cells.MatrixLipschitz.of(cfg, p, "solve"))
+    return cells.pure(cell, layout=cells.state_layout(cell, cfg))

@@ -184,8 +184,9 @@ def check_noise(xi, batch: int, steps: int, noise_dim: int, *, name: str = "nois
     if shape != (batch, steps, noise_dim):
         raise ValueError(
             f"{name} has shape {shape}; expected (batch, T, noise_dim) = ({batch}, {steps}, {noise_dim}) "
-            "(noise_dim is NRNNConfig.noise_dim: hidden for diagonal noise, hidden + 1 for scalar noise, "
-            "2 * hidden for the reference convention)."
+            "(noise_dim is NoisyRNN.noise_dim: for a state of one array, hidden for diagonal noise, hidden + 1 "
+            "for scalar noise, 2 * hidden for the reference convention; for a pytree state, that of the parts "
+            "NRNNConfig.noise_on, e.g. 2 * hidden for an LSTM's (c, h))."
         )
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import ndtr
 
-from .. import cells, dynamics
+from .. import cells, dynamics, noise
 from ..config import NRNNConfig
 from ..dynamics import RecurrentParams
 
@@ -253,18 +253,19 @@ def _paths_randomness(key, num_paths: int, steps: int, d: int, m: int, dtype):
     return jax.vmap(one)(jax.random.split(key, num_paths))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fn", "radius"))
-def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, fn, params, h0, xi, radius: float):
+@functools.partial(jax.jit, static_argnames=("cfg", "fn", "radius", "layout"))
+def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, fn, params, h0, xi, radius: float, layout=None):
     """(1/t) Σ_k log(|h_{k+1}| / |h_k|) for each path (h0[i], xi[i]) of the unforced scheme with the drift
-    fn(params, h, 0), h renormalised to `radius` after every step. Compiled once per configuration, drift and
-    shape."""
-    z = jnp.zeros(h0.shape[-1], h0.dtype)
+    fn(params, h, 0), h (the flat state of the cell's `layout`) renormalised to `radius` after every step.
+    Compiled once per configuration, drift, layout and shape."""
+    z = jnp.zeros(cfg.hidden if layout is not None else h0.shape[-1], h0.dtype)
+    sigma = noise.of(cfg, layout)
 
     def path(h0, xi):
         h0 = radius * h0 / jnp.linalg.norm(h0)
 
         def body(h, xi_k):
-            h1 = dynamics.step(cfg, p, h, z, fn(params, h, z), xi_k)
+            h1 = dynamics.step(cfg, p, h, z, fn(params, h, z), xi_k, sigma)
             n = jnp.linalg.norm(h1)
             return radius * h1 / n, jnp.log(n / radius)
 
@@ -280,24 +281,28 @@ def lyapunov_exponent(cfg: NRNNConfig, p: RecurrentParams, *, t_max: float = 200
     (1/t) Σ log(|h_{k+1}| / |h_k|) with h renormalised to `radius` after each step (so that the model's
     own nonlinear step acts in its linear regime). Additive noise is left out (it removes the equilibrium).
     `cell`: the drift (a model's `model.cell`; None: the Lipschitz drift of `p.A`, `p.W`); h = 0 must be an
-    equilibrium of the unforced cell, f(0, 0) = 0, else `ValueError`.
+    equilibrium of the unforced cell, f(0, 0) = 0, else `ValueError`. A cell whose state is a pytree (an
+    LSTM's (c, h)) is measured on its whole flat state, with the noise on the parts `cfg.noise_on`.
     Returns (mean over paths, standard error). Raises `ValueError` for the reference convention."""
     _check_sde(cfg, "lyapunov_exponent")
+    layout = None
     if cell is None:
         cell = cells.MatrixLipschitz.of(cfg, p, "lyapunov_exponent")
         d, dtype = p.A.shape[0], jnp.dtype(p.A.dtype)
     else:
-        d, dtype = cfg.hidden, jnp.dtype(cfg.dtype)
-    drift = cells.pure(cell, products=False)
-    f0 = float(jnp.max(jnp.abs(drift(jnp.zeros(d, dtype), jnp.zeros(d, dtype)))))
+        layout = cells.state_layout(cell, cfg)
+        d, dtype = cfg.hidden if layout is None else layout.size, jnp.dtype(cfg.dtype)
+    drift = cells.pure(cell, products=False, layout=layout)
+    f0 = float(jnp.max(jnp.abs(drift(jnp.zeros(d, dtype), jnp.zeros(cfg.hidden if layout else d, dtype)))))
     if not f0 <= 1e-6:
         raise ValueError(f"lyapunov_exponent: h = 0 is not an equilibrium of the unforced cell "
                          f"(max |f(0, 0)| = {f0:.3g}; NRNNConfig.cell={cfg.cell!r}), so it has no exponent to "
                          "measure; cells with f(0, 0) = 0 (e.g. no bias inside the drift) qualify")
     steps = int(round(t_max / cfg.dt))
     noiseless = cfg.replace(eps_add=0.0)  # the equilibrium's own noise: additive noise is excluded
-    h0, xi = _paths_randomness(jax.random.PRNGKey(seed), num_paths, steps, d, noiseless.noise_dim, dtype)
-    exps = np.asarray(_path_exponents(noiseless, p, drift.fn, drift.params, h0, xi, radius))
+    h0, xi = _paths_randomness(jax.random.PRNGKey(seed), num_paths, steps, d,
+                               noise.width(noiseless, layout), dtype)
+    exps = np.asarray(_path_exponents(noiseless, p, drift.fn, drift.params, h0, xi, radius, layout))
     return float(exps.mean()), float(exps.std(ddof=1) / np.sqrt(num_paths))
 
 
