@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .config import NRNNConfig, Sweep, TrainConfig
+from .errors import writing
 from .state import epoch_lr
 
 SUBDIR = "tensorboard"
@@ -62,7 +63,8 @@ class EpochLog:
     Writing is synchronous: each epoch is on disk (flushed, fsync'ed) when `write` returns, so a run killed
     later loses none of it. (tensorboardX's `SummaryWriter` queues events to a background thread, and its
     `flush()` does not wait for that queue: a run killed seconds after an epoch lost that epoch's events. So
-    this uses tensorboardX's synchronous `EventsWriter` and its `summary.scalar` protobufs.)"""
+    this uses tensorboardX's synchronous `EventsWriter` and its `summary.scalar` protobufs.) A failed write
+    raises `RunWriteError` naming the folder."""
 
     def __init__(self, logdirs: list[Path], tcfg: TrainConfig, *, purge_step: int | None):
         self.tcfg = tcfg
@@ -79,13 +81,14 @@ class EpochLog:
         # the same second (a quick resume) must not write to (and truncate) the same file.
         suffix = "." + uuid.uuid4().hex[:8]
         for d in self.logdirs:
-            d.mkdir(parents=True, exist_ok=True)
-            w = EventsWriter(str(d / "events"), suffix)
-            if self.purge_step is not None:
-                # TensorBoard drops the events of earlier files at steps >= purge_step (redone after a resume)
-                w.write_event(Event(step=self.purge_step, wall_time=time.time(),
-                                    session_log=SessionLog(status=SessionLog.START)))
-            self.writers.append(w)
+            with writing(d, "TensorBoard events"):
+                d.mkdir(parents=True, exist_ok=True)
+                w = EventsWriter(str(d / "events"), suffix)
+                self.writers.append(w)
+                if self.purge_step is not None:
+                    # TensorBoard drops the events of earlier files at steps >= purge_step (redone after a resume)
+                    w.write_event(Event(step=self.purge_step, wall_time=time.time(),
+                                        session_log=SessionLog(status=SessionLog.START)))
 
     @classmethod
     def open(cls, run_dir: str | Path | None, mcfg: NRNNConfig, tcfg: TrainConfig, sweep: Sweep | None = None, *,
@@ -121,10 +124,11 @@ class EpochLog:
                 row.append((tag_of(key), float(v)))
         lr = epoch_lr(self.tcfg, epoch, rollbacks)
         now = time.time()
-        for w, row in zip(self.writers, rows):
-            for tag, v in row + [("train/lr", lr)]:
-                w.write_event(Event(wall_time=now, step=epoch, summary=scalar(tag, v)))
-            w.flush()
+        for d, w, row in zip(self.logdirs, self.writers, rows):
+            with writing(d, "TensorBoard events"):
+                for tag, v in row + [("train/lr", lr)]:
+                    w.write_event(Event(wall_time=now, step=epoch, summary=scalar(tag, v)))
+                w.flush()
         if epoch >= self.tcfg.epochs:
             self.close()
 
@@ -134,7 +138,10 @@ class EpochLog:
     @staticmethod
     def _close_all(writers) -> None:
         for w in writers:
-            w.close()
+            try:
+                w.close()
+            except OSError:  # a failed write, already raised as RunWriteError by `write`
+                pass
 
 
 def _is_number(v: Any) -> bool:
