@@ -11,7 +11,9 @@ The public API (the theory is in the repository's docs/theory.md):
   hand-written loop: `make_optimizer`, `init_train_state`, `init_sweep_states`, `make_train_step`,
   `TrainState`, `data_parallel_sharding`.
 - Evaluation and run directories: `evaluate`, `predict_logits`, `load_run`, `read_run_config`,
-  `load_run_dataset`.
+  `load_run_dataset`; their errors `RunBusyError` (another process writes the run), `RunWriteError` (a write
+  failed: no space, permission, read-only filesystem) and `CheckpointError` (a checkpoint that cannot be
+  read, naming the file).
 - The public PyTorch code's models (`nrnn_jax.interchange`): `from_public`, `to_public`, `public_args`.
 - Data: `load_dataset`, `Dataset`.
 - Analyses: the `nrnn_jax.analysis` package.
@@ -31,6 +33,9 @@ from .config import TrainConfig as TrainConfig
 from .data import Dataset as Dataset
 from .data import load_dataset as load_dataset
 from .dynamics import RecurrentParams as RecurrentParams
+from .errors import CheckpointError as CheckpointError
+from .errors import RunBusyError as RunBusyError
+from .errors import RunWriteError as RunWriteError
 from .cells import (AntisymmetricCell as AntisymmetricCell, Cell as Cell, FlaxCell as FlaxCell, GRUCell as GRUCell,
                     LipschitzCell as LipschitzCell, LSTMCell as LSTMCell, ProductCell as ProductCell,
                     TanhCell as TanhCell)
@@ -66,7 +71,8 @@ __version__ = "0.1.0"
 
 __all__ = sorted([
     "AntisymmetricCell", "Cell", "FlaxCell", "GRUCell", "LipschitzCell", "LSTMCell", "ProductCell", "TanhCell",
-    "Dataset", "GridBrownianPath", "GridIncrementPath", "NRNNConfig", "NoisyRNN", "RecurrentParams", "Regularizer",
+    "CheckpointError", "RunBusyError", "RunWriteError", "Dataset", "GridBrownianPath", "GridIncrementPath",
+    "NRNNConfig", "NoisyRNN", "RecurrentParams", "Regularizer",
     "RunResult", "Sweep", "TrainConfig", "TrainState", "TrainingDiverged", "antithetic_monte_carlo",
     "brownian_increments", "data_parallel_sharding", "evaluate", "explicit_regularizer", "from_public",
     "init_sweep_states",

@@ -10,12 +10,14 @@ import os
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 
 from .config import FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path, import_path
 from .data import LOADERS, load_dataset
+from .errors import RunBusyError, RunDamageWarning, RunWriteError
 from .runs import (RESUMABLE_TRAIN_FIELDS, _refuse, _unsupplied, load_run_dataset, read_config_file, read_run_config,
-                   read_run_sweep, recorded_code, run_cell_factory, run_data_dir)
+                   read_run_sweep, recorded_code, run_cell_factory, run_data_dir, writer)
 from .tables import format_table
 from .train import train_and_evaluate
 
@@ -321,28 +323,53 @@ def _new_run_settings(args, train_flags: dict, model_flags: dict):
     return NRNNConfig(**model_kw), tcfg, sweep, data
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str):
+    """Within the block, a `RunDamageWarning` is shown as one line `prog: warning: message` on stderr."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RunDamageWarning):
+                print(f"{prog}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        yield
+
+
+# What the programs report as one line "PROG: error: ..." (exit status 2).
+REPORTED_ERRORS = (ValueError, TypeError, FileNotFoundError, RunBusyError, RunWriteError)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     try:
-        _configure_host(args)
-        if args.distributed:
-            import jax
+        with _warnings_as_lines("nrnn-train"), contextlib.ExitStack() as held:
+            _configure_host(args)
+            if args.distributed:
+                import jax
 
-            jax.distributed.initialize()
-        train_flags, model_flags = _collect(args, TrainConfig), _collect(args, NRNNConfig)
-        cell = None if args.cell_factory is None else _import_typed("--cell-factory", args.cell_factory)
-        if "diffusion" in model_flags:
-            model_flags["diffusion"] = _import_typed("--diffusion", model_flags["diffusion"])
-        if args.resume is not None:
-            mcfg, tcfg, sweep, data, cell = _resume_settings(args, train_flags, model_flags, cell)
-            run_dir = args.resume
-        else:
-            mcfg, tcfg, sweep, data = _new_run_settings(args, train_flags, model_flags)
-            run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=_progress(args),
-                                    resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
-                                    devices=args.devices, cell=cell)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+                jax.distributed.initialize()
+            # One writer per run: a run being written, or an --out that cannot be written, is refused here,
+            # before any data is read (train_and_evaluate holds the same lock for a run directory named later).
+            if (args.resume or args.out) is not None:
+                held.enter_context(writer(args.resume or args.out))
+            train_flags, model_flags = _collect(args, TrainConfig), _collect(args, NRNNConfig)
+            cell = None if args.cell_factory is None else _import_typed("--cell-factory", args.cell_factory)
+            if "diffusion" in model_flags:
+                model_flags["diffusion"] = _import_typed("--diffusion", model_flags["diffusion"])
+            if args.resume is not None:
+                mcfg, tcfg, sweep, data, cell = _resume_settings(args, train_flags, model_flags, cell)
+                run_dir = args.resume
+            else:
+                mcfg, tcfg, sweep, data = _new_run_settings(args, train_flags, model_flags)
+                run_dir = args.out or Path("runs") / f"{tcfg.dataset}-{tcfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=_progress(args),
+                                        resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
+                                        devices=args.devices, cell=cell)
+    except REPORTED_ERRORS as e:
         print(f"nrnn-train: error: {e}", file=sys.stderr)
         return 2
     s = result.summary
@@ -420,7 +447,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         with _current_directory_on_path():  # a --diffusion the user typed (the one code nrnn-compare imports)
             check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except REPORTED_ERRORS as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
         return 2
     print((args.out / "results.md").read_text())
@@ -543,7 +570,7 @@ def from_public_main(argv: list[str] | None = None) -> int:
         model, summary = convert_public_file(args.file, args.out, dataset=args.dataset, data_dir=args.data_dir,
                                              data_options=dict(pairs), overwrite=args.overwrite, dtype=args.dtype,
                                              **{k: getattr(args, k) for k in PUBLIC_ARGS})
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (*REPORTED_ERRORS, ImportError) as e:
         print(f"nrnn-from-public: error: {e}", file=sys.stderr)
         return 2
     print(format_table([{"convention": model.cfg.convention, **summary}],

@@ -413,14 +413,15 @@ def write_model_run(model: NoisyRNN, run_dir: str | Path, tcfg: TrainConfig, *, 
             fail("NRNNConfig", field, want, f"the data set {tcfg.dataset!r} has {field}={have}; pick the data set "
                  "(and --data-option) the model was trained on")
     run_dir = Path(run_dir)
-    runs.start_run(run_dir, {"model": model.cfg.to_dict(), "train": tcfg.to_dict(), "dataset": data.description},
-                   overwrite=overwrite)
-    params = nnx.split(model)[1]
-    state = init_train_state(params, make_optimizer(tcfg, 1), tcfg.seed)
-    checkpoint.save_checkpoint(run_dir / "checkpoints", 0, {"state": state, "sums": zero_sums(metric_names(tcfg))})
-    summary = {**summarize(model, data, tcfg), "mode": tcfg.mode, "dataset": data.name, "epochs": tcfg.epochs,
-               "steps": 0, "train_time_s": 0.0, **dict(extra_summary or {})}
-    runs.write_json(run_dir / "summary.json", summary)
+    with runs.writer(run_dir):  # the run's one writer (RunBusyError if another process writes it)
+        runs.start_run(run_dir, {"model": model.cfg.to_dict(), "train": tcfg.to_dict(), "dataset": data.description},
+                       overwrite=overwrite)
+        params = nnx.split(model)[1]
+        state = init_train_state(params, make_optimizer(tcfg, 1), tcfg.seed)
+        checkpoint.save_checkpoint(run_dir / "checkpoints", 0, {"state": state, "sums": zero_sums(metric_names(tcfg))})
+        summary = {**summarize(model, data, tcfg), "mode": tcfg.mode, "dataset": data.name, "epochs": tcfg.epochs,
+                   "steps": 0, "train_time_s": 0.0, **dict(extra_summary or {})}
+        runs.write_json(run_dir / "summary.json", summary)
     return summary
 
 

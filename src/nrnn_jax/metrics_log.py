@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .config import NRNNConfig, Sweep, TrainConfig
+from .errors import writing
 from .state import epoch_lr
 
 SUBDIR = "tensorboard"
@@ -153,7 +154,8 @@ class EpochLog:
 
     Writing is synchronous: each epoch is on disk (flushed, fsync'ed) when `write` returns, so a run killed
     later loses none of it (a writer that queues events to a background thread, as tensorboardX's
-    `SummaryWriter` does, loses the epochs still queued)."""
+    `SummaryWriter` does, loses the epochs still queued). A failed write raises `RunWriteError` naming
+    the folder."""
 
     def __init__(self, logdirs: list[Path], tcfg: TrainConfig, *, purge_step: int | None):
         self.tcfg = tcfg
@@ -167,10 +169,11 @@ class EpochLog:
         # the same second (a quick resume) must not write to (and truncate) the same file.
         suffix = "." + uuid.uuid4().hex[:8]
         for d in self.logdirs:
-            w = _EventFile(d, suffix)
-            if self.purge_step is not None:
-                # TensorBoard drops the events of earlier files at steps >= purge_step (redone after a resume)
-                w.write(event(time.time(), self.purge_step, session_start=True))
+            with writing(d, "TensorBoard events"):
+                w = _EventFile(d, suffix)
+                if self.purge_step is not None:
+                    # TensorBoard drops the events of earlier files at steps >= purge_step (redone after a resume)
+                    w.write(event(time.time(), self.purge_step, session_start=True))
             self.writers.append(w)
 
     @classmethod
@@ -204,8 +207,9 @@ class EpochLog:
                 row.append((tag_of(key), float(v)))
         lr = epoch_lr(self.tcfg, epoch, rollbacks)
         now = time.time()
-        for w, row in zip(self.writers, rows):
-            w.write(*(event(now, epoch, scalars=[(tag, v)]) for tag, v in row + [("train/lr", lr)]))
+        for d, w, row in zip(self.logdirs, self.writers, rows):
+            with writing(d, "TensorBoard events"):
+                w.write(*(event(now, epoch, scalars=[(tag, v)]) for tag, v in row + [("train/lr", lr)]))
         if epoch >= self.tcfg.epochs:
             self.close()
 
@@ -215,7 +219,10 @@ class EpochLog:
     @staticmethod
     def _close_all(writers) -> None:
         for w in writers:
-            w.close()
+            try:
+                w.close()
+            except OSError:  # a failed write, already raised as RunWriteError by `write`
+                pass
 
 
 def _is_number(v: Any) -> bool:

@@ -5,12 +5,25 @@
     RUN/summary.json       final metrics (a sweep: one entry per member)
     RUN/train_time.json    {"sessions": [{"first_step", "last_step", "train_time_s"}, ...]}: the training time
                            of every session (process) that worked on the run, up to its last checkpoint
-    RUN/checkpoints/       orbax checkpoints of {"state": TrainState, "sums": metric sums}
+    RUN/checkpoints/       orbax checkpoints of {"state": TrainState, "sums": metric sums}, each with a
+                           manifest of its files' sizes and CRC-32s (`nrnn_jax.checkpoint`)
     RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax.metrics_log`; a sweep:
                            one sub-directory per member), unless TrainConfig(tensorboard=False)
+    RUN/.writer.lock       held (fcntl.flock) by the one process writing the run; removed when it lets go
+    RUN/damaged/           what a resume set aside: damaged checkpoints, damaged lines of metrics.jsonl
 
 `load_run(run_dir)` returns the trained model; `read_run_config`, `read_run_sweep` and `load_run_dataset`
 return its configuration, sweep and data set. `start_run` and `resume_run` are the loop's side of it.
+
+One writer at a time: whatever writes a run (`train_and_evaluate`, `nrnn-train`, `nrnn-from-public`) holds
+`writer(run_dir)`, an exclusive `fcntl.flock` on RUN/.writer.lock that the operating system releases when
+the process ends, also by SIGKILL; a second writer gets `RunBusyError` at once, naming the process that
+holds it. Readers (`load_run`, the analyses) take no lock: every file is replaced atomically or appended.
+
+A write that fails (no space, permission, read-only filesystem, quota) raises `RunWriteError` naming the
+file; what was written before it stays intact (a record cut off is removed, an unfinished checkpoint too),
+and the message says what the run keeps and how to continue it (`--resume`). A resume starts from the
+newest intact checkpoint, setting damaged ones aside, or from the beginning when there is none.
 
 Reading a run directory imports no code by itself. A run of user code records its import paths
 (`recorded_code`: a user cell's `cell_factory`, a user diffusion's `model.diffusion`); they are imported
@@ -21,46 +34,267 @@ arrays read by orbax (no unpickling); the JSON files are data.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import functools
+import inspect
 import json
 import os
 import shutil
+import socket
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 from . import checkpoint
 from .config import ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path
 from .data import Dataset, load_dataset
+from .errors import CheckpointError, RunBusyError, RunDamageWarning, RunWriteError, writing
 from .model import NoisyRNN
 from .state import TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, unstack, zero_sums
 from .validation import fail
 
+LOCK_FILE = ".writer.lock"
+
+
+@dataclasses.dataclass
+class _Hold:
+    """This process's hold on a run directory: the locked file's descriptor (None where the filesystem has no
+    locks, or for a process other than the first of a multi-process job), the thread holding it, how many
+    nested `writer` blocks hold it, and the folders its taking created (removed again if left empty)."""
+
+    fd: int | None
+    thread: int
+    created: list[Path]
+    depth: int = 0
+
+
+_held: dict[str, _Hold] = {}
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def writer(run_dir: str | Path):
+    """Hold `run_dir` as its one writer for the duration of the block.
+
+    **Arguments:**
+
+    - `run_dir`: the run directory (created, with missing parents, if absent; removed again at the end if
+      the block wrote nothing into it).
+
+    **Returns:** a context manager. Entering takes an exclusive, non-blocking `fcntl.flock` on
+    RUN/.writer.lock and records this process in it (pid, host, start time, command); the lock goes with the
+    process, also when it is killed. A run held by another process, or by another thread of this one, raises
+    `RunBusyError` naming it; the same thread may nest blocks. A run directory that cannot be written raises
+    `RunWriteError` before anything else is done. A `RunWriteError` leaving the block gets what the run
+    keeps and how to continue it added to its message. In a multi-process JAX job, the first process holds
+    the lock for the job."""
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    try:
+        with _held_guard:
+            hold = _held.get(key)
+            if hold is not None and hold.thread != threading.get_ident():
+                raise RunBusyError(f"{run_dir} is being written by another thread of this process (pid "
+                                   f"{os.getpid()}); one writer per run directory at a time: wait for it to finish.")
+            if hold is None:
+                hold = _held[key] = _take(run_dir)
+            hold.depth += 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                hold.depth -= 1
+                if hold.depth == 0:
+                    del _held[key]
+                    _let_go(run_dir, hold)
+    except RunWriteError as e:
+        if not getattr(e, "continued", False):
+            e.message += ". " + _how_to_continue(run_dir, e)
+            e.continued = True
+        raise
+
+
+def writes_run(fn: Callable) -> Callable:
+    """`fn`, run holding `writer(run_dir)` when its argument `run_dir` is not None."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def holding(*args, **kwargs):
+        run_dir = signature.bind(*args, **kwargs).arguments.get("run_dir")
+        if run_dir is None:
+            return fn(*args, **kwargs)
+        with writer(run_dir):
+            return fn(*args, **kwargs)
+
+    return holding
+
+
+def _take(run_dir: Path) -> _Hold:
+    """Create `run_dir` if needed and lock it (see `writer`)."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    hold = _Hold(None, threading.get_ident(), missing)
+    with writing(run_dir, "the run directory"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        return hold
+    path = run_dir / LOCK_FILE
+    try:
+        while True:
+            with writing(path, "the run's lock file"):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise RunBusyError(f"{run_dir} is being written by another process ({holder}); one process writes a "
+                                   "run at a time. Wait for it to finish (or stop it), then continue the run with "
+                                   f"`nrnn-train --resume {run_dir}`; reading the run (load_run, nrnn-robustness) "
+                                   "needs no wait.") from None
+            except OSError as e:  # a filesystem without locks: the run is written unguarded, with a warning
+                os.close(fd)
+                warnings.warn(f"{path}: the filesystem offers no file locks ({e.strerror}); nothing stops a second "
+                              "process from writing this run at the same time.", RuntimeWarning, stacklevel=4)
+                return hold
+            try:  # the file locked must still be the one at `path`: a holder letting go removes it
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        hold.fd = fd
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+              "command": " ".join(sys.argv)}
+        with writing(path, "the run's lock file"):
+            os.ftruncate(fd, 0)
+            _write_all(fd, json.dumps(me).encode())
+    except BaseException:
+        _let_go(run_dir, hold)
+        raise
+    return hold
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock file, from what it recorded: 'pid P[ on host H], since T: COMMAND'."""
+    try:
+        info = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "a process that has just started"
+    host = info.get("host")
+    where = "" if host in (None, socket.gethostname()) else f" on host {host}"
+    return f"pid {info['pid']}{where}, since {info.get('since', '?')}: {info.get('command', '?')}"
+
+
+def _let_go(run_dir: Path, hold: _Hold) -> None:
+    """Release the lock (removing its file) and the folders `_take` created, if still empty."""
+    if hold.fd is not None:
+        path = run_dir / LOCK_FILE
+        try:
+            if os.path.samestat(os.fstat(hold.fd), os.stat(path)):
+                path.unlink()
+        except OSError:
+            pass
+        os.close(hold.fd)  # the lock is released with the descriptor
+        hold.fd = None
+    for folder in hold.created:  # innermost first; stops at the first that holds something
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _how_to_continue(run_dir: Path, error: RunWriteError) -> str:
+    """What a run keeps after a failed write and how to continue it (for `RunWriteError`'s message)."""
+    fix = ("free space" if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG) else
+           "restore write access" if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "fix the cause")
+    if not (run_dir / "config.json").exists():
+        return (f"No run was started in {run_dir}: {fix} (or choose another run directory) and start it again.")
+    resume = f"`nrnn-train --resume {run_dir}` (train_and_evaluate(..., resume=True))"
+    try:
+        step = checkpoint.newest_intact(run_dir / "checkpoints")[0]
+    except CheckpointError:
+        step = None
+    if step is None:
+        return (f"{run_dir} holds the run's configuration and no complete checkpoint: {fix}, then {resume} starts it "
+                "from the beginning.")
+    epochs = sum(1 for r in _records(run_dir) if "event" not in r and r["step"] <= step)
+    return (f"{run_dir} keeps its last complete checkpoint, step {step}, and the {epochs} epoch record(s) up to it: "
+            f"{fix}, then {resume} continues from there and ends as an uninterrupted run would.")
+
+
+def _lines(run_dir: Path) -> list[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record or None if the line is damaged, text) for each line of metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines() if path.exists() else [], 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            record = None
+        out.append((n, record, line))
+    return out
+
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl (epoch records and events) in order, skipping a line cut off by a kill."""
-    path = run_dir / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut off by the kill: that epoch is recomputed
-            continue
-    return records
+    """The intact records of metrics.jsonl (epoch records and events) in order; `resume_run` reports the
+    damaged lines (a line cut off by a kill is the last one, its epoch redone)."""
+    return [record for _, record, _ in _lines(run_dir) if record is not None]
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON atomically (a temporary file of this process, then a rename): a reader never sees
-    a partial file, also while other processes write the same path."""
+def _write_atomic(path: Path, text: str, what: str) -> None:
+    """Write `text` to `path` atomically (a temporary file of this process, then a rename): a reader never
+    sees a partial file, also while other processes write the same path; a failed write leaves the old file
+    and no temporary one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+    try:
+        with writing(path, what):
+            tmp.write_text(text)
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any, what: str = "") -> None:
+    """Write `obj` as JSON atomically (`_write_atomic`); a failed write raises `RunWriteError` naming the
+    file and `what` it holds."""
+    _write_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True), what)
 
 
 def append_record(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record to metrics.jsonl. A failed write raises `RunWriteError` and cuts the file back to
+    the records before it."""
+    path = Path(run_dir) / "metrics.jsonl"
+    with writing(path, "the epoch records"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, (json.dumps(record) + "\n").encode())
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
@@ -68,12 +302,27 @@ def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None
     if (run_dir / "config.json").exists() and not overwrite:
         raise ValueError(f"run_dir={str(run_dir)!r} already holds a run; resume it (resume=True, "
                          "nrnn-train --resume) or pass overwrite=True (--overwrite) to replace it.")
-    if (run_dir / "checkpoints").exists():
-        shutil.rmtree(run_dir / "checkpoints")
-    (run_dir / TRAIN_TIME).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config)
-    (run_dir / "metrics.jsonl").write_text("")
+    with writing(run_dir, "the run directory"):
+        for old in ("checkpoints", "damaged"):  # the replaced run's
+            if (run_dir / old).exists():
+                shutil.rmtree(run_dir / old)
+        (run_dir / TRAIN_TIME).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config, "the run's configuration")
+    _write_atomic(run_dir / "metrics.jsonl", "", "the epoch records")
+
+
+def _set_aside(run_dir: Path, path: Path, name: str) -> Path:
+    """Move `path` into RUN/damaged/ as `name` (numbered if taken); returns where it went."""
+    folder = run_dir / "damaged"
+    dest, n = folder / name, 1
+    while dest.exists():
+        n += 1
+        dest = folder / f"{name}-{n}"
+    with writing(dest, "the damaged files set aside"):
+        folder.mkdir(exist_ok=True)
+        path.rename(dest)
+    return dest
 
 
 # Training settings that a resumed run may change: they cannot change what was already trained. `epochs`
@@ -84,10 +333,17 @@ def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None
 RESUMABLE_TRAIN_FIELDS = ("epochs", "data_dir", "eval_batch_size", "eval_white_noise", "checkpoint_every")
 
 
-def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: dict):
-    """(state, sums, history) restored from the latest checkpoint of `run_dir`, which must have been made
-    with the same configuration except for `RESUMABLE_TRAIN_FIELDS` (`epochs` may only grow); records of
-    epochs after that checkpoint are dropped (they are redone)."""
+def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: dict,
+               log: Callable[[str], None] | None = None):
+    """(state, sums, history) restored from the newest intact checkpoint of `run_dir`, which must have been
+    made with the same configuration except for `RESUMABLE_TRAIN_FIELDS` (`epochs` may only grow); records of
+    epochs after that checkpoint are dropped (they are redone).
+
+    Unfinished checkpoint writes are removed. A damaged checkpoint is moved to RUN/damaged/ and the next older
+    one is tried (a `RunDamageWarning` names the file and why); a run with no intact checkpoint starts from
+    the beginning (`state`, `sums` as given) with its recorded configuration, said through `log`. A damaged
+    line of metrics.jsonl before the checkpoint cannot be rebuilt (a checkpoint holds only the sums of the
+    epoch in progress): it is copied to RUN/damaged/metrics.jsonl and reported with a `RunDamageWarning`."""
     path = run_dir / "config.json"
     if not path.exists():
         raise ValueError(f"Cannot resume {str(run_dir)!r}: it holds no run ({path} is missing).")
@@ -107,25 +363,60 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
     if new_epochs < old_epochs:
         raise ValueError(f"Cannot resume {str(run_dir)!r} with epochs={new_epochs}: the run was configured for "
                          f"{old_epochs} epochs, and epochs may only grow on resume.")
-    if checkpoint.latest_step(run_dir / "checkpoints") is None:
-        raise ValueError(f"Cannot resume {str(run_dir)!r}: it has no checkpoint yet; start it afresh with "
-                         "overwrite=True (--overwrite).")
-    restored, step = checkpoint.restore_checkpoint(run_dir / "checkpoints", {"state": state, "sums": sums})
+    ckpt_dir = run_dir / "checkpoints"
+    with writing(ckpt_dir, "unfinished checkpoint writes"):
+        leftovers = checkpoint.remove_unfinished(ckpt_dir)
+    if leftovers and log:
+        log(f"removed the unfinished checkpoint write(s) {', '.join(leftovers)} from {ckpt_dir}")
+    restored, found, damage = {"state": state, "sums": sums}, None, []
+    for s in reversed(checkpoint.steps(ckpt_dir)):
+        try:
+            restored, found = checkpoint.restore_checkpoint(ckpt_dir, {"state": state, "sums": sums}, s)
+            break
+        except CheckpointError as e:
+            if not e.damaged:
+                raise
+            damage.append(f"{e}; set aside as {_set_aside(run_dir, ckpt_dir / str(s), f'checkpoint-{s}')}")
+    start = (f"from checkpoint step {found}" if found is not None else
+             "from the beginning, with its recorded configuration")
+    for message in damage:
+        warnings.warn(f"{message}. The run resumes {start}.", RunDamageWarning, stacklevel=2)
+    if found is None and not damage and log:
+        log(f"{run_dir} has no complete checkpoint: starting it {start}")
+    step = found or 0
     state = restored["state"] if isinstance(restored["state"], TrainState) else TrainState(*restored["state"])
     # epoch records up to the checkpoint; rollback events strictly before it (an event at the checkpoint's own
     # step happened after that checkpoint was written, so it is redone)
-    kept = [r for r in _records(run_dir) if r["step"] < step or (r["step"] == step and "event" not in r)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    lines = _lines(run_dir)
+    keep = lambda r: r is not None and (r["step"] < step or (r["step"] == step and "event" not in r))
+    last = max((i for i, (_, r, _) in enumerate(lines) if keep(r)), default=-1)
+    lost = [(n, text) for n, r, text in lines[:last + 1] if r is None]
+    kept = [r for _, r, _ in lines if keep(r)]
+    if lost:
+        metrics = run_dir / "metrics.jsonl"
+        copy = run_dir / "damaged" / "metrics.jsonl"
+        with writing(copy, "the damaged lines set aside"):
+            copy.parent.mkdir(exist_ok=True)
+            with open(copy, "a") as f:
+                f.writelines(json.dumps({"line": n, "text": text}) + "\n" for n, text in lost)
+        epochs = sorted(r["epoch"] for r in kept if "event" not in r)
+        missing = sorted(set(range(1, epochs[-1] + 1)) - set(epochs)) if epochs else []
+        warnings.warn(f"{metrics}: line(s) {[n for n, _ in lost]} are damaged (not a JSON record) and come before "
+                      f"checkpoint step {step}; they cannot be rebuilt (a checkpoint holds only the metric sums of "
+                      f"the epoch in progress), so the run's history lacks them"
+                      + (f" (epoch(s) {missing} have no record)" if missing else "")
+                      + f". Their text is kept in {copy}.", RunDamageWarning, stacklevel=2)
+    _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept), "the epoch records")
     changed = {k: wanted["train"][k] for k in RESUMABLE_TRAIN_FIELDS if saved["train"].get(k) != wanted["train"][k]}
     if changed:  # record the new settings (other keys, such as the data set's description, are kept)
-        write_json(path, {**saved, "train": {**saved["train"], **changed}})
+        write_json(path, {**saved, "train": {**saved["train"], **changed}}, "the run's configuration")
     return state, restored["sums"], [r for r in kept if "event" not in r]
 
 
 def read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
-    """The divergence rollbacks recorded in a run's metrics.jsonl up to its latest checkpoint (the ones the
-    checkpointed optimizer has seen), oldest first."""
-    step = checkpoint.latest_step(run_dir / "checkpoints")
+    """The divergence rollbacks recorded in a run's metrics.jsonl up to its newest intact checkpoint (the ones
+    the checkpointed optimizer has seen, where a resume starts), oldest first."""
+    step = checkpoint.newest_intact(run_dir / "checkpoints")[0]
     if step is None:
         return []
     return [r for r in _records(run_dir) if r.get("event") == "rollback" and r["step"] < step]
@@ -375,9 +666,10 @@ def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusio
     - `trust_code`: import the user code the run records (`recorded_code`) instead, for what `cell` /
       `diffusion` do not give. Only for run directories whose code you trust: importing a module runs it.
 
-    **Returns:** the `NoisyRNN` with the checkpoint's parameters. A run of built-in cells and noises needs
-    none of `cell`, `diffusion`, `trust_code`; for one with user code that is neither passed nor trusted a
-    ValueError names each recorded import path before anything is imported or restored."""
+    **Returns:** the `NoisyRNN` with the newest checkpoint's parameters. A run of built-in cells and noises
+    needs none of `cell`, `diffusion`, `trust_code`; for one with user code that is neither passed nor trusted
+    a ValueError names each recorded import path before anything is imported or restored. A damaged newest
+    checkpoint raises `CheckpointError` naming the file and the intact one a resume would continue from."""
     _consent(run_dir, cell, diffusion, trust_code)
     cell = run_cell_factory(run_dir, cell, trust_code)
     mcfg, tcfg = read_run_config(run_dir, diffusion, trust_code)
@@ -392,7 +684,17 @@ def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusio
             fail("", "member", member, f"{run_dir} holds a sweep of {sweep.size} models; pass member=0..{sweep.size - 1}")
         graphdef, target = init_sweep_states(mcfg, tx, sweep, cell)
     sums = zero_sums(metric_names(tcfg), None if sweep is None else sweep.size)
-    restored, _ = checkpoint.restore_checkpoint(Path(run_dir) / "checkpoints", {"state": target, "sums": sums})
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    try:
+        restored, _ = checkpoint.restore_checkpoint(ckpt_dir, {"state": target, "sums": sums})
+    except CheckpointError as e:
+        if not e.damaged:
+            raise
+        older = checkpoint.newest_intact(ckpt_dir, before=e.step)[0]
+        how = (f"checkpoint step {older} is intact: `nrnn-train --resume {run_dir}` sets the damaged one aside and "
+               "continues the run from it" if older is not None else
+               f"no intact checkpoint remains: `nrnn-train --resume {run_dir}` trains the run again from the beginning")
+        raise CheckpointError(f"{e}. {how}.", path=e.path, step=e.step, damaged=True) from None
     params = restored["state"].params
     if sweep is None:
         return nnx.merge(graphdef, params)

@@ -335,6 +335,7 @@ def _fit_model_cfg(mcfg: NRNNConfig, data: Dataset) -> NRNNConfig:
     return mcfg
 
 
+@runs.writes_run
 def train_and_evaluate(
     mcfg: NRNNConfig,
     tcfg: TrainConfig,
@@ -359,10 +360,12 @@ def train_and_evaluate(
       and `checkpoints/` (orbax); None writes nothing.
     - `data`: a loaded `Dataset` (default: `load_dataset(tcfg.dataset, tcfg.data_dir, **dict(tcfg.data_options))`).
     - `progress`: show a progress bar per epoch.
-    - `resume`: continue the run in `run_dir` from its latest checkpoint (same configuration required, except
-      `runs.RESUMABLE_TRAIN_FIELDS`: a larger `epochs` extends the run); the result equals that of an
-      uninterrupted run. `summary["train_time_s"]` adds the training time of every session (process) that
-      worked on the run, a killed one's up to its last checkpoint (recorded in `RUN/train_time.json`).
+    - `resume`: continue the run in `run_dir` from its newest intact checkpoint (same configuration required,
+      except `runs.RESUMABLE_TRAIN_FIELDS`: a larger `epochs` extends the run); the result equals that of an
+      uninterrupted run. A damaged checkpoint is set aside with a warning naming the file; a run without a
+      complete checkpoint starts from the beginning (`runs.resume_run`). `summary["train_time_s"]` adds
+      the training time of every session (process) that worked on the run, a killed one's up to its last
+      checkpoint (recorded in `RUN/train_time.json`).
     - `overwrite`: replace an existing run in `run_dir` (otherwise refused).
     - `on_epoch_end(epoch, model)`: extra measurements merged into the epoch's record (e.g. the explicit
       regularizer along training); called for each member of a sweep.
@@ -382,6 +385,11 @@ def train_and_evaluate(
     (parameters, optimizer state, step, PRNG key) and the running metric sums; the data order of an epoch
     is a pure function of (seed, epoch), so nothing else is needed to resume exactly. A NaN or Inf loss or
     gradient raises `TrainingDiverged` naming the step; the last good checkpoint is kept.
+
+    With a `run_dir`, the call is its one writer (`runs.writer`): a run another process is writing raises
+    `RunBusyError` before any work. A write that fails (no space, permission, read-only filesystem, quota)
+    raises `RunWriteError` naming the file, what the run keeps (its last complete checkpoint and the records
+    before it) and how to continue it (`resume=True`).
 
     **Returns:** a `RunResult` with the trained model, the summary and the per-epoch history.
     """
@@ -451,7 +459,7 @@ def train_and_evaluate(
         if sweep is not None:
             config["sweep"] = sweep.to_dict()
         if resume:
-            state, sums, history = runs.resume_run(run_dir, config, state, sums)
+            state, sums, history = runs.resume_run(run_dir, config, state, sums, log=log)
         else:
             runs.start_run(run_dir, {**config, "dataset": data.description}, overwrite=overwrite)
     elif resume:
@@ -461,7 +469,7 @@ def train_and_evaluate(
 
     train_step = make_train_step(graphdef, tx, tcfg, sweep=sweep is not None, devices=devices)
     first_step = lambda state: int(np.max(np.asarray(state.step)))
-    last_saved = [first_step(state) if resume else None]
+    last_saved = [checkpoint.latest_step(ckpt_dir) if resume else None]
 
     def members(state) -> list[NoisyRNN]:
         models = [nnx.merge(graphdef, p) for p in ([state.params] if sweep is None else unstack(state.params, sweep.size))]
