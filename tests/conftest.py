@@ -22,6 +22,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # No implicit promotion between array dtypes (float32 + float64, int + float arrays); Python scalars stay
 # weakly typed, which is what the library relies on.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# JAX's backends start now: a command-line main called in-process by a test then leaves the host as it is
+# (nrnn_jax.cli configures only a process whose JAX has not started), so no test changes the devices of the
+# tests after it. The host set-up itself is tested in fresh processes (tests/test_host.py).
+jax.devices()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
