@@ -83,7 +83,12 @@ def build_jax(shape: dict, backend: str, mode: str, reg_method: str = "probe", e
     x = rng.standard_normal((shape["batch"], shape["T"], shape["input_dim"])).astype(np.float32)
     y = rng.integers(0, shape["num_classes"], shape["batch"]).astype(np.int32)
     mask = np.ones(shape["batch"], np.float32)
-    compiled = step.lower(state, x, y, mask, *extra).compile()
+    if devices > 1:  # placed as the training loop places its batches; the memory is that of the program
+        # computing the devices' shares (the update program's is the state's size)
+        x, y, mask = jax.device_put((x, y, mask), data_parallel_sharding(devices)[0])
+        compiled = step.shares.lower(state, x, y, mask, *extra).compile()
+    else:
+        compiled = step.lower(state, x, y, mask, *extra).compile()
     mem = compiled.memory_analysis()
     temp_mb = None if mem is None else getattr(mem, "temp_size_in_bytes", 0) / 2**20
     box = [state]
