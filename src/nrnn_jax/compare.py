@@ -11,7 +11,8 @@ Output layout (a public contract):
     OUT/deterministic/seed<S>/            run directories (load with nrnn_jax.load_run)
     OUT/implicit/seed<S>/
     OUT/explicit/seed<S>-lam<λ>/          one per λ of the grid; the chosen one is in summary.json
-    OUT/summary.json                      settings, per-run measurements, per-mode mean ± std
+    OUT/summary.json                      settings, the examples each measurement uses, per-run measurements,
+                                          per-mode mean ± std
     OUT/results.md                        the Markdown table
     OUT/robustness.png, hessian.png, margins.png, stability.png
 
