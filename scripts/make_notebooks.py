@@ -1,6 +1,7 @@
 """Write notebooks/*.ipynb from the cell sources below (then execute them with `--execute` to store the
 outputs of a real run): `python scripts/make_notebooks.py [NAME.ipynb ...] [--execute]`. The notebooks only
-call the library and plot."""
+call the library and plot. Each one's first code cell (`SETUP`) calls `nrnn_jax.host.configure()` before any
+JAX computation: a notebook owns its kernel process, and the host set-up is what makes CPU training fast."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from IPython.display import Image, Markdown, display
 
 import nrnn_jax as nj
 
+# Before any JAX computation: one CPU device per core and the keeping allocator, as the command-line programs
+# have them (this kernel is the notebook's own process).
+print("host:", nj.host.configure())
 QUICK = os.environ.get("NRNN_QUICK") == "1"  # `make test` runs the notebooks in this quick setting
 DATA = Path(os.environ.get("NRNN_DATA", "../../shared/data"))
 print("quick setting" if QUICK else "full setting", "| real data:", DATA.exists())'''
@@ -83,7 +87,14 @@ cc = CompareConfig(dataset=dataset, data_dir=str(DATA) if dataset == "ecg5000" e
                    hutchinson_samples=5 if QUICK else 30, lyapunov_time=5.0 if QUICK else 50.0,
                    curve_examples=150 if QUICK else None, track_regularizer=True)
 out = Path("../runs/notebook-compare-quick" if QUICK else "../runs/notebook-compare")
-summary = run_compare(cc, out, log=print)
+
+
+def log(line):  # each run's result and measurements (run_compare also reports every epoch of every run)
+    if ": epoch" not in line:
+        print(line)
+
+
+summary = run_compare(cc, out, log=log)
 display(Markdown((out / "results.md").read_text()))'''),
         ("code", '''fig, ax = plt.subplots(figsize=(6, 3.5))
 for mode, runs in summary["runs"].items():

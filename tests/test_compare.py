@@ -62,7 +62,19 @@ def test_compare_layout_and_contents(tmp_path, capsys):
                        lanczos_steps=4, hutchinson_samples=3, lyapunov_time=2.0, curve_examples=60,
                        track_regularizer=True)
     out = tmp_path / "cmp"
-    summary = run_compare(cc, out, log=None)
+    lines = []
+    summary = run_compare(cc, out, log=lines.append)
+    # progress: a line per epoch of every run, a line when its measurements start, a line per finished run
+    labels = ["[digits] seed 0 deterministic", "[digits] seed 0 implicit", "[digits] seed 0 explicit λ=0.5",
+              "[digits] seed 0 explicit λ=1"]
+    for label in labels:
+        assert [line for line in lines if line.startswith(f"{label}: epoch")] == [
+            line for line in lines if line.startswith(f"{label}: epoch   1  loss ")], label
+        assert sum(line.startswith(f"{label}: epoch") for line in lines) == cc.epochs, label
+        assert sum(line.startswith(f"{label}: test acc") for line in lines) == 1, label
+    chosen = f"[digits] seed 0 explicit λ={summary['runs']['explicit'][0]['lambda']:g}"
+    assert sorted(line.split(": measuring")[0] for line in lines if ": measuring" in line) == sorted(labels[:2] + [chosen])
+    assert len(lines) == 4 * cc.epochs + 4 + 3
     for rel in ("deterministic/seed0", "implicit/seed0", "explicit/seed0-lam0.5", "explicit/seed0-lam1"):
         assert load_run(out / rel).cfg.hidden == 32
     for name in ("summary.json", "results.md", "robustness.png", "hessian.png", "margins.png", "stability.png"):
@@ -92,20 +104,37 @@ def test_compare_layout_and_contents(tmp_path, capsys):
     # the deterministic model's penalty is measured at the comparison's noise levels, so it is not zero
     assert saved["runs"]["deterministic"][0]["analysis"]["reg_value"] > 0
 
-    # results.md: a row per mode holding the aggregate's numbers as printed (mean ± std, 4 decimals)
-    rows = {line.split("|")[1].strip().split(" (")[0]: line for line in (out / "results.md").read_text().splitlines()
+    # results.md: a row per mode holding the aggregate's numbers as printed (4 decimals; one seed: no ± spread)
+    text = (out / "results.md").read_text()
+    rows = {line.split("|")[1].strip().split(" (")[0]: line for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| mode")}
     assert set(rows) == set(MODES)
     assert f"| explicit (λ = {ex['lambda']:g}) |" in rows["explicit"]
+    header = next(line for line in text.splitlines() if line.startswith("| mode"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
     for mode in MODES:
         agg = saved["aggregate"][mode]
         for key in ("test_acc", "hessian_top", "hessian_trace", "output_margin_median", "c1",
                     "lyapunov_deterministic", "reg_value"):
-            assert f"| {agg[key]['mean']:.4f} ± {agg[key]['std']:.4f} |" in rows[mode], (mode, key)
+            assert f"| {agg[key]['mean']:.4f} |" in rows[mode], (mode, key)
+        assert "±" not in rows[mode]
+        # the clean accuracy on the curves' own examples (the first curve_examples of the test split) has a column
+        cells = dict(zip(columns, [c.strip() for c in rows[mode].strip("|").split("|")]))
+        model = load_run(saved["runs"][mode][0]["run_dir"])
+        assert cells["clean acc, curve examples"] == f"{evaluate(model, data.x_test[:60], data.y_test[:60])['acc']:.4f}"
+        assert cells["clean test acc"] == f"{evaluate(model, data.x_test, data.y_test)['acc']:.4f}"
         # one seed: the aggregate is that seed's value, with std 0
         run = saved["runs"][mode][0]
         assert agg["test_acc"] == {"mean": run["summary"]["test_acc"], "std": 0.0}
         assert agg["c1"] == {"mean": run["analysis"]["c1"], "std": 0.0}
+
+    # which examples each column comes from
+    n_test = len(data.y_test)
+    assert saved["examples"] == {"test": n_test, "curves": 60, "hessian_train": 16, "analysis_test": 16}
+    assert (f"clean test acc and median output margin: the whole test split ({n_test}); the robustness columns "
+            "(white, salt_pepper, pgd_linf) and 'clean acc, curve examples': the first 60 test examples; Hessian: 16 training "
+            "examples; ") in text
+    assert "median DeepFool margin and explicit reg: 16 test examples" in text and "seeds [0] (one seed" in text
 
     # several seeds: the aggregate is numpy's mean and sample std (ddof=1) of the per-seed values
     runs = {}
@@ -126,6 +155,16 @@ def test_compare_layout_and_contents(tmp_path, capsys):
         accs = np.array([r["analysis"]["curves"]["white"]["acc"] for r in runs[mode]])
         np.testing.assert_allclose(agg[mode]["curves"]["white"]["mean"], accs.mean(0), rtol=1e-12)
         np.testing.assert_allclose(agg[mode]["curves"]["white"]["std"], accs.std(0, ddof=1), rtol=1e-12)
+    # over several seeds results.md shows mean ± sample std
+    table = compare.results_table({**saved, "runs": runs, "aggregate": agg,
+                                   "settings": {**settings, "seeds": [0, 1, 2]}})
+    for mode in MODES:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {mode}"))
+        values = [r["summary"]["test_acc"] for r in runs[mode]]
+        assert f"| {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} |" in row
+        white = np.array([r["analysis"]["curves"]["white"]["acc"] for r in runs[mode]])[:, 1]
+        assert f"| {white.mean():.4f} ± {white.std(ddof=1):.4f} |" in row
+    assert "(mean ± sample standard deviation over the seeds)" in table
 
     assert robustness_main([str(out / "implicit/seed0"), "--kind", "white", "--strengths", "0,0.5"]) == 0
     assert "white 0.5" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from nrnn_jax.data import load_dataset
 from nrnn_jax.runs import recorded_code
 
 # the module names the tests write (forgotten by sys.modules after each test)
-NAMES = ("shared_run", "nrnn_sidefx", "nrnn_usercode", "mycells", "seed0")
+NAMES = ("shared_run", "nrnn_sidefx", "nrnn_usercode", "mycells", "seed0", "nrnn_broken")
 
 USER_CODE = """
 import jax
@@ -256,3 +256,109 @@ def test_compare_resume_imports_nothing_a_run_names(tmp_path, monkeypatch, modul
         run_compare(dataclasses.replace(cc, curve_examples=10), out, log=None, resume=True)
     assert not marker.exists() and not _imported("seed0")
 
+
+
+@pytest.mark.parametrize("typed,names", [
+    ("mycells:LeakyCel", ["module 'mycells'", "mycells.py", "no attribute 'LeakyCel'", "'LeakyCell'"]),
+    ("mycels:LeakyCell", ["no module named 'mycels'", "the current directory {work}"]),
+    ("nrnn_broken:Cell", ["importing module 'nrnn_broken' failed", "No module named 'nrnn_missing_dependency'"]),
+    ("mycells:LeakyCell.nope", ["mycells:LeakyCell has no attribute 'nope'"]),
+    ("mycells", ["expected an import path 'module:name'"]),
+])
+def test_a_typed_path_that_fails_to_import_names_what_is_missing(typed, names, tmp_path, monkeypatch, capsys, module):
+    """`--cell-factory` (nrnn-train, nrnn-compare) and `--diffusion` (nrnn-compare): the error names the flag and
+    the module or attribute that is missing, not notebooks, before anything is loaded or written."""
+    import nrnn_jax.compare as compare
+    from nrnn_jax.cli import compare_main
+
+    work = tmp_path / "work"
+    module(work / "mycells.py", USER_CODE)
+    module(work / "nrnn_broken.py", "import nrnn_missing_dependency\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(work))])
+
+    def nothing_may_load(*a, **k):
+        raise AssertionError("data loaded before the typed code was imported")
+
+    monkeypatch.setattr(compare, "load_dataset", nothing_may_load)
+    out = tmp_path / "out"
+    calls = [("nrnn-train", "--cell-factory", lambda: train_main(TINY + ["--cell-factory", typed, "--out", str(out)])),
+             ("nrnn-compare", "--cell-factory",
+              lambda: compare_main(["--dataset", "digits", "--cell-factory", typed, "--out", str(out)])),
+             ("nrnn-compare", "--diffusion",
+              lambda: compare_main(["--dataset", "digits", "--noise-kind", "custom", "--eps-add", "0", "--eps-mult",
+                                    "0", "--diffusion", typed, "--out", str(out)]))]
+    for program, flag, call in calls:
+        capsys.readouterr()
+        assert call() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{program}: error: {flag}={typed!r} is invalid: this user code cannot be imported"), err
+        for name in names:
+            assert name.format(work=work) in err, (flag, name, err)
+        assert "notebook" not in err and not out.exists()
+    assert str(work) not in sys.path
+
+
+def test_compare_trains_a_user_cell_and_resumes_with_it(tmp_path, monkeypatch, capsys, module):
+    """`CompareConfig(cell_factory=...)` trains the user cell in every mode; the runs record its path, and
+    `resume=True` reuses them, loaded with the factory given (nothing recorded is imported). `nrnn-compare
+    --cell-factory` imports it from the current directory."""
+    from nrnn_jax import compare
+    from nrnn_jax.cli import compare_main
+    from nrnn_jax.compare import CompareConfig, run_compare
+
+    work = tmp_path / "work"
+    marker = module(work / "mycells.py", USER_CODE)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(work))])
+
+    # the command line: the factory imported from the current directory reaches CompareConfig
+    seen = []
+
+    def fake_run(cc, out, resume):
+        seen.append(cc)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    assert compare_main(["--dataset", "digits", "--cell-factory", "mycells:LeakyCell", "--out", str(tmp_path / "o")]) == 2
+    cell, other = sys.modules["mycells"].LeakyCell, sys.modules["mycells"].OtherCell
+    assert seen[0].cell_factory is cell and str(work) not in sys.path
+    # a built-in cell beside it is refused before anything is loaded
+    assert compare_main(["--dataset", "digits", "--cell-factory", "mycells:LeakyCell", "--cell", "gru",
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "CompareConfig.model=" in capsys.readouterr().err and len(seen) == 1
+    monkeypatch.undo()
+    monkeypatch.chdir(work)
+
+    cc = CompareConfig(dataset="digits", seeds=(0,), epochs=1, modes=("implicit",), analysis_examples=8,
+                       lanczos_steps=2, hutchinson_samples=2, lyapunov_time=1.0, curve_examples=20,
+                       model={"hidden": 8}, cell_factory=cell, backend="scan")
+    out = tmp_path / "cmp"
+    summary = run_compare(cc, out, log=None)
+    run = out / "implicit" / "seed0"
+    assert recorded_code(run) == {"cell_factory": "mycells:LeakyCell"}
+    assert summary["settings"]["cell_factory"] == "mycells:LeakyCell"
+    assert summary["settings"]["model"]["cell"] == "custom"
+    assert summary["runs"]["implicit"][0]["analysis"]["c1"] is None  # the certificate is the Lipschitz cell's
+    model = load_run(run, cell=cell)
+    assert isinstance(model.cell, cell)
+    data = load_dataset("digits")
+    assert nj.evaluate(model, data.x_test, data.y_test)["acc"] == summary["runs"]["implicit"][0]["summary"]["test_acc"]
+
+    # resumed with new measurement settings: the run is reused (not trained), loaded with the given factory
+    del sys.modules["mycells"]
+    marker.unlink()
+
+    class Retrained(Exception):
+        pass
+
+    def no_training(*a, **k):
+        raise Retrained
+
+    monkeypatch.setattr(compare, "train_and_evaluate", no_training)
+    again = run_compare(dataclasses.replace(cc, lanczos_steps=3), out, log=None, resume=True)
+    assert len(again["runs"]["implicit"][0]["analysis"]["hessian_ritz"]) == 3
+    assert not marker.exists() and not _imported("mycells")
+    # another factory makes other runs: the recorded one is not reused
+    with pytest.raises(Retrained):
+        run_compare(dataclasses.replace(cc, cell_factory=other), out, log=None, resume=True)

@@ -215,6 +215,46 @@ def test_every_option_is_described_with_its_default(make):
         assert all(name in dataset.help for name in names)
 
 
+@pytest.mark.parametrize("make", [train_parser, compare_parser, robustness_parser, from_public_parser])
+def test_no_option_states_its_default_twice(make):
+    """Each option's help gives its default once (`nrnn-train --help` printed "(default: the data set's)" twice
+    for --input-dim and --num-classes)."""
+    import re
+
+    for action in make()._actions:
+        if action.option_strings and action.help:
+            assert len(re.findall(r"\bdefault:", action.help)) <= 1, (action.option_strings, action.help)
+
+
+def test_train_help_describes_every_cell():
+    parser = train_parser()
+    assert "Lipschitz RNN" not in parser.description
+    assert "--cell" in parser.description and "--cell-factory" in parser.description
+    for flag in ("--input-dim", "--num-classes"):
+        text = next(a.help for a in parser._actions if flag in a.option_strings)
+        assert text.endswith("(default: the data set's)") and text.count("data set's") == 1, flag
+    cell = next(a.help for a in parser._actions if "--cell" in a.option_strings)
+    assert "--cell-factory" in cell and "Python API" not in cell
+
+
+def test_one_backend_default_for_every_command():
+    """nrnn-train, nrnn-compare (its flag and CompareConfig) and nrnn-from-public build models on the library's
+    default backend, NRNNConfig's (diffrax); nrnn-robustness uses each run's own."""
+    from nrnn_jax.compare import CompareConfig
+    from nrnn_jax.interchange import _public_config
+
+    default = NRNNConfig().backend
+    assert default == "diffrax"
+    assert CompareConfig().backend == default
+    assert compare_parser().parse_args(["--out", "o"]).backend == default
+    backend = next(a for a in train_parser()._actions if "--backend" in a.option_strings)
+    assert backend.default is None and f"(default: {default})" in backend.help  # unset: NRNNConfig's
+    public = _public_config({"input_dim": 1, "n_units": 4, "output_classes": 10}, solver="base", eps=0.1, beta=0.75,
+                            gamma_A=0.001, gamma_W=0.001, alpha=1.0, init_std=0.1, add_noise=0.0, mult_noise=0.0,
+                            dtype="float32")
+    assert public.backend == default
+
+
 def test_field_help_covers_every_field():
     for cls in (NRNNConfig, TrainConfig):
         assert set(FIELD_HELP[cls.__name__]) == {f.name for f in dataclasses.fields(cls)}

@@ -13,7 +13,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path, import_path
+from .config import BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path, import_path
 from .data import LOADERS, load_dataset
 from .errors import RunBusyError, RunDamageWarning, RunWriteError
 from .runs import (RESUMABLE_TRAIN_FIELDS, _refuse, _unsupplied, load_run_dataset, read_config_file, read_run_config,
@@ -73,7 +73,7 @@ def _collect(args, cls) -> dict:
 
 
 def parse_devices(text: str):
-    """--devices: 'auto' or a positive integer (also `scripts/benchmark.py --devices`)."""
+    """--devices: 'auto' or a positive integer (also `python -m benchmarks.benchmark --devices`)."""
     if text == "auto":
         return text
     try:
@@ -158,9 +158,11 @@ def _current_directory_on_path():
 
 
 def _import_typed(flag: str, path: str):
-    """The object of an import path the user typed as `flag` (see `_current_directory_on_path`)."""
+    """The object of an import path the user typed as `flag` (see `_current_directory_on_path`); a ValueError
+    names the flag and the missing module or attribute."""
     with _current_directory_on_path():
-        return _import_path("", flag, path)
+        return _import_path("", flag, path, searched=f"the current directory {os.getcwd()}, then the Python path",
+                            remedy=None)
 
 
 def _code_flags(fields) -> str:
@@ -176,8 +178,9 @@ RESUME_APPLIED = ", ".join(_flag(k) for k in RESUMABLE_TRAIN_FIELDS) + ", --prog
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nrnn-train",
-        description="Train a noisy Lipschitz RNN (deterministic, implicit noise injection or explicit "
-                    "penalty) and write a run directory: config.json, metrics.jsonl, summary.json, "
+        description="Train a noisy RNN (a built-in cell, --cell, or a user cell, --cell-factory; deterministic, "
+                    "implicit noise injection or explicit penalty) and write a run directory: config.json, "
+                    "metrics.jsonl, summary.json, "
                     "checkpoints/. Settings come from the flags, or from --config FILE with the flags "
                     "overriding it. Paths are stored absolute, so a run works from any directory.",
     )
@@ -215,8 +218,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add_preset_flag(parser, "start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
                      "--dataset mnist_pixel or mnist_permuted); other flags override its fields (default: none)")
     parser.add_argument("--cell-factory", default=None, metavar="MODULE:NAME",
-                        help="a user cell: the import path of a factory NAME(cfg, rngs=rngs) -> Cell, e.g. a Cell "
-                             "subclass; a module in the current directory is found. The run records the path; "
+                        help=CELL_FACTORY_HELP + ". The run records the path; "
                              "--resume imports it again only when given the same --cell-factory or --trust-code. "
                              "Built-in cells: --cell (default: none, the built-in cell of --cell)")
     parser.add_argument("--data-option", action="append", default=None, metavar="NAME=VALUE",
@@ -382,15 +384,19 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+CELL_FACTORY_HELP = ("a user cell: the import path of a factory NAME(cfg, rngs=rngs) -> Cell, e.g. a Cell subclass; a "
+                     "module in the current directory is found")
+
+
 def compare_parser() -> argparse.ArgumentParser:
-    from .compare import DEFAULTS
+    from .compare import DEFAULTS, CompareConfig
 
     parser = argparse.ArgumentParser(
         prog="nrnn-compare",
         description="Train deterministic, implicit (noise injection) and explicit (penalty) models for each seed, "
                     "choose explicit's λ on validation, and measure robustness, flatness, margins and stability. "
                     "Writes OUT/<mode>/<run>/, OUT/summary.json, OUT/results.md and PNG plots. Every setting is "
-                    "checked before training starts.")
+                    "checked before training starts; a line per epoch of every run shows the progress.")
     parser.add_argument("--dataset", default="ecg5000",
                         help="the task, one of " + ", ".join(DEFAULTS) + " (default: %(default)s)")
     parser.add_argument("--data-dir", default=None,
@@ -403,8 +409,12 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the data set's)")
     parser.add_argument("--lambdas", type=_parse_tuple(float), default=None,
                         help="explicit λ grid, comma-separated, chosen on validation (default: the data set's)")
-    parser.add_argument("--backend", choices=("scan", "diffrax"), default="scan",
-                        help="model backend (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default=CompareConfig.backend,
+                        help="model backend, as nrnn-train's --backend: diffrax (a diffrax solver on the step grid) "
+                             "or scan (the library's own step, same numbers) (default: %(default)s)")
+    parser.add_argument("--cell-factory", default=None, metavar="MODULE:NAME",
+                        help=CELL_FACTORY_HELP + "; every mode trains it, and --resume reuses runs of the same "
+                             "factory (default: none, the built-in cell of --cell)")
     parser.add_argument("--modes", type=_parse_tuple(str.strip), default=MODES, metavar="M1,M2,...",
                         help="the modes to train and measure, out of " + ",".join(MODES) + " (default: all); "
                              "e.g. one process per mode, then a last --resume call over all modes gathers them")
@@ -438,14 +448,18 @@ def compare_main(argv: list[str] | None = None) -> int:
     args = compare_parser().parse_args(argv)
     try:
         _configure_host(args)
+        # what the user typed is the only code nrnn-compare imports (a resumed run is loaded with it)
+        model = _collect(args, NRNNConfig)
+        if "diffusion" in model:
+            model["diffusion"] = _import_typed("--diffusion", model["diffusion"])
+        cell = None if args.cell_factory is None else _import_typed("--cell-factory", args.cell_factory)
         cc = CompareConfig(dataset=args.dataset, data_dir=args.data_dir, preset=args.preset, seeds=args.seeds,
                            epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
-                           curve_examples=args.curve_examples, modes=args.modes, model=_collect(args, NRNNConfig),
+                           curve_examples=args.curve_examples, modes=args.modes, model=model, cell_factory=cell,
                            train={k: v for k, v in (("lr", args.lr), ("lr_decay_epochs", args.lr_decay_epochs),
                                                     ("batch_size", args.batch_size)) if v is not None})
-        with _current_directory_on_path():  # a --diffusion the user typed (the one code nrnn-compare imports)
-            check_compare_config(cc)  # before anything is loaded or trained
+        check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
     except REPORTED_ERRORS as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)

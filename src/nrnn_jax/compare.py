@@ -11,7 +11,8 @@ Output layout (a public contract):
     OUT/deterministic/seed<S>/            run directories (load with nrnn_jax.load_run)
     OUT/implicit/seed<S>/
     OUT/explicit/seed<S>-lam<λ>/          one per λ of the grid; the chosen one is in summary.json
-    OUT/summary.json                      settings, per-run measurements, per-mode mean ± std
+    OUT/summary.json                      settings, the examples each measurement uses, per-run measurements,
+                                          per-mode mean ± std
     OUT/results.md                        the Markdown table
     OUT/robustness.png, hessian.png, margins.png, stability.png
 
@@ -29,7 +30,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -43,7 +44,7 @@ from .analysis import (
     output_margins,
     robustness_curve,
 )
-from .config import BACKENDS, MODES, NRNNConfig, TrainConfig
+from .config import BACKENDS, MODES, NRNNConfig, TrainConfig, import_path
 from .data import Dataset, load_dataset
 from .evaluate import evaluate
 from .model import with_noise
@@ -106,6 +107,10 @@ class CompareConfig:
     use the preset's noise (convention and levels), the deterministic mode the same model without noise. A
     noise-free preset (lipschitz, antisymmetric) is refused: there is no noise to compare. `epochs`,
     `lambdas` and `backend` still override.
+
+    `backend`: the model backend, `"diffrax"` by default as for `NRNNConfig` (`"scan"`: the same numbers).
+    `cell_factory`: a user cell for every mode, a factory `cell_factory(cfg, rngs=rngs) -> Cell` (as
+    `train_and_evaluate(..., cell=)`); the runs record its import path, and reused runs are loaded with it.
     """
 
     dataset: str = "ecg5000"
@@ -114,7 +119,7 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int | None = None
     lambdas: tuple[float, ...] | None = None
-    backend: str = "scan"
+    backend: str = "diffrax"
     analysis_examples: int = 256  # training examples for the Hessian; test examples for DeepFool / reg
     lanczos_steps: int = 20
     hutchinson_samples: int = 30
@@ -124,6 +129,7 @@ class CompareConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # NRNNConfig fields overriding DEFAULTS' model
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig fields overriding the training
     modes: tuple[str, ...] = MODES  # the modes this call trains and measures (summary.json holds those)
+    cell_factory: Callable | None = None  # a user cell (None: the built-in cell of model["cell"])
 
 
 def check_compare_config(cc: CompareConfig) -> "CompareSettings":
@@ -153,6 +159,13 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
         if name in cc.model:
             fail(own, "model", cc.model, f"{name} is not set here (the data set's, or CompareConfig.backend)")
     NRNNConfig._check_names(cc.model)
+    if cc.cell_factory is not None:
+        if not callable(cc.cell_factory):
+            fail(own, "cell_factory", cc.cell_factory, "expected a factory cell(cfg, rngs=rngs) -> Cell, e.g. a "
+                 "Cell subclass, or None")
+        if cc.model.get("cell", "custom") != "custom":
+            fail(own, "model", cc.model, f"cell={cc.model['cell']!r} is a built-in cell, and cell_factory gives a "
+                 "user cell; give one of them")
     if not isinstance(cc.train, dict):
         fail(own, "train", cc.train, "expected a dict of TrainConfig fields")
     for name in ("dataset", "data_dir", "data_options", "mode", "seed", "reg_weight", "epochs"):
@@ -162,12 +175,17 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
     TrainConfig._check_names(cc.train)
     st = compare_settings(cc)
     st = dataclasses.replace(st, model={**st.model, **cc.model}, train={**st.train, **cc.train})
-    base = NRNNConfig(backend=cc.backend, **st.model)  # validates the model settings
+    base = NRNNConfig(backend=cc.backend, **_model_fields(cc, st.model))  # validates the model settings
     if not base.is_noisy:
         fail(own, "model", cc.model, "the comparison needs noise (implicit and explicit modes): set eps_add or "
              "eps_mult > 0")
     TrainConfig(dataset=cc.dataset, data_dir=cc.data_dir, data_options=st.data_options, **st.train)  # validates
     return st
+
+
+def _model_fields(cc: CompareConfig, model: dict[str, Any]) -> dict[str, Any]:
+    """The NRNNConfig fields of the comparison's model: `model`, with `cell="custom"` for a user cell."""
+    return {**model, "cell": "custom"} if cc.cell_factory is not None else model
 
 
 def _mean_std(values):
@@ -203,8 +221,9 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
     noisy_model = with_noise(model, noise.eps_add, noise.eps_mult)
     cfg = noisy_model.cfg
     p = model.recurrent_params()
-    # the certificate's assumptions hold for the Lipschitz cell only (docs/theory.md §5); other cells: None
-    cert = certificate(cfg.replace(eps_add=0.0), p) if p.A is not None else None
+    # the certificate's assumptions hold for the Lipschitz cell and the built-in noises only (docs/theory.md §5);
+    # other cells or a user diffusion: None
+    cert = certificate(cfg.replace(eps_add=0.0), p) if p.A is not None and cfg.noise_kind != "custom" else None
     lam = lam_se = lam_det = None
     if cfg.convention != "reference":  # not an SDE discretisation: no Lyapunov exponents (docs/theory.md §2)
         try:
@@ -306,15 +325,26 @@ class _RunRecord:
 
 def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool = False) -> dict[str, Any]:
     """Train and analyse the modes `cc.modes` (default: all) for all seeds; write the layout of the module
-    docstring. `resume=True` reuses what earlier calls into `out` trained and measured under the same settings
-    (each run's compare.json), continues interrupted runs from their checkpoints (a run made with other
-    settings is refused with the reason), and does the rest; False trains every run afresh, replacing it."""
-    log = log or (lambda message: None)
+    docstring.
+
+    **Arguments:**
+
+    - `cc`: the settings (checked before anything is loaded or trained).
+    - `out`: the output directory.
+    - `log`: called with each progress line: one per epoch of every run (prefixed with the data set, seed and
+      mode), one when a run's measurements start, one per finished run. None: silent.
+    - `resume`: reuse what earlier calls into `out` trained and measured under the same settings (each run's
+      compare.json), continue interrupted runs from their checkpoints (a run made with other settings is
+      refused with the reason), and do the rest. False trains every run afresh, replacing it.
+
+    **Returns:** the summary written to `out/summary.json`."""
+    say = log or (lambda message: None)
     st = check_compare_config(cc)  # every setting, before anything is loaded or trained
     data = load_dataset(cc.dataset, cc.data_dir, **st.data_options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend, **st.model)
+    base = NRNNConfig(input_dim=data.input_dim, num_classes=data.num_classes, backend=cc.backend,
+                      **_model_fields(cc, st.model))
     train_kw = dict(st.train)
     white_eval = tuple(s for s in st.curves.get("white", []) if s > 0)
     runs: dict[str, list[dict]] = {m: [] for m in MODES if m in cc.modes}
@@ -332,23 +362,35 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
     measured_with = {"noise": base.to_dict(), "curves": st.curves,
                      **{k: getattr(cc, k) for k in ("analysis_examples", "lanczos_steps", "hutchinson_samples",
                                                     "lyapunov_time", "curve_examples")}}
+    # a user cell is part of a run's key by its import path (no key changes for built-in cells)
+    cell_key = {} if cc.cell_factory is None else {"cell_factory": import_path(cc.cell_factory)}
 
-    def trained(mcfg: NRNNConfig, tcfg: TrainConfig, run_dir: Path):
+    def trained(mcfg: NRNNConfig, tcfg: TrainConfig, run_dir: Path, label: str):
         """(record, {"summary", "history"}, model()) of the run in `run_dir`: reused, continued or trained."""
         record = _RunRecord(run_dir, {"model": mcfg.to_dict(), "train": tcfg.to_dict(),
-                                      "track_regularizer": cc.track_regularizer}, resume)
+                                      "track_regularizer": cc.track_regularizer, **cell_key}, resume)
         fresh = []
 
         def train():
             continuing = resume and (run_dir / "config.json").exists()
-            r = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=False, log=None, resume=continuing,
-                                   overwrite=not continuing, on_epoch_end=track)
+            r = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=False, resume=continuing,
+                                   log=None if log is None else lambda line: log(f"{label}: {line}"),
+                                   overwrite=not continuing, on_epoch_end=track, cell=cc.cell_factory)
             fresh.append(r.model)
             return {"summary": r.summary, "history": r.history}
 
         run = record.get("run", train)
-        # a reused run is loaded with this comparison's own diffusion: nothing the run directory names is imported
-        return record, run, lambda: fresh[0] if fresh else load_run(run_dir, diffusion=mcfg.diffusion)
+        # a reused run is loaded with this comparison's own code (cell, diffusion): nothing the run directory
+        # names is imported
+        return record, run, lambda: fresh[0] if fresh else load_run(run_dir, cell=cc.cell_factory,
+                                                                    diffusion=mcfg.diffusion)
+
+    def measured(record, model, seed: int, label: str):
+        def measure():
+            say(f"{label}: measuring (robustness curves, Hessian, margins, stability, explicit regularizer)")
+            return analyse(model(), data, st.curves, cc, seed, base)
+
+        return record.get("analysis", measure, measured_with)
 
     for seed in cc.seeds:
         common = dict(dataset=cc.dataset, data_dir=cc.data_dir, data_options=st.data_options, seed=seed,
@@ -358,33 +400,37 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
                 continue
             mcfg = base if mode == "implicit" else base.replace(eps_add=0.0, eps_mult=0.0)
             run_dir = out / mode / f"seed{seed}"
-            record, run, model = trained(mcfg, TrainConfig(mode=mode, **common), run_dir)
-            log(f"[{cc.dataset}] seed {seed} {mode}: test acc {run['summary']['test_acc']:.4f}")
+            label = f"[{cc.dataset}] seed {seed} {mode}"
+            record, run, model = trained(mcfg, TrainConfig(mode=mode, **common), run_dir, label)
+            say(f"{label}: test acc {run['summary']['test_acc']:.4f}")
             runs[mode].append({"seed": seed, "run_dir": str(run_dir), **run,
-                               "analysis": record.get("analysis", lambda: analyse(model(), data, st.curves, cc, seed,
-                                                                                  base), measured_with)})
+                               "analysis": measured(record, model, seed, label)})
         if "explicit" not in cc.modes:
             continue
         candidates = []
         for lam in st.lambdas:
             run_dir = out / "explicit" / f"seed{seed}-lam{lam:g}"
-            record, run, model = trained(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir)
+            label = f"[{cc.dataset}] seed {seed} explicit λ={lam:g}"
+            record, run, model = trained(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir, label)
             score = record.get("selection_score", lambda: _selection_score(model(), data, st.select_white, seed),
                                st.select_white)
-            log(f"[{cc.dataset}] seed {seed} explicit λ={lam:g}: test acc {run['summary']['test_acc']:.4f}, "
-                f"validation score {score:.4f}")
-            candidates.append((score, lam, run_dir, record, run, model))
-        score, lam, run_dir, record, run, model = max(candidates, key=lambda c: c[0])
+            say(f"{label}: test acc {run['summary']['test_acc']:.4f}, validation score {score:.4f}")
+            candidates.append((score, lam, run_dir, record, run, model, label))
+        score, lam, run_dir, record, run, model, label = max(candidates, key=lambda c: c[0])
         runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), **run, "lambda": lam,
                                  "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
-                                 "analysis": record.get("analysis", lambda: analyse(model(), data, st.curves, cc,
-                                                                                    seed, base), measured_with)})
-    summary = {"settings": {**dataclasses.asdict(cc), "preset": st.preset, "model": dataclasses.asdict(base),
-                            "train": train_kw, "data_options": st.data_options, "input_scale": st.input_scale,
-                            "lambdas": list(st.lambdas), "selection_white": st.select_white,
-                            "selection_rule": "max mean(clean val acc, val acc under white noise of each "
-                                              "selection strength)"},
-               "runs": runs, "aggregate": aggregate(runs), "time_s": time.perf_counter() - t0}
+                                 "analysis": measured(record, model, seed, label)})
+    n_test, n_train = data.x_test.shape[0], data.x_train.shape[0]
+    settings = {**dataclasses.asdict(cc), "preset": st.preset, "model": base.to_dict(),
+                "cell_factory": None if cc.cell_factory is None else import_path(cc.cell_factory),
+                "train": train_kw, "data_options": st.data_options, "input_scale": st.input_scale,
+                "lambdas": list(st.lambdas), "selection_white": st.select_white,
+                "selection_rule": "max mean(clean val acc, val acc under white noise of each selection strength)"}
+    # the examples each measurement is made on (results.md says which column comes from which)
+    examples = {"test": n_test, "curves": n_test if cc.curve_examples is None else min(cc.curve_examples, n_test),
+                "hessian_train": min(cc.analysis_examples, n_train), "analysis_test": min(cc.analysis_examples, n_test)}
+    summary = {"settings": settings, "examples": examples, "runs": runs, "aggregate": aggregate(runs),
+               "time_s": time.perf_counter() - t0}
     write_json(out / "summary.json", summary)
     (out / "results.md").write_text(results_table(summary))
     plot_all(summary, out)
@@ -417,30 +463,54 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, Any]:
 
 
 def results_table(summary: dict) -> str:
-    """results.md: one row per mode, mean ± std over seeds, then a line with the settings."""
-    agg = summary["aggregate"]
-    fmt = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}" if d else ""
+    """results.md: one row per mode, the mean over seeds (± the sample standard deviation over two or more
+    seeds), then a line with the settings and a line saying which examples each column is measured on."""
+    agg, runs = summary["aggregate"], summary["runs"]
+    seeds = {mode: len(runs.get(mode, ())) for mode in agg}
+    fmt = lambda mean, std, n: f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
     any_mode = next(iter(agg.values()))
     curve_cols = [(k, s) for k, c in any_mode["curves"].items() for s in c["strengths"][1:]][:6]
     scalar_cols = [("hessian_top", "Hessian top eig"), ("hessian_trace", "Hessian trace"),
                    ("output_margin_median", "median output margin"),
                    ("deepfool_margin_median", "median DeepFool margin"), ("c1", "c1"),
                    ("lyapunov_deterministic", "Lyapunov (det.)"), ("reg_value", "explicit reg")]
-    columns = ["mode", "clean test acc"] + [f"{k} {s:g}" for k, s in curve_cols] + [label for _, label in scalar_cols]
+    ex = summary.get("examples")  # absent from summaries written before it was recorded
+    # the robustness columns' clean accuracy on their own examples, where those are not the whole test split
+    subset = ex is not None and ex["curves"] < ex["test"] and curve_cols
+    clean_kind = next((k for k, c in any_mode["curves"].items() if c["strengths"][0] == 0), None) if subset else None
+    columns = (["mode", "clean test acc"] + (["clean acc, curve examples"] if clean_kind else [])
+               + [f"{k} {s:g}" for k, s in curve_cols] + [label for _, label in scalar_cols])
     rows = []
     for mode, a in agg.items():
+        n = seeds[mode]
         row = {"mode": mode + (f" (λ = {', '.join(f'{l:g}' for l in a['lambdas'])})" if "lambdas" in a else ""),
-               "clean test acc": fmt(a["test_acc"])}
+               "clean test acc": fmt(a["test_acc"]["mean"], a["test_acc"]["std"], n)}
+        if clean_kind:
+            c = a["curves"][clean_kind]
+            row["clean acc, curve examples"] = fmt(c["mean"][0], c["std"][0], n)
         for k, s in curve_cols:
             c = a["curves"][k]
             i = c["strengths"].index(s)
-            row[f"{k} {s:g}"] = f"{c['mean'][i]:.4f} ± {c['std'][i]:.4f}"
-        row.update({label: fmt(a.get(key)) if a.get(key) else "" for key, label in scalar_cols})
+            row[f"{k} {s:g}"] = fmt(c["mean"][i], c["std"][i], n)
+        row.update({label: fmt(a[key]["mean"], a[key]["std"], n) if a.get(key) else "" for key, label in scalar_cols})
         rows.append(row)
     s = summary["settings"]
-    footer = (f"Data set {s['dataset']}, seeds {list(s['seeds'])}, model {s['model']}, training {s['train']}, "
-              f"explicit λ grid {s['lambdas']} (selection: {s['selection_rule']}, white strengths "
+    counts = sorted(set(seeds.values()))
+    spread = ("mean ± sample standard deviation over the seeds" if min(counts) > 1 else
+              "one seed: its values" if max(counts) == 1 else "mean (± sample standard deviation where a mode has "
+                                                              "two or more seeds)")
+    footer = (f"Data set {s['dataset']}, seeds {list(s['seeds'])} ({spread}), model {s['model']}, training "
+              f"{s['train']}, explicit λ grid {s['lambdas']} (selection: {s['selection_rule']}, white strengths "
               f"{s['selection_white']}).")
+    if ex is not None:
+        kinds = ", ".join(dict.fromkeys(k for k, _ in curve_cols))
+        curves = ("the whole test split" if ex["curves"] == ex["test"] else f"the first {ex['curves']} test examples")
+        footer += (f"\n\nExamples: clean test acc and median output margin: the whole test split ({ex['test']}); "
+                   f"the robustness columns ({kinds})"
+                   + (" and 'clean acc, curve examples'" if clean_kind else "") + f": {curves}; Hessian: "
+                   f"{ex['hessian_train']} training examples; median DeepFool margin and explicit reg: "
+                   f"{ex['analysis_test']} test examples (both drawn at random per seed); c1 and Lyapunov: the "
+                   "parameters only.")
     return format_table(rows, columns) + "\n\n" + footer + "\n"
 
 
@@ -467,7 +537,9 @@ def plot_all(summary: dict, out: Path) -> None:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle(f"{summary['settings']['dataset']}: accuracy under perturbation (mean ± std over seeds)")
+    n_seeds = max(len(rs) for rs in runs.values())
+    fig.suptitle(f"{summary['settings']['dataset']}: accuracy under perturbation "
+                 + ("(mean ± std over seeds)" if n_seeds > 1 else "(one seed)"))
     fig.tight_layout()
     fig.savefig(out / "robustness.png", dpi=110)
 

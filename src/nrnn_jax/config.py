@@ -61,21 +61,65 @@ def import_path(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def _import_path(owner: str, field: str, path: str):
-    """The object an import path names; ValueError naming the field and saying what to pass otherwise."""
+class _Unimportable(Exception):
+    """Why an import path 'module:name' names nothing importable (`_resolve_import_path`); the message says
+    which module or attribute is missing."""
+
+
+def _resolve_import_path(path: str, searched: str = "the Python path (sys.path)"):
+    """The object an import path 'module:qualname' names, imported.
+
+    **Arguments:**
+
+    - `path`: `"module:qualname"`, e.g. `"mycells:LeakyCell"` or `"mypkg.noise:sigma"`.
+    - `searched`: where modules are looked up, in words, for the message of a missing module.
+
+    **Returns:** the object. **Raises:** `_Unimportable` saying what is missing: a malformed path, code
+    defined in a notebook, a script's `__main__` or a function (which no import reaches), a module that is
+    not found, a module whose own import fails on a missing module, or a missing attribute (with close
+    names of that module). Other errors raised by the module's own code propagate."""
+    import difflib
     import importlib
 
-    module, _, qualname = path.partition(":")
+    module, sep, qualname = str(path).partition(":")
+    if not sep or not module or not qualname:
+        raise _Unimportable("expected an import path 'module:name', e.g. 'mycells:LeakyCell'")
+    if module == "__main__" or "<locals>" in qualname:
+        raise _Unimportable("it is defined in a notebook, a script's __main__ or a function, which no import "
+                               "reaches")
     try:
-        if module == "__main__" or "<locals>" in qualname or not qualname:
-            raise ImportError(path)
         obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError):
-        fail(owner, field, path, "this user code cannot be imported from here (defined in a notebook, a script's "
-             "__main__ or a function); pass the object itself, e.g. load_run(run_dir, cell=factory, diffusion=sigma)")
+    except ModuleNotFoundError as e:
+        missing = e.name or module
+        if module == missing or module.startswith(missing + "."):
+            raise _Unimportable(f"no module named {missing!r} (searched {searched})") from None
+        raise _Unimportable(f"importing module {module!r} failed: {e}") from None
+    except ImportError as e:
+        raise _Unimportable(f"importing module {module!r} failed: {e}") from None
+    owner = f"module {module!r}" + (f" ({obj.__file__})" if getattr(obj, "__file__", None) else "")
+    done = []
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("__")], n=3)
+            hint = f"; close names: {', '.join(map(repr, close))}" if close else ""
+            raise _Unimportable(f"{owner} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+        done.append(part)
+        owner = f"{module}:{'.'.join(done)}"
+    return obj
+
+
+_PASS_THE_OBJECT = "pass the object itself, e.g. load_run(run_dir, cell=factory, diffusion=sigma)"
+
+
+def _import_path(owner: str, field: str, path: str, searched: str = "the Python path (sys.path)",
+                 remedy: str | None = _PASS_THE_OBJECT):
+    """The object an import path names; a ValueError names the field, says what is missing
+    (`_resolve_import_path`) and adds `remedy`."""
+    try:
+        return _resolve_import_path(path, searched)
+    except _Unimportable as e:
+        fail(owner, field, path, f"this user code cannot be imported from here: {e}" + (f"; {remedy}" if remedy else ""))
 
 
 class ConfigMixin:
@@ -104,7 +148,7 @@ class ConfigMixin:
 
 @dataclasses.dataclass(frozen=True)
 class NRNNConfig(ConfigMixin):
-    """Hyper-parameters of a noisy RNN: the Lipschitz RNN by default, or any cell (docs/theory.md §1–§2, §8).
+    """Hyper-parameters of a noisy RNN: its cell, noise, discretisation and backend (docs/theory.md §1–§2, §8).
 
     **Arguments:**
 
@@ -423,12 +467,12 @@ FIELD_HELP: dict[str, dict[str, str]] = {
     "NRNNConfig": {
         "diffusion": "a user diffusion sigma(h, z) as an import path module:function, a module in the current "
                      "directory found (with --noise-kind custom and no eps levels)",
-        "cell": "the drift f(h, z): lipschitz, antisymmetric, gru, tanh or lstm (a user cell: the Python API)",
+        "cell": "the drift f(h, z): lipschitz, antisymmetric, gru, tanh or lstm (a user cell: --cell-factory)",
         "noise_on": "comma-separated parts of the cell's state the noise enters, e.g. output (the LSTM's h); "
                     "none: the whole state",
-        "input_dim": "input features per step (default: the data set's)",
+        "input_dim": "input features per step",
         "hidden": "hidden units d",
-        "num_classes": "output classes (default: the data set's)",
+        "num_classes": "output classes",
         "dt": "step size δ of the discretisation (the initial per-unit step s under --convention reference)",
         "alpha": "α in the drift α A h + tanh(W h + U x + b)",
         "beta": "β in [0, 1]: A = β(M − Mᵀ) + (1 − β)(M + Mᵀ) − γ_A I (1: antisymmetric), same for W",

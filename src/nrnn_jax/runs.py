@@ -55,7 +55,7 @@ import jax
 from flax import nnx
 
 from . import checkpoint
-from .config import ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path
+from .config import ImportPath, NRNNConfig, Sweep, TrainConfig, _resolve_import_path, _Unimportable
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, RunBusyError, RunDamageWarning, RunWriteError, writing
 from .model import NoisyRNN
@@ -646,10 +646,10 @@ def run_cell_factory(run_dir: str | Path, cell=None, trust_code: bool = False):
     if not trust_code:
         _refuse(run_dir, {"cell_factory": path})
     try:
-        return _import_path("", "cell", path)
-    except ValueError:
-        raise ValueError(f"{run_dir} was trained with a user cell ({path}) that cannot be imported from here; pass "
-                         "the same factory: load_run(run_dir, cell=factory)") from None
+        return _resolve_import_path(path)
+    except _Unimportable as e:
+        raise ValueError(f"{run_dir} was trained with a user cell ({path}) that cannot be imported from here ({e}); "
+                         "pass the same factory: load_run(run_dir, cell=factory)") from None
 
 
 def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusion=None,

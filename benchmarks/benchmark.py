@@ -1,11 +1,13 @@
 """Train-step benchmark: median step time of each backend and mode, as ratios measured in one run.
 
-    python scripts/benchmark.py --shape paper      # T = 784, hidden 128, batch 128 (pixel MNIST)
-    python scripts/benchmark.py --shape ecg        # T = 140, hidden 64, batch 64 (ECG5000)
-    python scripts/benchmark.py --shape small      # T = 28, hidden 32, batch 32
-    python scripts/benchmark.py --t-scaling --variants torch,scan,diffrax   # T = 196, 392, 784
+    python -m benchmarks.benchmark --shape paper      # T = 784, hidden 128, batch 128 (pixel MNIST)
+    python -m benchmarks.benchmark --shape ecg        # T = 140, hidden 64, batch 64 (ECG5000)
+    python -m benchmarks.benchmark --shape small      # T = 28, hidden 32, batch 32
+    python -m benchmarks.benchmark --t-scaling --variants torch,scan,diffrax   # T = 196, 392, 784
 
-Variants: eager PyTorch on the same recurrence (scripts/benchmark_torch.py, in a worker process whose steps
+(from the repository root, with the package installed or `PYTHONPATH=src`; see `benchmarks/__init__.py`)
+
+Variants: eager PyTorch on the same recurrence (benchmarks/benchmark_torch.py, in a worker process whose steps
 take turns with the JAX variants', like theirs with each other; skipped
 with a message if torch is absent; `--torch-variant` picks the formulation: `loop-enc`, the default, applies
 the encoder to x[:, k] inside the loop with one torch.randn(B, d) per step: the fastest and steadiest of
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -40,13 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_torch  # noqa: E402  (scripts/benchmark_torch.py, the eager-PyTorch baseline)
-from nrnn_jax import host  # noqa: E402
-from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, data_parallel_sharding, init_sweep_states,  # noqa: E402
+from benchmarks import benchmark_torch  # the eager-PyTorch baseline
+from nrnn_jax import host
+from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, data_parallel_sharding, init_sweep_states,
                       init_train_state, make_optimizer, make_train_step)
-from nrnn_jax.cli import parse_devices  # noqa: E402
-from nrnn_jax.train import default_devices  # noqa: E402
+from nrnn_jax.cli import parse_devices
+from nrnn_jax.train import default_devices
 
 SHAPES = {
     "paper": dict(T=784, hidden=128, batch=128, input_dim=1, num_classes=10, dt=0.03),
@@ -115,7 +115,7 @@ def time_interleaved(runners: dict, repeats: int) -> dict:
 
 
 def start_torch(shape: dict, args) -> dict:
-    """The eager-PyTorch baseline (scripts/benchmark_torch.py), one worker process per `--torch-malloc`
+    """The eager-PyTorch baseline (benchmarks/benchmark_torch.py), one worker process per `--torch-malloc`
     setting, whose steps take turns with the JAX variants': {row name: worker}; empty (with a message) when
     torch is absent."""
     workers = {}
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "philox4x32"],
                         help="TrainConfig.prng of the JAX variants")
     parser.add_argument("--torch-variant", default=benchmark_torch.DEFAULT_VARIANT,
-                        help="formulation of the eager-PyTorch baseline (scripts/benchmark_torch.py): loop-enc "
+                        help="formulation of the eager-PyTorch baseline (benchmarks/benchmark_torch.py): loop-enc "
                              "(default, fastest measured), unbind, slice (the old O(T^2) one), with optional "
                              "-prenoise / -fused modifiers")
     parser.add_argument("--torch-malloc", default="default",

@@ -1,8 +1,10 @@
 """Explicit regularizer per cell: cost (ms per batch, value and parameter gradient, as explicit training needs
 them) of each method, and agreement with antithetic Monte Carlo at small and large noise.
 
-    python scripts/cell_costs.py                      # B 32, T 140, hidden 32 (ECG5000-like), 5 repeats
-    python scripts/cell_costs.py --batch 16 --hidden 16 --T 64 --methods exact,probe
+    python -m benchmarks.cell_costs                   # B 32, T 140, hidden 32 (ECG5000-like), 5 repeats
+    python -m benchmarks.cell_costs --batch 16 --hidden 16 --T 64 --methods exact,probe
+
+(from the repository root, with the package installed or `PYTHONPATH=src`)
 
 Cost: median of `--repeats` calls after compilation, cells and methods taking turns. Monte Carlo: 20,000
 antithetic pairs in float64 on a small problem (batch 4, T 8, hidden 4); ratio = mean(MC) / exact with its
@@ -12,8 +14,6 @@ standard error, at ε_add = ε_mult = 0.05 (agreement expected) and 2.0 (the exp
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
@@ -22,9 +22,7 @@ import numpy as np
 from flax import nnx
 
 import nrnn_jax as nj
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import time_interleaved  # noqa: E402  (scripts/benchmark.py: the cells and methods take turns)
+from benchmarks.benchmark import time_interleaved  # the cells and methods take turns
 
 
 class GatedLeakyCell(nj.Cell):

@@ -1,4 +1,4 @@
-"""Eager-PyTorch baseline of scripts/benchmark.py: the train step of `NoisyRNN` (implicit mode, noise injection)
+"""Eager-PyTorch baseline of benchmarks/benchmark.py: the train step of `NoisyRNN` (implicit mode, noise injection)
 written as a PyTorch user would, in several formulations.
 
 The recurrence is the one of `nrnn_jax.dynamics.step` under the defaults (convention "sde", solver "euler",
@@ -28,7 +28,8 @@ every step within 0.36–0.48 s, glibc's default allocator) and the smallest in 
 `unbind` had steps from 0.6 s to 10 s in the same run (it keeps the (B, T, d) encoder output and its
 (B, T, d) gradient alive; the cause of the spread was not isolated, the machine being shared), `-prenoise`
 made no difference beyond noise, and `unbind-fused` (0.40–0.49 s on its good steps) did not beat it. Run
-`python scripts/benchmark_torch.py --compare` to measure every formulation, each in a fresh process.
+`python -m benchmarks.benchmark_torch --compare` (from the repository root) to measure every formulation, each in
+a fresh process.
 
 Memory: the peak resident set size of the worker process (`ru_maxrss`), and its growth over the RSS just
 before the first train step (after the model, data and PyTorch itself are loaded): the latter is the

@@ -1,7 +1,9 @@
 """Stress test of the data-parallel CPU train step: long trainings, each in a fresh process.
 
-    python scripts/stress_data_parallel.py --processes 8 --steps 400          # pixel-MNIST shape, 2 devices
-    python scripts/stress_data_parallel.py --processes 4 --steps 400 --loop steps --concurrent 2
+    python -m benchmarks.stress_data_parallel --processes 8 --steps 400          # pixel-MNIST shape, 2 devices
+    python -m benchmarks.stress_data_parallel --processes 4 --steps 400 --loop steps --concurrent 2
+
+(from the repository root, with the package installed or `PYTHONPATH=src`)
 
 Each process trains on synthetic data of the pixel-MNIST shape (T 784, input 1, hidden 128,
 batch 128, 10 classes) in implicit mode with `devices=--devices` (default 2: one CPU device per core of a

@@ -8,12 +8,12 @@ with fixed noise, and the whole train step. The parts take turns (interleaved re
 run on one device, and so does the whole step; where `train_and_evaluate` would split the batch over the
 host's cores (`nrnn_jax.train.default_devices`), that step is timed too.
 
-With torch installed it also times the eager-PyTorch baseline's whole step (scripts/benchmark_torch.py, in a
+With torch installed it also times the eager-PyTorch baseline's whole step (benchmarks/benchmark_torch.py, in a
 worker process, taking turns with the parts) and prints the floor of ANY implementation that draws the
 library's noise: the products at the faster of the two matrix-product rates plus the library's noise draw,
 against half the PyTorch step (what "2x faster than eager PyTorch" needs).
 
-    PYTHONPATH=src python scripts/step_breakdown.py [--repeats 7] [--shape paper|ecg|small]
+    PYTHONPATH=src python -m benchmarks.step_breakdown [--repeats 7] [--shape paper|ecg|small]   # from the repository root
 """
 
 from __future__ import annotations
@@ -22,19 +22,16 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_torch  # noqa: E402
-from benchmark import SHAPES, auto_devices, build_jax  # noqa: E402
-
-from nrnn_jax import NoisyRNN, NRNNConfig, host, prng  # noqa: E402
-from nrnn_jax.losses import cross_entropy, masked_mean  # noqa: E402
+from benchmarks import benchmark_torch
+from benchmarks.benchmark import SHAPES, auto_devices, build_jax
+from nrnn_jax import NoisyRNN, NRNNConfig, host, prng
+from nrnn_jax.losses import cross_entropy, masked_mean
 
 
 def main() -> None:
@@ -108,7 +105,7 @@ def main() -> None:
             parts[f"{name}, torch.mm"] = _torch_products(B, T, d, only=name.split()[1] if name[0].isdigit()
                                                            else "outer")
     worker = benchmark_torch.TorchWorker.start(sh)
-    step_label = "eager-PyTorch train step (scripts/benchmark_torch.py, worker process)"
+    step_label = "eager-PyTorch train step (benchmarks/benchmark_torch.py, worker process)"
     if worker is not None:
         parts[step_label] = worker.run_one
     parts |= {

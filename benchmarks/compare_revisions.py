@@ -1,11 +1,14 @@
 """Train-step time of this checkout against another git revision, in one process, the two taking turns.
 
-    python scripts/compare_revisions.py --rev e52d302 --shape ecg --repeats 7
-    python scripts/compare_revisions.py --rev HEAD~3 --shape paper --variants implicit-diffrax,explicit-probe
-    python scripts/compare_revisions.py --rev HEAD~3 --shape paper --devices 2   # the data-parallel step
+    python -m benchmarks.compare_revisions --rev main --shape ecg --repeats 7
+    python -m benchmarks.compare_revisions --rev HEAD~3 --shape paper --variants implicit-diffrax,explicit-probe
+    python -m benchmarks.compare_revisions --rev HEAD~3 --shape paper --devices 2   # the data-parallel step
 
-The revision's `src/nrnn_jax` is exported with `git archive` into a temporary directory and imported under
-another name (the package uses relative imports only), so both versions are compiled and timed in the same
+(from the repository root, with the package installed or `PYTHONPATH=src`.)
+
+The revision's `src/nrnn_jax` is exported with `git archive` into a temporary directory and imported from there
+under another name (the package uses relative imports only; `sys.path` is left alone), so both versions are
+compiled and timed in the same
 process, alternating step by step: a drift of the machine's speed hits both alike. Prints the median step
 time of each variant for both versions, the ratio this/revision, and whether the two give the same loss and
 explicit regularizer on the first step (same initialisation and data; a changed numerical result shows up here).
@@ -14,7 +17,7 @@ explicit regularizer on the first step (same initialisation and data; a changed 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import io
 import statistics
 import subprocess
@@ -28,15 +31,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import time_interleaved  # noqa: E402  (scripts/benchmark.py: the variants take turns)
+from benchmarks.benchmark import SHAPES, time_interleaved  # the shapes; the variants take turns
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "paper": dict(T=784, hidden=128, batch=128, input_dim=1, num_classes=10, dt=0.03),
-    "ecg": dict(T=140, hidden=64, batch=64, input_dim=1, num_classes=2, dt=0.1),
-    "small": dict(T=28, hidden=32, batch=32, input_dim=28, num_classes=10, dt=0.1),
-}
 VARIANTS = {  # name: (backend, mode, reg_method)
     "implicit-diffrax": ("diffrax", "implicit", "probe"),
     "implicit-scan": ("scan", "implicit", "probe"),
@@ -46,13 +43,17 @@ VARIANTS = {  # name: (backend, mode, reg_method)
 
 
 def import_revision(rev: str, where: Path):
-    """The package of `rev` imported as `nrnn_jax_rev`."""
+    """The package of `rev` imported as `nrnn_jax_rev` from its files in `where`."""
     blob = subprocess.run(["git", "archive", rev, "src/nrnn_jax"], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         tar.extractall(where, filter="data")
-    (where / "src" / "nrnn_jax").rename(where / "nrnn_jax_rev")
-    sys.path.insert(0, str(where))
-    return importlib.import_module("nrnn_jax_rev")
+    package = where / "src" / "nrnn_jax"
+    spec = importlib.util.spec_from_file_location("nrnn_jax_rev", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nrnn_jax_rev"] = module  # its relative imports find their package here
+    spec.loader.exec_module(module)
+    return module
 
 
 def build(nj, shape: dict, backend: str, mode: str, method: str, devices: int = 1):
