@@ -98,13 +98,15 @@ def _add_host_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_host_devices(text: str):
-    """--host-devices: 'auto', 'system' or a positive integer."""
-    if text in ("auto", "system"):
-        return text
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--host-devices={text!r} is invalid: expected 'auto', 'system' or a "
-                                         "positive integer")
-    return int(text)
+    """--host-devices: 'auto', 'system' or a positive integer (checked by `nrnn_jax.host`)."""
+    from .host import _device_count
+
+    value = int(text) if text.strip().isdigit() else text
+    try:
+        _device_count(value, "--host-devices")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _configure_host(args) -> None:

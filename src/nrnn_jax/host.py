@@ -79,8 +79,8 @@ def _backends_started() -> bool:
         return False
 
 
-def _configure_devices(devices, where: str, explicit: bool) -> str:
-    n = _device_count(devices, where)
+def _configure_devices(n: int | None, devices, where: str, explicit: bool) -> str:
+    """Set JAX's CPU device count to `n` (the count `devices`, given through `where`, asks for)."""
     if n is None:
         return f"JAX's default ({where}=system)"
     if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
@@ -116,10 +116,13 @@ def _libc():
         return None
 
 
-def _configure_allocator(allocator, where: str) -> str:
+def _check_allocator(allocator, where: str) -> None:
     if allocator not in ALLOCATORS:
         raise ValueError(f"{where}={allocator!r} is invalid: expected one of "
                          + ", ".join(repr(c) for c in ALLOCATORS) + ".")
+
+
+def _configure_allocator(allocator: str, where: str) -> str:
     if allocator == "system":
         return f"glibc's defaults ({where}=system)"
     libc = _libc()
@@ -156,12 +159,11 @@ def configure(devices: int | str | None = None, allocator: str | None = None) ->
         allocator, awhere = os.environ.get(ALLOCATOR_ENV, "keep"), f"the environment variable {ALLOCATOR_ENV}"
     else:
         awhere = "configure(allocator)"
-    _device_count(devices, dwhere)  # both values checked before anything changes
-    if allocator not in ALLOCATORS:
-        _configure_allocator(allocator, awhere)
+    n = _device_count(devices, dwhere)  # both values checked before anything changes
+    _check_allocator(allocator, awhere)
     # The allocator first: its settings reach only threads that have not allocated yet.
     _status["allocator"] = _configure_allocator(allocator, awhere)
-    _status["devices"] = _configure_devices(devices, dwhere, explicit=dwhere.startswith("configure"))
+    _status["devices"] = _configure_devices(n, devices, dwhere, explicit=dwhere.startswith("configure"))
     return dict(_status)
 
 

@@ -236,25 +236,20 @@ class _SharesStep:
         state, noise_levels = jax.device_put((state, noise_levels), self.replicated)
         x, y, mask = jax.device_put((x, y, mask), self.batch)
         key, stacked = self.shares(state, x, y, mask, *noise_levels)
-        per_device = [_on_device(stacked, d) for d in self.devices]
-        results = []
-        for d in self.devices:
-            results.append(self.update(_on_device(state, d), _on_device(key, d), jax.device_put(per_device, d)))
+        shares = _by_device(stacked, self.devices)
+        results = [self.update(s, k, jax.device_put(shares, d))
+                   for d, s, k in zip(self.devices, _by_device(state, self.devices), _by_device(key, self.devices))]
         return jax.tree.map(self._replicated, *results)
 
     def _replicated(self, *copies):
         return jax.make_array_from_single_device_arrays(copies[0].shape, self.replicated, list(copies))
 
 
-def _on_device(tree, device):
-    """The shards of `tree`'s arrays that live on `device` (no copy)."""
-    def shard(a):
-        for s in a.addressable_shards:
-            if s.device == device:
-                return s.data
-        raise ValueError(f"no shard of an array of shape {a.shape} on {device}")
-
-    return jax.tree.map(shard, tree)
+def _by_device(tree, devices) -> list:
+    """For each of `devices`, `tree` with each array replaced by its shard on that device (no copy)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shards = [{s.device: s.data for s in a.addressable_shards} for a in leaves]
+    return [treedef.unflatten([by_device[d] for by_device in shards]) for d in devices]
 
 
 def _mesh(devices: int) -> jax.sharding.Mesh:
