@@ -435,6 +435,9 @@ def compare_parser() -> argparse.ArgumentParser:
                              "data set's or preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the data set's "
                         "or preset's)")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip the global gradient norm to this in every mode, 0: no clipping (default: the data "
+                             "set's or preset's)")
     _add_dataclass_flags(parser, NRNNConfig, "model (overrides of the data set's comparison defaults)",
                          skip=("input_dim", "num_classes", "backend"),
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
@@ -460,7 +463,8 @@ def compare_main(argv: list[str] | None = None) -> int:
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
                            curve_examples=args.curve_examples, modes=args.modes, model=model, cell_factory=cell,
                            train={k: v for k, v in (("lr", args.lr), ("lr_decay_epochs", args.lr_decay_epochs),
-                                                    ("batch_size", args.batch_size)) if v is not None})
+                                                    ("batch_size", args.batch_size), ("grad_clip", args.grad_clip))
+                                  if v is not None})
         check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
     except REPORTED_ERRORS as e:
