@@ -33,8 +33,8 @@ from .evaluate import evaluate, summarize
 from .losses import correct, cross_entropy, masked_mean
 from .model import NoisyRNN
 from .regularizer import explicit_regularizer
-from .state import (TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, rollback_settings,
-                    unstack, zero_sums)
+from .state import (TrainState, checkpoint_layouts, init_model_state, init_sweep_states, learning_rate, make_optimizer,
+                    metric_names, rollback_settings, unstack, zero_sums)
 from .validation import fail
 
 
@@ -454,7 +454,8 @@ def train_and_evaluate(
         if sweep is not None:
             config["sweep"] = sweep.to_dict()
         if resume:
-            state, sums, history = runs.resume_run(run_dir, config, state, sums, log=log)
+            state, sums, history = runs.resume_run(run_dir, config, state, sums, log=log,
+                                                   layouts=checkpoint_layouts(state, tcfg, steps_per_epoch, len(rollbacks)))
         else:
             runs.start_run(run_dir, {**config, "dataset": data.description}, overwrite=overwrite)
     elif resume:
@@ -571,7 +572,7 @@ def train_and_evaluate(
             if run_dir is not None:
                 runs.append_record(run_dir, record)
                 if tb is not None:  # TensorBoard: the same record, as scalars (RUN/tensorboard/)
-                    tb.write(record, rollbacks=len(rollbacks))
+                    tb.write(record, learning_rate(state.opt_state))
             if log:
                 log(f"epoch {epoch:3d}  loss {_fmt(record['train_loss'])}  train acc {_fmt(record['train_acc'])}  "
                     f"val acc {_fmt(record['val_acc'])}  ({record['time_s']:.1f}s)")
