@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nrnn_jax import NRNNConfig, Sweep, TrainConfig, load_dataset, train_and_evaluate
-from nrnn_jax.metrics_log import tag_of
+from nrnn_jax._tensorboard import tag_of
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -121,7 +121,7 @@ def test_off_writes_nothing_and_is_validated(digits, tmp_path):
 
 def test_each_epoch_is_on_disk_when_written(tmp_path):
     """Nothing waits in a queue: a run killed right after an epoch (SIGKILL, no clean-up) keeps its events."""
-    from nrnn_jax.metrics_log import EpochLog
+    from nrnn_jax._tensorboard import EpochLog
 
     tcfg = TrainConfig(epochs=3)
     log = EpochLog.open(tmp_path, NRNNConfig(), tcfg)
@@ -159,7 +159,7 @@ def test_event_encoding_matches_the_protocol_buffers(tmp_path):
     """The hand-encoded events equal the `Event` protocol buffers serialised by protobuf itself (tensorboardX's
     compiled event.proto), the records equal tensorboardX's TFRecord framing, and the checksum is CRC-32C (its
     standard check value)."""
-    from nrnn_jax.metrics_log import crc32c, event, tfrecord
+    from nrnn_jax._tensorboard import crc32c, event, tfrecord
 
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
     record_writer = pytest.importorskip("tensorboardX.record_writer")

@@ -130,7 +130,7 @@ def test_explicit_clean_loss_is_the_test_time_forward_pass(convention):
 
     from nrnn_jax import NoisyRNN, explicit_regularizer
     from nrnn_jax.losses import cross_entropy
-    from nrnn_jax.train import loss_fn
+    from nrnn_jax.step import loss_fn
 
     mcfg = NRNNConfig(input_dim=2, hidden=4, num_classes=3, dt=0.3, init_std=3.0, convention=convention,
                       eps_add=0.1, eps_mult=0.5, backend="scan")

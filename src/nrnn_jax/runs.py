@@ -7,7 +7,7 @@
                            of every session (process) that worked on the run, up to its last checkpoint
     RUN/checkpoints/       orbax checkpoints of {"state": TrainState, "sums": metric sums}, each with a
                            manifest of its files' sizes and CRC-32s (`nrnn_jax.checkpoint`)
-    RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax.metrics_log`; a sweep:
+    RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax._tensorboard`; a sweep:
                            one sub-directory per member), unless TrainConfig(tensorboard=False)
     RUN/.writer.lock       held (fcntl.flock) by the one process writing the run; removed when it lets go
     RUN/damaged/           what a resume set aside: damaged checkpoints, damaged lines of metrics.jsonl

@@ -1,5 +1,5 @@
 """The state of training: parameters, optimizer state, step, PRNG key; the optimizer; how a fresh state (one
-model, or the members of a sweep) is built. `nrnn_jax.train` steps it; `nrnn_jax.runs` saves and restores it."""
+model, or the members of a sweep) is built. `nrnn_jax.step` steps it; `nrnn_jax.runs` saves and restores it."""
 
 from __future__ import annotations
 
