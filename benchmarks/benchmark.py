@@ -18,7 +18,7 @@ default) and with JAX differentiating the loop (`-autodiff`), deterministic, exp
 probe (S = 1) and exact regularizers, and a sweep of `--sweep-size` models (seeds and noise levels) in one
 vmapped step, reported as throughput per model against one model alone. The JAX variants run on the
 devices `train_and_evaluate` picks for the shape (`--devices auto`: on this CPU, one device per core for a
-long sequence, the batch split over them; `nrnn_jax.train.default_devices`), the `-1dev` ones (`scan-1dev`,
+long sequence, the batch split over them; `nrnn_jax.train._default_devices`), the `-1dev` ones (`scan-1dev`,
 `diffrax-1dev`) on one device. Reports the median of `--repeats`
 steps after compilation (all variants, PyTorch included, take turns, one step each), ratios against PyTorch and against scan, the compiled step's temporary memory (XLA's memory analysis) and the process's
 peak resident memory. `--t-scaling` instead times T = 196, 392, 784 (hidden 128, batch 128) and prints
@@ -45,8 +45,8 @@ from benchmarks import benchmark_torch  # the eager-PyTorch baseline
 from nrnn_jax import host
 from nrnn_jax import (NoisyRNN, NRNNConfig, Sweep, TrainConfig, data_parallel_sharding, init_sweep_states,
                       init_train_state, make_optimizer, make_train_step)
-from nrnn_jax.cli import parse_devices
-from nrnn_jax.train import default_devices
+from nrnn_jax.cli import _parse_devices as parse_devices
+from nrnn_jax.train import _default_devices as default_devices
 
 SHAPES = {
     "paper": dict(T=784, hidden=128, batch=128, input_dim=1, num_classes=10, dt=0.03),
@@ -166,7 +166,7 @@ def jax_runners(shape: dict, wanted: set, args):
 
 
 def auto_devices(shape: dict) -> int:
-    """What `train_and_evaluate(devices="auto")` uses at this shape (`nrnn_jax.train.default_devices`)."""
+    """What `train_and_evaluate(devices="auto")` uses at this shape (`nrnn_jax.train._default_devices`)."""
     return default_devices(NRNNConfig(hidden=shape["hidden"]), shape["batch"], shape["T"])
 
 

@@ -6,7 +6,7 @@ injected noise (threefry2x32 through `jax.random.normal` and through the library
 `nrnn_jax.prng.normal`, and philox4x32), the forward recurrence alone, forward and backward
 with fixed noise, and the whole train step. The parts take turns (interleaved repeats) in one process. All
 run on one device, and so does the whole step; where `train_and_evaluate` would split the batch over the
-host's cores (`nrnn_jax.train.default_devices`), that step is timed too.
+host's cores (`nrnn_jax.train._default_devices`), that step is timed too.
 
 With torch installed it also times the eager-PyTorch baseline's whole step (benchmarks/benchmark_torch.py, in a
 worker process, taking turns with the parts) and prints the floor of ANY implementation that draws the

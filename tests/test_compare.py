@@ -14,7 +14,7 @@ from nrnn_jax.analysis import certificate
 from nrnn_jax.cli import compare_main, compare_parser, robustness_main
 from nrnn_jax import compare
 from nrnn_jax.compare import CompareConfig, aggregate, run_compare
-from nrnn_jax.perturbations import white_noise
+from nrnn_jax.evaluate import white_noise
 
 MODES = ("deterministic", "implicit", "explicit")
 

@@ -93,7 +93,7 @@ DATA_PARALLEL = textwrap.dedent("""
     import jax, numpy as np
     import nrnn_jax as nj
     from flax import nnx
-    from nrnn_jax.train import default_devices
+    from nrnn_jax.train import _default_devices as default_devices
     assert jax.device_count() == 4, jax.devices()
     data = nj.load_dataset("digits")
     mcfg = nj.NRNNConfig(input_dim=8, num_classes=10, hidden=16, dt=0.5, eps_add=0.1, eps_mult=0.1, backend="scan")

@@ -172,7 +172,7 @@ def _inject_record_failure(monkeypatch):
 
 def _inject_tensorboard_failure(monkeypatch):
     """The TensorBoard events of epoch 2 find no space."""
-    from nrnn_jax.metrics_log import _EventFile
+    from nrnn_jax._tensorboard import _EventFile
 
     real, count = _EventFile.write, [0]
 

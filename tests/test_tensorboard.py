@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nrnn_jax import NRNNConfig, Sweep, TrainConfig, load_dataset, train_and_evaluate
-from nrnn_jax.metrics_log import epoch_lr, tag_of
+from nrnn_jax._tensorboard import tag_of
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -44,7 +44,9 @@ def assert_matches(tb: dict, recs: list[dict], tcfg: TrainConfig, member: int | 
             value = rec[k][member] if isinstance(rec[k], list) else rec[k]  # time_s: one for all members
             # event files hold float32: equal to the JSON float rounded to float32
             assert tb[tag_of(k)][rec["epoch"]] == np.float32(value), (k, rec["epoch"])
-        assert tb["train/lr"][rec["epoch"]] == np.float32(epoch_lr(tcfg, rec["epoch"]))
+        # the step-decay schedule: the base rate times lr_decay for each decay epoch before this one
+        decays = sum(1 for d in tcfg.lr_decay_epochs if d < rec["epoch"])
+        assert tb["train/lr"][rec["epoch"]] == np.float32(tcfg.lr * tcfg.lr_decay**decays)
     assert all(sorted(v) == [r["epoch"] for r in recs] for v in tb.values())
 
 
@@ -119,40 +121,45 @@ def test_off_writes_nothing_and_is_validated(digits, tmp_path):
 
 def test_each_epoch_is_on_disk_when_written(tmp_path):
     """Nothing waits in a queue: a run killed right after an epoch (SIGKILL, no clean-up) keeps its events."""
-    from nrnn_jax.metrics_log import EpochLog
+    from nrnn_jax._tensorboard import EpochLog
 
     tcfg = TrainConfig(epochs=3)
     log = EpochLog.open(tmp_path, NRNNConfig(), tcfg)
-    log.write({"epoch": 1, "step": 10, "train_loss": 0.5, "note": "text is skipped"})
+    log.write({"epoch": 1, "step": 10, "train_loss": 0.5, "note": "text is skipped"}, tcfg.lr)
     assert scalars(tmp_path / "tensorboard") == {"train/loss": {1: 0.5}, "train/lr": {1: np.float32(tcfg.lr)}}
-    log.write({"epoch": 2, "step": 20, "train_loss": 0.25})
+    log.write({"epoch": 2, "step": 20, "train_loss": 0.25}, tcfg.lr)
     assert scalars(tmp_path / "tensorboard")["train/loss"] == {1: 0.5, 2: 0.25}
 
 
-def test_epoch_lr_is_the_optimizers_learning_rate():
-    """train/lr is the rate the optimizer applies at every step of the epoch (plain SGD: update = −lr × grad)."""
+def test_the_learning_rate_read_from_the_optimizer_state_is_the_one_applied():
+    """train/lr is read from the optimizer state: after each step it is the rate that step applied (plain SGD:
+    update = −lr × grad), and it follows the step-decay schedule."""
     import jax
     import jax.numpy as jnp
 
     from nrnn_jax import make_optimizer
+    from nrnn_jax.state import learning_rate
 
     tcfg = TrainConfig(optimizer="sgd", momentum=0.0, lr=0.1, lr_decay=0.5, lr_decay_epochs=(1, 3))
     steps_per_epoch = 3
     tx = make_optimizer(tcfg, steps_per_epoch)
     params = jnp.zeros(())
     state = tx.init(params)
+    applied = []
     for step in range(5 * steps_per_epoch):
         with jax.numpy_dtype_promotion("standard"):  # as in the train step: optax mixes int32 counts with floats
             updates, state = tx.update(jnp.ones(()), state, params)
-        assert float(-updates) == pytest.approx(epoch_lr(tcfg, step // steps_per_epoch + 1), rel=1e-6)
-    assert [epoch_lr(tcfg, e) for e in range(1, 6)] == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])
+        assert float(learning_rate(state)) == float(-updates)
+        applied.append(float(-updates))
+    expected = [0.1, 0.05, 0.05, 0.025, 0.025]  # epochs 1-5: × 0.5 from epoch 2 and from epoch 4
+    assert applied == pytest.approx([r for r in expected for _ in range(steps_per_epoch)], rel=1e-6)
 
 
 def test_event_encoding_matches_the_protocol_buffers(tmp_path):
     """The hand-encoded events equal the `Event` protocol buffers serialised by protobuf itself (tensorboardX's
     compiled event.proto), the records equal tensorboardX's TFRecord framing, and the checksum is CRC-32C (its
     standard check value)."""
-    from nrnn_jax.metrics_log import crc32c, event, tfrecord
+    from nrnn_jax._tensorboard import crc32c, event, tfrecord
 
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
     record_writer = pytest.importorskip("tensorboardX.record_writer")

@@ -130,7 +130,7 @@ def test_explicit_clean_loss_is_the_test_time_forward_pass(convention):
 
     from nrnn_jax import NoisyRNN, explicit_regularizer
     from nrnn_jax.losses import cross_entropy
-    from nrnn_jax.train import loss_fn
+    from nrnn_jax.step import loss_fn
 
     mcfg = NRNNConfig(input_dim=2, hidden=4, num_classes=3, dt=0.3, init_std=3.0, convention=convention,
                       eps_add=0.1, eps_mult=0.5, backend="scan")
@@ -176,3 +176,42 @@ def test_divergence_rollback_policy(digits, tmp_path):
         train_and_evaluate(mcfg, hopeless, tmp_path / "h", data=digits, progress=False, log=None)
     with pytest.raises(ValueError, match="TrainConfig.on_divergence='retry'"):
         TrainConfig(on_divergence="retry")
+
+
+def test_a_checkpoint_of_the_scheduled_optimizer_layout_resumes(digits, tmp_path):
+    """A checkpoint whose optimizer state applies the schedule inside the update rule (`optax.scale_by_schedule`,
+    no recorded learning rate) restores, and the run resumes to the numbers of an uninterrupted one."""
+    import shutil
+
+    import optax
+
+    from nrnn_jax import checkpoint
+    from nrnn_jax.state import init_model_state, make_optimizer, metric_names, zero_sums
+
+    mcfg = NRNNConfig(**TINY)
+    tcfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, grad_clip=1.0, lr_decay=0.5, lr_decay_epochs=(1,),
+                       eval_white_noise=())
+    full = train_and_evaluate(mcfg, tcfg, tmp_path / "full", data=digits, progress=False, log=None)
+    run = tmp_path / "old"
+    train_and_evaluate(mcfg, tcfg.replace(epochs=1), run, data=digits, progress=False, log=None)
+
+    # the checkpoint after epoch 1, rewritten with the optimizer state of the update rule written by hand
+    steps_per_epoch = digits.x_train.shape[0] // 64
+    ckpts = run / "checkpoints"
+    _, target = init_model_state(mcfg, make_optimizer(tcfg, steps_per_epoch), tcfg.seed)
+    restored, step = checkpoint.restore_checkpoint(ckpts, {"state": target, "sums": zero_sums(metric_names(tcfg))})
+    state = restored["state"]
+    clip_state, (adam_state, _) = state.opt_state.inner_state
+    old = (clip_state, (adam_state, optax.ScaleByScheduleState(count=state.opt_state.count)))
+    by_hand = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adam(optax.piecewise_constant_schedule(1e-2, {steps_per_epoch: 0.5})))
+    assert jax.tree.structure(by_hand.init(state.params)) == jax.tree.structure(old)
+    shutil.rmtree(ckpts)
+    checkpoint.save_checkpoint(ckpts, step, {"state": state._replace(opt_state=old), "sums": restored["sums"]})
+
+    assert load_run(run) is not None
+    resumed = train_and_evaluate(mcfg, tcfg, run, data=digits, progress=False, log=None, resume=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(full.model)), jax.tree.leaves(nnx.state(resumed.model))):
+        np.testing.assert_array_equal(a, b)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]
+    assert strip(full.history) == strip(resumed.history)

@@ -63,8 +63,8 @@ from .state import init_train_state as init_train_state
 from .state import make_optimizer as make_optimizer
 from .train import RunResult as RunResult
 from .train import TrainingDiverged as TrainingDiverged
-from .train import data_parallel_sharding as data_parallel_sharding
-from .train import make_train_step as make_train_step
+from .step import data_parallel_sharding as data_parallel_sharding
+from .step import make_train_step as make_train_step
 from .train import train_and_evaluate as train_and_evaluate
 
 __version__ = "0.1.0"

@@ -72,7 +72,7 @@ def _collect(args, cls) -> dict:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
-def parse_devices(text: str):
+def _parse_devices(text: str):
     """--devices: 'auto' or a positive integer (also `python -m benchmarks.benchmark --devices`)."""
     if text == "auto":
         return text
@@ -210,10 +210,10 @@ def train_parser() -> argparse.ArgumentParser:
                      help="additive noise level of each sweep member (default: --eps-add for all)")
     par.add_argument("--sweep-eps-mult", type=_parse_tuple(float), default=None, metavar="E1,E2,...",
                      help="multiplicative noise level of each sweep member (default: --eps-mult for all)")
-    par.add_argument("--devices", type=parse_devices, default="auto",
+    par.add_argument("--devices", type=_parse_devices, default="auto",
                      help="data-parallel over this many devices, the batch split across them; 'auto': on CPU the "
                           "host's cores where each gets enough work for the split to pay (long sequences), else "
-                          "one device (nrnn_jax.train.default_devices) (default: auto)")
+                          "one device (default: auto)")
     par.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
                           "environment variables or launcher) (default: off)")

@@ -46,9 +46,8 @@ from .analysis import (
 )
 from .config import BACKENDS, MODES, NRNNConfig, TrainConfig, import_path
 from .data import Dataset, load_dataset
-from .evaluate import evaluate
+from .evaluate import evaluate, white_noise
 from .model import with_noise
-from .perturbations import white_noise
 from .regularizer import explicit_regularizer
 from .runs import load_run, write_json
 from .tables import format_table

@@ -345,7 +345,7 @@ class TrainConfig(ConfigMixin):
     - `eval_white_noise`: standard deviations of white input noise at which the final model's test
       accuracy is also reported (docs/theory.md (6.1)).
     - `tensorboard`: write TensorBoard event files of the per-epoch metrics into the run directory
-      (`RUN/tensorboard/`, `nrnn_jax.metrics_log`); False writes none.
+      (`RUN/tensorboard/`, `nrnn_jax._tensorboard`); False writes none.
     """
 
     dataset: str = "digits"

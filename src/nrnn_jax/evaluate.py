@@ -1,10 +1,16 @@
 """Evaluation: loss and accuracy with noise off over fixed-shape padded batches (the one evaluation loop),
-logits for a whole data set, and the summary of a trained model."""
+logits for a whole data set, the summary of a trained model, and the test-time input perturbations evaluation
+applies (docs/theory.md (6.1)–(6.3)).
+
+A perturbation is `perturb(x_batch, y_batch, rng) -> x_batch'` for a NumPy generator `rng`, applied batch by
+batch, so that evaluation draws it lazily (no copy of a whole test set) and reproducibly from a seed. The labels
+are used by the adversarial perturbations of `nrnn_jax.analysis.robustness` and ignored by the random ones here
+(`white_noise`, `multiplicative_noise`, `salt_and_pepper`)."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +21,33 @@ from .config import TrainConfig
 from .data import Dataset, batches
 from .losses import correct, cross_entropy
 from .model import NoisyRNN
-from .perturbations import Perturbation, white_noise
-from .validation import check_inputs, check_labels
+from .validation import check_inputs, check_labels, check_real
+
+Perturbation = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
+
+
+def white_noise(std: float) -> Perturbation:
+    """x + std · N(0, 1)."""
+    check_real("", "std", std, 0.0)
+    return lambda x, y, rng: (x + std * rng.standard_normal(x.shape)).astype(x.dtype)
+
+
+def multiplicative_noise(std: float) -> Perturbation:
+    """x ⊙ (1 + std · N(0, 1))."""
+    check_real("", "std", std, 0.0)
+    return lambda x, y, rng: (x * (1.0 + std * rng.standard_normal(x.shape))).astype(x.dtype)
+
+
+def salt_and_pepper(fraction: float, low: float, high: float) -> Perturbation:
+    """A fraction of the entries set to `low` or `high` (the data's min and max) with equal chance."""
+    check_real("", "fraction", fraction, 0.0, 1.0)
+
+    def perturb(x, y, rng):
+        hit = rng.random(x.shape) < fraction
+        value = np.where(rng.random(x.shape) < 0.5, low, high)
+        return np.where(hit, value, x).astype(x.dtype)
+
+    return perturb
 
 
 @partial(jax.jit, static_argnums=0)
@@ -44,7 +75,7 @@ def evaluate(
     - `model`: a `NoisyRNN`.
     - `x`: inputs (N, T, input_dim); `y`: integer labels (N,).
     - `batch_size`: examples per compiled call (the last batch is padded and masked).
-    - `perturb`: `perturb(x_batch, y_batch, rng)` (see `nrnn_jax.perturbations`) is applied to each batch with
+    - `perturb`: `perturb(x_batch, y_batch, rng)` (e.g. `white_noise`) is applied to each batch with
       a generator seeded by `seed`, so perturbed evaluation needs no copy of the whole data set.
 
     **Returns:** `{"loss": mean cross-entropy, "acc": accuracy}` as Python floats.

@@ -12,7 +12,7 @@ mode fall back to `jax.random.normal` itself.
 
 `Rows(key, start, total)` draws a block of rows of a larger draw: `normal(Rows(key, start, total), (b, ...))`
 is rows start … start + b − 1 of `normal(key, (total, ...))`, bit for bit. A data-parallel train step draws
-each device's share of the batch's noise this way (`nrnn_jax.train`): the same numbers as on one device,
+each device's share of the batch's noise this way (`nrnn_jax.step`): the same numbers as on one device,
 each drawn once. On the fused path it only offsets the counters; otherwise (`full_rows`) it draws the whole
 array and slices it.
 """

@@ -349,7 +349,7 @@ def explicit_regularizer(
 
     Under the reference convention the expansion is around the mean-step path (step s(1 − ε_mult/2)),
     so `.clean_loss` is the loss on that path, not the test-time forward pass (docs/theory.md (3.2)–(3.3));
-    explicit training uses the test-time forward pass for its clean loss (`nrnn_jax.train.loss_fn`).
+    explicit training uses the test-time forward pass for its clean loss (`nrnn_jax.step.loss_fn`).
     """
     check_choice("", "method", method, METHODS)
     check_int("", "num_probes", num_probes, 1)

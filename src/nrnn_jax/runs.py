@@ -7,7 +7,7 @@
                            of every session (process) that worked on the run, up to its last checkpoint
     RUN/checkpoints/       orbax checkpoints of {"state": TrainState, "sums": metric sums}, each with a
                            manifest of its files' sizes and CRC-32s (`nrnn_jax.checkpoint`)
-    RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax.metrics_log`; a sweep:
+    RUN/tensorboard/       TensorBoard event files of the epoch records (`nrnn_jax._tensorboard`; a sweep:
                            one sub-directory per member), unless TrainConfig(tensorboard=False)
     RUN/.writer.lock       held (fcntl.flock) by the one process writing the run; removed when it lets go
     RUN/damaged/           what a resume set aside: damaged checkpoints, damaged lines of metrics.jsonl
@@ -59,7 +59,8 @@ from .config import ImportPath, NRNNConfig, Sweep, TrainConfig, _resolve_import_
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, RunBusyError, RunDamageWarning, RunWriteError, writing
 from .model import NoisyRNN
-from .state import TrainState, init_model_state, init_sweep_states, make_optimizer, metric_names, unstack, zero_sums
+from .state import (TrainState, checkpoint_layouts, init_model_state, init_sweep_states, make_optimizer, metric_names,
+                    unstack, zero_sums)
 from .validation import fail
 
 LOCK_FILE = ".writer.lock"
@@ -334,10 +335,11 @@ RESUMABLE_TRAIN_FIELDS = ("epochs", "data_dir", "eval_batch_size", "eval_white_n
 
 
 def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: dict,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None, layouts: list | None = None):
     """(state, sums, history) restored from the newest intact checkpoint of `run_dir`, which must have been
     made with the same configuration except for `RESUMABLE_TRAIN_FIELDS` (`epochs` may only grow); records of
-    epochs after that checkpoint are dropped (they are redone).
+    epochs after that checkpoint are dropped (they are redone). `layouts`: the layouts a checkpoint of `state`
+    may hold (`state.checkpoint_layouts`); default: `state`'s own.
 
     Unfinished checkpoint writes are removed. A damaged checkpoint is moved to RUN/damaged/ and the next older
     one is tried (a `RunDamageWarning` names the file and why); a run with no intact checkpoint starts from
@@ -371,7 +373,7 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
     restored, found, damage = {"state": state, "sums": sums}, None, []
     for s in reversed(checkpoint.steps(ckpt_dir)):
         try:
-            restored, found = checkpoint.restore_checkpoint(ckpt_dir, {"state": state, "sums": sums}, s)
+            restored, found = _restore(ckpt_dir, s, layouts or [(state, lambda r: r)], sums)
             break
         except CheckpointError as e:
             if not e.damaged:
@@ -411,6 +413,24 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
     if changed:  # record the new settings (other keys, such as the data set's description, are kept)
         write_json(path, {**saved, "train": {**saved["train"], **changed}}, "the run's configuration")
     return state, restored["sums"], [r for r in kept if "event" not in r]
+
+
+def _restore(ckpt_dir: Path, step: int | None, layouts: list, sums: dict) -> tuple[dict[str, Any], int]:
+    """({"state", "sums"}, step) of checkpoint `step` (None: the newest), restored into the first of `layouts`
+    ((target state, conversion to the current layout), `state.checkpoint_layouts`) that it holds; a checkpoint
+    that holds none raises the error of the first."""
+    first = None
+    for target, convert in layouts:
+        try:
+            restored, step = checkpoint.restore_checkpoint(ckpt_dir, {"state": target, "sums": sums}, step)
+        except CheckpointError as e:
+            if e.damaged:
+                raise
+            first = first or e
+            continue
+        state = restored["state"] if isinstance(restored["state"], TrainState) else TrainState(*restored["state"])
+        return {"state": convert(state), "sums": restored["sums"]}, step
+    raise first
 
 
 def read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
@@ -674,7 +694,8 @@ def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusio
     cell = run_cell_factory(run_dir, cell, trust_code)
     mcfg, tcfg = read_run_config(run_dir, diffusion, trust_code)
     sweep = read_run_sweep(run_dir)
-    tx = make_optimizer(tcfg, 1, len(read_rollbacks(Path(run_dir))))  # the optimizer state's structure
+    rollbacks = len(read_rollbacks(Path(run_dir)))
+    tx = make_optimizer(tcfg, 1, rollbacks)  # the optimizer state's structure
     if sweep is None:
         if member is not None:
             fail("", "member", member, f"{run_dir} holds a single model, not a sweep")
@@ -686,7 +707,7 @@ def load_run(run_dir: str | Path, member: int | None = None, cell=None, diffusio
     sums = zero_sums(metric_names(tcfg), None if sweep is None else sweep.size)
     ckpt_dir = Path(run_dir) / "checkpoints"
     try:
-        restored, _ = checkpoint.restore_checkpoint(ckpt_dir, {"state": target, "sums": sums})
+        restored, _ = _restore(ckpt_dir, None, checkpoint_layouts(target, tcfg, 1, rollbacks), sums)
     except CheckpointError as e:
         if not e.damaged:
             raise

@@ -1,8 +1,9 @@
 """The state of training: parameters, optimizer state, step, PRNG key; the optimizer; how a fresh state (one
-model, or the members of a sweep) is built. `nrnn_jax.train` steps it; `nrnn_jax.runs` saves and restores it."""
+model, or the members of a sweep) is built. `nrnn_jax.step` steps it; `nrnn_jax.runs` saves and restores it."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -61,10 +62,32 @@ def rollback_settings(tcfg: TrainConfig, rollbacks: int = 0) -> tuple[float, flo
     return tcfg.lr * tcfg.rollback_lr_factor**rollbacks, clip
 
 
-def epoch_lr(tcfg: TrainConfig, epoch: int, rollbacks: int = 0) -> float:
-    """The learning rate of (1-based) `epoch`: the base rate times `lr_decay` for each decay epoch before it
-    (the step-decay schedule of `make_optimizer`, constant within an epoch)."""
-    return rollback_settings(tcfg, rollbacks)[0] * tcfg.lr_decay ** sum(1 for d in tcfg.lr_decay_epochs if d < epoch)
+def _schedule(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> optax.Schedule:
+    """The step-decay schedule: the base rate (`rollback_settings`) times `lr_decay` from each decay epoch on."""
+    boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
+    schedule = optax.piecewise_constant_schedule(rollback_settings(tcfg, rollbacks)[0], boundaries)
+
+    def at(count):
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes the int32 count with float rates
+            return schedule(count)
+
+    return at
+
+
+def _update_rule(tcfg: TrainConfig, clip: float, learning_rate) -> optax.GradientTransformation:
+    """Optional global-norm clipping, then Adam / AdamW or SGD with momentum (and decoupled weight decay) at
+    `learning_rate` (a value, or a schedule of the step count)."""
+    parts = []
+    if clip > 0:
+        parts.append(optax.clip_by_global_norm(clip))
+    if tcfg.optimizer == "adam":
+        parts.append(optax.adamw(learning_rate, weight_decay=tcfg.weight_decay) if tcfg.weight_decay > 0
+                     else optax.adam(learning_rate))
+    else:
+        if tcfg.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(tcfg.weight_decay))
+        parts.append(optax.sgd(learning_rate, momentum=tcfg.momentum or None))
+    return optax.chain(*parts)
 
 
 def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> optax.GradientTransformation:
@@ -78,22 +101,51 @@ def make_optimizer(tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) 
     - `rollbacks`: how many divergence rollbacks have happened (their learning rate and clip:
       `rollback_settings`).
 
-    **Returns:** an `optax.GradientTransformation`.
+    **Returns:** an `optax.GradientTransformation` built with `optax.inject_hyperparams`: its state records
+    the learning rate of the latest step (`learning_rate(opt_state)`), the schedule's value at that step.
     """
-    lr, clip = rollback_settings(tcfg, rollbacks)
-    boundaries = {int(e) * steps_per_epoch: tcfg.lr_decay for e in tcfg.lr_decay_epochs}
-    schedule = optax.piecewise_constant_schedule(lr, boundaries)
-    parts = []
-    if clip > 0:
-        parts.append(optax.clip_by_global_norm(clip))
-    if tcfg.optimizer == "adam":
-        parts.append(optax.adamw(schedule, weight_decay=tcfg.weight_decay) if tcfg.weight_decay > 0
-                     else optax.adam(schedule))
-    else:
-        if tcfg.weight_decay > 0:
-            parts.append(optax.add_decayed_weights(tcfg.weight_decay))
-        parts.append(optax.sgd(schedule, momentum=tcfg.momentum or None))
-    return optax.chain(*parts)
+    clip = rollback_settings(tcfg, rollbacks)[1]
+    return optax.inject_hyperparams(functools.partial(_update_rule, tcfg, clip))(
+        learning_rate=_schedule(tcfg, steps_per_epoch, rollbacks))
+
+
+def learning_rate(opt_state) -> jax.Array:
+    """The learning rate of the latest step, as the optimizer state of `make_optimizer` records it (before the
+    first step: that of the first); a sweep's stacked state gives one per member."""
+    return opt_state.hyperparams["learning_rate"]
+
+
+def checkpoint_layouts(target: TrainState, tcfg: TrainConfig, steps_per_epoch: int, rollbacks: int = 0) -> list:
+    """The layouts a checkpoint of `target` may hold, newest first: (the state to restore into, the function
+    turning the restored state into `target`'s layout).
+
+    Besides `make_optimizer`'s own, a checkpoint may hold the optimizer state of the same update rule with the
+    schedule applied inside it (`optax.scale_by_schedule`, whose state counts the steps) and no recorded
+    learning rate. It is restored into that layout and converted: same moments, same step count, the
+    learning rate of the latest step computed from the schedule. Training goes on with the same numbers.
+    """
+    schedule = _schedule(tcfg, steps_per_epoch, rollbacks)
+    scheduled = _update_rule(tcfg, rollback_settings(tcfg, rollbacks)[1], schedule)
+    stacked = jnp.ndim(target.step) > 0  # a sweep's members
+    init = jax.vmap(scheduled.init) if stacked else scheduled.init
+    old = target._replace(opt_state=init(target.params))
+
+    def convert(restored: TrainState) -> TrainState:
+        new = target.opt_state
+        is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
+        counts = [s.count for s in jax.tree.leaves(restored.opt_state, is_leaf=is_schedule) if is_schedule(s)]
+        inner = jax.tree.map(lambda s: optax.EmptyState() if is_schedule(s) else s, restored.opt_state,
+                             is_leaf=is_schedule)
+        if len(counts) != 1 or jax.tree.structure(inner) != jax.tree.structure(new.inner_state):
+            raise ValueError("the checkpoint's optimizer state is not that of this update rule")
+        count = counts[0]
+        lr = jnp.asarray(schedule(jnp.maximum(count - 1, 0)), learning_rate(new).dtype)
+        opt_state = new._replace(count=count, hyperparams={**new.hyperparams, "learning_rate": lr},
+                                 hyperparams_states=jax.tree.map(lambda _: jnp.copy(count), new.hyperparams_states),
+                                 inner_state=inner)
+        return restored._replace(opt_state=opt_state)
+
+    return [(target, lambda restored: restored), (old, convert)]
 
 
 def new_model(mcfg: NRNNConfig, seed: int, cell=None) -> NoisyRNN:

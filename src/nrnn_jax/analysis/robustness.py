@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import perturbations
-from ..evaluate import evaluate
+
+from ..evaluate import evaluate, multiplicative_noise, salt_and_pepper, white_noise
 from ..validation import check_choice
 from .adversarial import fgsm, pgd
 
@@ -20,11 +20,11 @@ def make_perturbation(kind: str, strength: float, *, model=None, data_range=(0.0
     """The batch perturbation `perturb(x, y, rng)` of `kind` at `strength` (std, fraction or budget)."""
     check_choice("", "kind", kind, KINDS)
     if kind == "white":
-        return perturbations.white_noise(strength)
+        return white_noise(strength)
     if kind == "multiplicative":
-        return perturbations.multiplicative_noise(strength)
+        return multiplicative_noise(strength)
     if kind == "salt_pepper":
-        return perturbations.salt_and_pepper(strength, *data_range)
+        return salt_and_pepper(strength, *data_range)
     attack, norm = kind.split("_")
     if attack == "fgsm":
         return lambda x, y, rng: np.asarray(fgsm(model, x, y, strength, norm))

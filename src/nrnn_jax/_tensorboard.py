@@ -36,7 +36,6 @@ import numpy as np
 
 from .config import NRNNConfig, Sweep, TrainConfig
 from .errors import writing
-from .state import epoch_lr
 
 SUBDIR = "tensorboard"
 _NOT_SCALARS = ("epoch", "step")
@@ -189,9 +188,10 @@ class EpochLog:
         logdirs = [root] if sweep is None else [root / name for name in member_dirs(sweep, mcfg)]
         return cls(logdirs, tcfg, purge_step=first_epoch if resume else None)
 
-    def write(self, record: dict[str, Any], rollbacks: int = 0) -> None:
-        """Write the numeric entries of one epoch record (one value per member for a sweep) and the learning
-        rate at step = the epoch, and flush them to disk; close after the last epoch of training."""
+    def write(self, record: dict[str, Any], learning_rate) -> None:
+        """Write the numeric entries of one epoch record (one value per member for a sweep) and the epoch's
+        `learning_rate` (read from the optimizer state, `state.learning_rate`; one per member for a sweep) at
+        step = the epoch, and flush them to disk; close after the last epoch of training."""
         epoch = int(record["epoch"])
         if not self.writers:
             self._open_writers()
@@ -205,11 +205,11 @@ class EpochLog:
                 continue  # not a per-member scalar (e.g. a string): metrics.jsonl keeps it
             for row, v in zip(rows, values):
                 row.append((tag_of(key), float(v)))
-        lr = epoch_lr(self.tcfg, epoch, rollbacks)
+        rates = np.broadcast_to(np.asarray(learning_rate, np.float64), (n,))
         now = time.time()
-        for d, w, row in zip(self.logdirs, self.writers, rows):
+        for d, w, row, lr in zip(self.logdirs, self.writers, rows, rates):
             with writing(d, "TensorBoard events"):
-                w.write(*(event(now, epoch, scalars=[(tag, v)]) for tag, v in row + [("train/lr", lr)]))
+                w.write(*(event(now, epoch, scalars=[(tag, v)]) for tag, v in row + [("train/lr", float(lr))]))
         if epoch >= self.tcfg.epochs:
             self.close()
 
