@@ -1,12 +1,15 @@
 """Explicit regularizer per cell: cost (ms per batch, value and parameter gradient, as explicit training needs
-them) of each method, and agreement with antithetic Monte Carlo at small and large noise.
+them) of each method, next to the noisy loss that implicit training differentiates, and agreement with
+antithetic Monte Carlo at small and large noise.
 
     python -m benchmarks.cell_costs                   # B 32, T 140, hidden 32 (ECG5000-like), 5 repeats
-    python -m benchmarks.cell_costs --batch 16 --hidden 16 --T 64 --methods exact,probe
+    python -m benchmarks.cell_costs --batch 16 --hidden 16 --T 64 --methods implicit,exact,probe
 
 (from the repository root, with the package installed or `PYTHONPATH=src`)
 
-Cost: median of `--repeats` calls after compilation, cells and methods taking turns. Monte Carlo: 20,000
+Cost: median of `--repeats` calls after compilation, cells and methods taking turns. The methods: `implicit`,
+the cross-entropy of one noisy forward pass (noise injection, no regularizer); `exact`, `probe` (one probe)
+and `continuous`, the value of `explicit_regularizer` with that method. Monte Carlo: 20,000
 antithetic pairs in float64 on a small problem (batch 4, T 8, hidden 4); ratio = mean(MC) / exact with its
 standard error, at ε_add = ε_mult = 0.05 (agreement expected) and 2.0 (the expansion's bias visible).
 """
@@ -14,11 +17,13 @@ standard error, at ε_add = ε_mult = 0.05 (agreement expected) and 2.0 (the exp
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import nrnn_jax as nj
@@ -38,7 +43,8 @@ class GatedLeakyCell(nj.Cell):
         return -jax.nn.softplus(self.a[...]) * h + jax.nn.sigmoid(self.G[...] @ z) * jnp.tanh(self.W[...] @ h + z)
 
 
-CELLS = ("lipschitz", "antisymmetric", "tanh", "gru", "user")
+CELLS = ("lipschitz", "antisymmetric", "tanh", "gru", "lstm", "user")
+METHODS = ("implicit", "exact", "probe", "continuous")
 
 
 def make_model(name: str, cfg: nj.NRNNConfig) -> nj.NoisyRNN:
@@ -60,6 +66,8 @@ def cost_runner(name: str, method: str, args):
     def value_and_grad(params, key):
         def value(params):
             m = nnx.merge(graphdef, params)
+            if method == "implicit":
+                return optax.softmax_cross_entropy_with_integer_labels(m(x, key=key), y).mean()
             return nj.explicit_regularizer(m, x, y, method=method, num_probes=1, key=key).value
         return jax.value_and_grad(value)(params)
 
@@ -92,14 +100,15 @@ def main(argv=None) -> int:
     parser.add_argument("--T", type=int, default=140)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--methods", default="exact,probe,continuous")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--mc-samples", type=int, default=20000)
     args = parser.parse_args(argv)
+    nj.host.configure()  # before any JAX computation: one CPU device per core, the keeping allocator
     cells = args.cells.split(",")
     methods = args.methods.split(",")
     runners = {(c, m): cost_runner(c, m, args) for c in cells for m in methods}
-    medians = time_interleaved(runners, args.repeats)
+    medians = {name: statistics.median(ts) for name, ts in time_interleaved(runners, args.repeats).items()}
     print(f"{jax.devices()[0].device_kind}, batch {args.batch}, T {args.T}, hidden {args.hidden}, float32, scan backend; "
           f"median of {args.repeats} (ms per batch, value + parameter gradient)\n")
     head = "| cell | path | " + " | ".join(f"{m} (ms)" for m in methods) + " | MC/exact at ε = 0.05 | MC/exact at ε = 2 |"
