@@ -7,7 +7,8 @@ antithetic Monte Carlo at small and large noise.
 
 (from the repository root, with the package installed or `PYTHONPATH=src`)
 
-Cost: median of `--repeats` calls after compilation, cells and methods taking turns. The methods: `implicit`,
+Cost: median of `--repeats` calls after compilation, cells and methods taking turns, in wall time or
+(`--clock cpu`) in this process's CPU time. The methods: `implicit`,
 the cross-entropy of one noisy forward pass (noise injection, no regularizer); `exact`, `probe` (one probe)
 and `continuous`, the value of `explicit_regularizer` with that method. Monte Carlo: 20,000
 antithetic pairs in float64 on a small problem (batch 4, T 8, hidden 4); ratio = mean(MC) / exact with its
@@ -46,6 +47,7 @@ class GatedLeakyCell(nj.Cell):
 
 CELLS = ("lipschitz", "antisymmetric", "tanh", "gru", "lstm", "user")
 METHODS = ("implicit", "exact", "probe", "continuous")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def make_model(name: str, cfg: nj.NRNNConfig) -> nj.NoisyRNN:
@@ -80,10 +82,12 @@ def cost_runner(name: str, method: str, args):
         return None, temp
     jax.block_until_ready(compiled(params, key))
 
+    clock = CLOCKS[args.clock]
+
     def run():
-        t = time.perf_counter()
+        t = clock()
         jax.block_until_ready(compiled(params, key))
-        return time.perf_counter() - t
+        return clock() - t
 
     return run, temp
 
@@ -109,6 +113,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--mc-samples", type=int, default=20000)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: wall time per call (default); cpu: this process's CPU time per call (on a machine "
+                             "loaded by other work, what the call itself costs)")
     parser.add_argument("--max-temp-gib", type=float, default=4.0,
                         help="a (cell, method) whose compiled value and gradient need more XLA temporary memory "
                              "than this is reported, not run (default: 4)")
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
     runners = {name: run for name, (run, _) in built.items() if run is not None}
     medians = {name: statistics.median(ts) for name, ts in time_interleaved(runners, args.repeats).items()}
     print(f"{jax.devices()[0].device_kind}, batch {args.batch}, T {args.T}, hidden {args.hidden}, float32, scan backend; "
-          f"median of {args.repeats} (ms per batch, value + parameter gradient; not run: XLA temporary memory over "
+          f"median of {args.repeats} (ms per batch, {args.clock} time, value + parameter gradient; not run: XLA temporary memory over "
           f"{args.max_temp_gib:g} GiB)\n")
     head = "| cell | path | " + " | ".join(f"{m} (ms)" for m in methods) + " | MC/exact at ε = 0.05 | MC/exact at ε = 2 |"
     print(head)
