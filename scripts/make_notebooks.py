@@ -187,7 +187,8 @@ axes[0].set_ylabel("test accuracy"); axes[0].legend(); plt.tight_layout()'''),
                "(docs/theory.md §8). This notebook writes one in 15 lines, trains it deterministic, with noise "
                "injection (implicit) and with the explicit penalty on ECG5000 (the embedded digits in the quick "
                "setting), compares robustness to input noise, and checks its explicit regularizer against Monte "
-               "Carlo as the noise shrinks."),
+               "Carlo as the noise shrinks. Then an LSTM, whose state is the pair (c, h), next to it: built in "
+               "and as a flax cell, with the noise in its whole state or in h only."),
         ("code", SETUP),
         ("md", "## 1. The cell\n\nA leaky cell with a learnable per-unit leak and an input gate. `drift` is "
                "written for ONE example; the library vmaps it, injects noise into it with any scheme and "
@@ -256,6 +257,66 @@ ax.errorbar([r[0] for r in rows], [r[2] / r[1] for r in rows], yerr=[2 * r[3] / 
 ax.axhline(1.0, color="k", lw=0.8); ax.set_xscale("log")
 ax.set_xlabel("noise level ε (= ε_add = ε_mult)"); ax.set_ylabel("Monte Carlo / exact regularizer")
 ax.set_title("the expansion becomes exact as ε → 0"); plt.tight_layout()'''),
+        ("md", "## 4. An LSTM next to your cell\n\nA cell's state may be any pytree: the LSTM's is the pair "
+               "(c, h). The built-in `NRNNConfig(cell=\"lstm\")` (`nj.LSTMCell`) is flax's "
+               "`nnx.OptimizedLSTMCell` as the drift f((c, h), z) = cell((c, h), z) − (c, h); any flax `nnx` RNN "
+               "cell becomes a drift the same way through `nj.FlaxCell(cell)`, with no wrapper of your own. The "
+               "decoder reads h, the cell's output. The noise goes into the whole state (c, h) by default (the "
+               "paper injects it into the hidden state), or into named parts of it: `noise_on=(\"output\",)` puts "
+               "it into h only. `model.state_size` is the size of one example's flat state, `model.noise_dim` the "
+               "width m of the noise: `model(x, noise=xi)` takes xi of shape (batch, T, m) for every cell."),
+        ("code", '''def flax_lstm(cfg, *, rngs):  # a factory, as train_and_evaluate and load_run take a user cell
+    return nj.FlaxCell(nnx.OptimizedLSTMCell(cfg.hidden, cfg.hidden, rngs=rngs))
+
+
+lstm_cfg = base.replace(cell="lstm")
+h_only = ("output",)
+built = {"GatedLeakyCell": (base, GatedLeakyCell), 'cell="lstm"': (lstm_cfg, None),
+         'cell="lstm", noise_on=("output",)': (lstm_cfg.replace(noise_on=h_only), None),
+         "FlaxCell(nnx.OptimizedLSTMCell)": (base, flax_lstm),
+         'FlaxCell(nnx.OptimizedLSTMCell), noise_on=("output",)': (base.replace(noise_on=h_only), flax_lstm)}
+xb = x[:8]
+for name, (cfg, cell) in built.items():
+    rngs = nnx.Rngs(0)
+    model = nj.NoisyRNN(cfg, rngs=rngs, cell=None if cell is None else cell(cfg, rngs=rngs))
+    xi = jax.random.normal(jax.random.PRNGKey(0), (xb.shape[0], xb.shape[1], model.noise_dim))
+    layout = model.state_layout
+    parts = "one array" if layout is None else f"parts {layout.names}, h = part {layout.names[layout.output]!r}"
+    print(f"{name:54s} state_size {model.state_size:3d}  noise_dim {model.noise_dim:3d}  ({parts})  "
+          f"logits {model(xb, noise=xi).shape}")
+
+# at step size 1 and without noise the model is the discrete LSTM: the flax cell stepped by hand gives the logits
+lstm = nj.NoisyRNN(lstm_cfg.replace(dt=1.0, eps_add=0.0, eps_mult=0.0), rngs=nnx.Rngs(0))
+carry = lstm.cell.cell.initialize_carry((xb.shape[0], lstm_cfg.hidden), rngs=nnx.Rngs(0))  # (c, h) = 0
+for z_k in jnp.moveaxis(lstm.encode(jnp.asarray(xb)), 1, 0):
+    carry, h = lstm.cell.cell(carry, z_k)
+print("δ = 1, no noise: max |model(x) − decoder(h_T of the discrete LSTM)| =",
+      f"{float(jnp.abs(lstm(xb) - lstm.decoder(h)).max()):.1e}")'''),
+        ("md", "Trained as the cell above was: deterministic, and with noise injection into (c, h) and into h "
+               "only (the built-in cell and the flax cell are the same LSTM; their parameters are drawn in "
+               "another order)."),
+        ("code", '''lstm_runs = {"LSTM deterministic": ("lstm-deterministic", lstm_cfg, None, "deterministic"),
+             "LSTM implicit, noise on (c, h)": ("lstm-implicit", lstm_cfg, None, "implicit"),
+             "FlaxCell LSTM implicit, noise on h": ("flax-lstm-implicit-h", base.replace(noise_on=h_only), flax_lstm,
+                                                    "implicit")}
+lstm_results = {}
+for name, (folder, cfg, cell, mode) in lstm_runs.items():
+    tcfg = nj.TrainConfig(dataset=data.name, mode=mode, epochs=2 if QUICK else 20, batch_size=32, lr=3e-3, seed=0)
+    lstm_results[name] = nj.train_and_evaluate(cfg, tcfg, f"../runs/notebook-own-cell/{folder}", data=data, cell=cell,
+                                               progress=False, log=None, overwrite=True)
+    print(f"{name:36s} test acc {lstm_results[name].summary['test_acc']:.4f}  "
+          f"({lstm_results[name].summary['train_time_s']:.0f} s)")'''),
+        ("code", '''fig, ax = plt.subplots(figsize=(6, 3.6))
+reloaded = {f"GatedLeakyCell {mode}": (nj.load_run(results[mode].run_dir, cell=GatedLeakyCell), "x:")
+            for mode in ("deterministic", "implicit")}
+for name, r in lstm_results.items():
+    reloaded[name] = (nj.load_run(r.run_dir, cell=lstm_runs[name][2]), "o-")
+for name, (model, style) in reloaded.items():
+    acc = robustness_curve(model, x[:n], y[:n], "white", strengths, seed=0)
+    ax.plot(strengths, acc, style, label=name)
+    print(f"{name:36s}", " ".join(f"{a:.3f}" for a in acc))
+ax.set_xlabel("white input noise σ"); ax.set_ylabel("test accuracy"); ax.legend(fontsize=8); ax.grid(alpha=0.3)
+ax.set_title(f"the LSTM next to GatedLeakyCell on {data.name}"); plt.tight_layout()'''),
     ],
 }
 
