@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import checkpoint, dynamics, metrics_log, prng, runs
+from . import _registry, checkpoint, metrics_log, prng, runs
 from .config import NRNNConfig, Sweep, TrainConfig, import_path
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
@@ -81,7 +81,7 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
     if tcfg.mode == "explicit":
         reg = explicit_regularizer(model, x, y, method=tcfg.reg_method, num_probes=tcfg.num_probes,
                                    key=k_reg, mask=mask, noise_levels=noise_levels)
-        logits = reg.logits if dynamics.expands_around_test_path(model.cfg) else model(x)
+        logits = reg.logits if model.scheme.expands_around_test_path else model(x)
         metrics["reg"] = reg.value
     elif tcfg.mode == "implicit":
         logits = model(x, key=k_noise, noise_levels=noise_levels)
@@ -373,8 +373,8 @@ def train_and_evaluate(
       as pixel MNIST), else one device. Results equal those of one device up to the order of floating-point
       sums (the same noise and probes are drawn for every example).
     - `cell`: a user cell as a factory `cell(mcfg, rngs=rngs) -> Cell` (a `Cell` subclass with that
-      constructor qualifies), called once per model; the run records `cell="custom"` and the factory's
-      import path, from which `load_run` rebuilds it. None: the built-in `mcfg.cell`.
+      constructor qualifies), called once per model; the run records the factory's import path (as
+      `NRNNConfig.cell` and `cell_factory`), from which `load_run` rebuilds it. None: the built-in `mcfg.cell`.
 
     Checkpoints (every `tcfg.checkpoint_every` steps and at each epoch end) hold the whole `TrainState`
     (parameters, optimizer state, step, PRNG key) and the running metric sums; the data order of an epoch
@@ -395,10 +395,10 @@ def train_and_evaluate(
     if cell is not None:
         if not callable(cell):
             fail("", "cell", cell, "expected a factory cell(cfg, rngs=rngs) -> Cell, e.g. a Cell subclass")
-        mcfg = mcfg.replace(cell="custom")
-    elif mcfg.cell == "custom":
-        raise ValueError("NRNNConfig.cell='custom' needs the user cell: train_and_evaluate(..., cell=factory) with "
-                         "factory(cfg, rngs=rngs) -> Cell")
+        mcfg = mcfg.replace(cell=_registry.factory_field(cell))
+    elif not _registry.is_built_in_cell(mcfg.cell):
+        raise ValueError(f"NRNNConfig.cell={mcfg.cell!r} records a user cell, which training needs: "
+                         "train_and_evaluate(..., cell=factory) with factory(cfg, rngs=rngs) -> Cell")
     member_cfgs = [mcfg] if sweep is None else [sweep.member_config(mcfg, i) for i in range(sweep.size)]
     # A sweep may hold noise-free members (its deterministic baseline, trained on the same batches); it
     # needs noise in at least one member, a single run in itself.
