@@ -49,14 +49,27 @@ def import_base(package: Path):
 
 
 def configurations():
-    # the cell varies fastest, so that a partial run has covered every cell
+    """Every combination, in an order that covers every factor early: first each cell with every scheme and
+    noise kind, the (backend, gradient) pair turning with them, then the Lipschitz cell (the discrete
+    adjoint's product path) in every combination, then the rest."""
+    everything = []
     for scheme, noise, backend, gradient, cell in itertools.product(SCHEMES, NOISES, BACKENDS, GRADIENTS, CELLS):
         reference = scheme.get("convention") == "reference"
         if reference and (noise == "scalar" or cell == "lstm"):
             continue  # not defined: the public code's rule has its own noise on one array of hidden units
         eps_add = 0.0 if scheme.get("solver") == "milstein" and noise == "scalar" else 0.2  # commutative noise
-        yield dict(cell=cell, noise_kind=noise, backend=backend, gradient=gradient, eps_add=eps_add, eps_mult=0.3,
-                   input_dim=N_IN, hidden=D, num_classes=C, dt=0.2, init_std=1.5, **scheme)
+        everything.append(dict(cell=cell, noise_kind=noise, backend=backend, gradient=gradient, eps_add=eps_add,
+                               eps_mult=0.3, input_dim=N_IN, hidden=D, num_classes=C, dt=0.2, init_std=1.5,
+                               **scheme))
+    pairs = list(itertools.product(BACKENDS, GRADIENTS))
+    first = []
+    for i, (scheme, noise) in enumerate(itertools.product(SCHEMES, NOISES)):
+        for j, cell in enumerate(CELLS):
+            backend, gradient = pairs[(i + j) % len(pairs)]
+            first += [f for f in everything if f["cell"] == cell and f["noise_kind"] == noise and f["backend"] ==
+                      backend and f["gradient"] == gradient and all(f.get(k) == v for k, v in scheme.items())]
+    second = [f for f in everything if f["cell"] == "lipschitz" and f not in first]
+    return first + second + [f for f in everything if f not in first and f not in second]
 
 
 def numbers(nj, fields: dict, x, y, probe_key, noise_key) -> dict[str, np.ndarray]:
