@@ -111,7 +111,7 @@ def diffusion_fields(obj: Any) -> dict[str, Any]:
     if isinstance(obj, noise_lib.Noise) or not callable(obj):
         raise TypeError(f"NoisyRNN(diffusion=...): expected DiagonalNoise(eps_add, eps_mult), ScalarNoise(eps_add, "
                         f"eps_mult), CustomNoise(sigma) or a function sigma(h, z) of one example, got {obj!r}")
-    return {"noise_kind": "custom", "eps_add": 0.0, "eps_mult": 0.0, "diffusion": obj}
+    return {"noise_kind": "custom", "diffusion": obj}  # the configuration refuses noise levels beside it
 
 
 def noise_width(cfg: NRNNConfig, layout: cells_lib.StateLayout | None = None) -> int:
