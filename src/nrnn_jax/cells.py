@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, PyTree
 
-from .config import NRNNConfig
+from .config import BUILT_IN_CELLS, NRNNConfig
 from .validation import ArrayLike
 
 
@@ -550,7 +550,7 @@ def check_cell(cell: Any, hidden: int, dtype, layout: StateLayout | None = None)
     (hidden,))."""
     if isinstance(cell, str):
         raise TypeError(f"NoisyRNN(cell={cell!r}): cell= takes a cell module; a built-in cell is chosen by name with "
-                        f"NRNNConfig(cell={cell!r}) ({', '.join(CELLS)})")
+                        f"NRNNConfig(cell={cell!r}) ({', '.join(BUILT_IN_CELLS)})")
     if not callable(getattr(cell, "drift", None)):
         raise TypeError(f"NoisyRNN(cell=...): a cell needs a method drift(h, z) for one example (h, z of shape "
                         f"({hidden},)) returning dh/dt of shape ({hidden},); {type(cell).__name__} has none. "
