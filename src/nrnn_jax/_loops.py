@@ -224,7 +224,7 @@ def _solve_diffrax(cfg: NRNNConfig, p: RecurrentParams, scheme: Scheme, sigma: N
         out = jax.vmap(one, out_axes=0 if save == "final" else 1)(z, xi, h0)
         return out[:, 0] if save == "final" else out[:, :, 0]
     terms, solver, grid_dt = _terms(cfg, p, scheme, sigma, drift, xi, B, T, d, coupled)
-    y0 = h0.reshape(-1) if coupled else h0  # (B, d): the update vectorises along d (flat: 2-3x slower on CPU)
+    y0 = h0.reshape(-1) if coupled else h0  # (B, d): the update vectorises along d
     args = (drift.params, z, p)
     if carry:
         solver = CarryProducts(solver, B)
