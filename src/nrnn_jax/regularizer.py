@@ -220,8 +220,8 @@ def _probe_cell(cfg, scheme, sigma, taylor, num_probes: int):
         h, U, V = state[0], state[1:1 + S], state[1 + S:]
         f, G1, G2 = taylor(h, prods[0], z_k, U, V, prods[1:1 + S], prods[1 + S:])
         c = scheme.mean_step_size(cfg, params)
-        h_next = h + c * f  # F_k(h) (docs/theory.md (3.1)-(3.2))
         c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
+        h_next = h + scheme.mean_step_size(cfg, params) * f  # F_k(h) (docs/theory.md (3.1)-(3.2))
         G_eta = jax.vmap(lambda e: scheme.perturbation_factor_mv(cfg, params, sigma, h, z_k, f, e))(eta)
         V_next = V + c * G2
         if scheme.has_mean_shift:
