@@ -103,7 +103,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default="main", help="the git revision to compare with")
     parser.add_argument("--base", type=Path, default=None, help="the other package's directory (instead of --rev)")
+    parser.add_argument("--where", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="only the configurations with these NRNNConfig values, e.g. convention=reference")
     args = parser.parse_args(argv)
+    where = dict(w.split("=", 1) for w in args.where)
     with tempfile.TemporaryDirectory() as where:
         if args.base is None:
             from benchmarks.compare_revisions import import_revision
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
         keys = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
         differ, count, compared = [], 0, 0
         for fields in configurations():
+            if any(str(fields.get(k)) != v for k, v in where.items()):
+                continue
             a, b = numbers(nrnn_jax, fields, x, y, *keys), numbers(base, fields, x, y, *keys)
             if a.keys() != b.keys():
                 differ.append((fields, f"different outputs {sorted(a.keys() ^ b.keys())}"))
