@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--where", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="only the configurations with these NRNNConfig values, e.g. convention=reference")
     args = parser.parse_args(argv)
-    where = dict(w.split("=", 1) for w in args.where)
+    only = dict(w.split("=", 1) for w in args.where)
     with tempfile.TemporaryDirectory() as where:
         if args.base is None:
             from benchmarks.compare_revisions import import_revision
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         keys = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
         differ, count, compared = [], 0, 0
         for fields in configurations():
-            if any(str(fields.get(k)) != v for k, v in where.items()):
+            if any(str(fields.get(k)) != v for k, v in only.items()):
                 continue
             a, b = numbers(nrnn_jax, fields, x, y, *keys), numbers(base, fields, x, y, *keys)
             if a.keys() != b.keys():
