@@ -136,14 +136,13 @@ PLAN = [("scan", "scan", "implicit", "probe", "adjoint", "steps"),
         ("diffrax-1dev", "diffrax", "implicit", "probe", "adjoint", "steps"),
         ("scan-autodiff", "scan", "implicit", "probe", "autodiff", "steps"),
         ("diffrax", "diffrax", "implicit", "probe", "adjoint", "steps"),
-        ("diffrax-diffeqsolve", "diffrax", "implicit", "probe", "adjoint", "diffeqsolve"),
         ("diffrax-autodiff", "diffrax", "implicit", "probe", "autodiff", "steps"),
         ("deterministic", "scan", "deterministic", "probe", "adjoint", "steps"),
         ("probe", "scan", "explicit", "probe", "adjoint", "steps"),
         ("exact", "scan", "explicit", "exact", "adjoint", "steps")]
 NAMES = {"scan": "scan (implicit)", "scan-1dev": "scan (implicit, 1 device)",
          "diffrax-1dev": "diffrax (implicit, 1 device)", "scan-autodiff": "scan (implicit, gradient=autodiff)",
-         "diffrax": "diffrax (implicit)", "diffrax-diffeqsolve": "diffrax (implicit, diffrax_loop=diffeqsolve)",
+         "diffrax": "diffrax (implicit)",
          "diffrax-autodiff": "diffrax (implicit, gradient=autodiff)",
          "deterministic": "scan (deterministic)", "probe": "scan (explicit, probe S=1)",
          "exact": "scan (explicit, exact)"}
@@ -223,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants",
                         default="torch,scan,scan-autodiff,diffrax,diffrax-autodiff,deterministic,probe,exact,sweep",
                         help="comma-separated subset of torch,scan,scan-1dev,scan-autodiff,diffrax,diffrax-1dev,"
-                             "diffrax-diffeqsolve,diffrax-autodiff,deterministic,probe,exact,sweep")
+                             "diffrax-autodiff,deterministic,probe,exact,sweep")
     parser.add_argument("--sweep-size", type=int, default=4,
                         help="models in the sweep variant (seeds and noise levels, one vmapped implicit step)")
     parser.add_argument("--sweep-backend", choices=("scan", "diffrax"), default="scan",

@@ -1,7 +1,7 @@
 """Eager-PyTorch baseline of benchmarks/benchmark.py: the train step of `NoisyRNN` (implicit mode, noise injection)
 written as a PyTorch user would, in several formulations.
 
-The recurrence is the one of `nrnn_jax.dynamics.step` under the defaults (convention "sde", solver "euler",
+The recurrence is the one of `nrnn_jax.schemes.EulerMaruyama.step` under the defaults (convention "sde", solver "euler",
 noise_kind "diagonal"): Euler–Maruyama
 
     h_{k+1} = h_k + δ f(h_k, x_k) + √δ σ(h_k) ξ_k,   σ(h) = ε_add I + ε_mult diag(h),   ξ_k ~ N(0, I) (B, d),

@@ -8,5 +8,5 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # the benchmarks package and the library of this checkout
 export PYTHONPATH="$ROOT:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import jax; print('devices:', jax.devices())"
-python -m benchmarks.benchmark --shape paper --repeats 11 --variants torch,scan,diffrax,diffrax-diffeqsolve,probe --json "$OUT/benchmark_paper.json"
-python -m benchmarks.benchmark --shape ecg --repeats 21 --variants torch,scan,scan-autodiff,diffrax,diffrax-diffeqsolve,diffrax-autodiff,probe,sweep --json "$OUT/benchmark_ecg.json"
+python -m benchmarks.benchmark --shape paper --repeats 11 --variants torch,scan,diffrax,probe --json "$OUT/benchmark_paper.json"
+python -m benchmarks.benchmark --shape ecg --repeats 21 --variants torch,scan,scan-autodiff,diffrax,diffrax-autodiff,probe,sweep --json "$OUT/benchmark_ecg.json"

@@ -15,7 +15,8 @@ from jaxtyping import install_import_hook
 # arguments' and results' shapes (`Float[Array, "B T d"]` …) on each call, so a wrong shape fails a test.
 # The configuration modules and the model's constructor are left out: they validate their own arguments
 # with messages the tests check.
-install_import_hook(["nrnn_jax.cells", "nrnn_jax.dynamics", "nrnn_jax.recurrence", "nrnn_jax.solvers", "nrnn_jax.regularizer",
+install_import_hook(["nrnn_jax.cells", "nrnn_jax._brownian", "nrnn_jax._drive", "nrnn_jax._loops", "nrnn_jax._gradients",
+                     "nrnn_jax.recurrence", "nrnn_jax.solvers", "nrnn_jax.regularizer",
                      "nrnn_jax.losses"], "beartype.beartype")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -84,7 +84,7 @@ def test_noisy_forward_is_an_euler_maruyama_loop_on_both_backends(name):
         model = _model(name, eps_add=0.3, eps_mult=0.4, backend=backend)
         outs[backend] = np.asarray(model(x, noise=xi))
         np.testing.assert_allclose(outs[backend], _em_loop(model, x, xi), rtol=1e-12, atol=1e-12)
-    assert model.cfg.cell == ("custom" if name == "user" else name)
+    assert model.cfg.cell == ("test_cells:UserCell" if name == "user" else name)  # a user cell: its import path
     traj = model.trajectory(x, noise=xi)
     assert traj.shape == (B, T + 1, D)
     np.testing.assert_allclose(model.decode(traj[:, -1]), outs["diffrax"], rtol=1e-12)
@@ -170,7 +170,7 @@ def _lipschitz_pair(**kw):
 def test_lipschitz_generic_path_equals_the_fast_path(backend):
     x, y = _data()
     fast, slow = _lipschitz_pair(eps_add=0.2, eps_mult=0.3, backend=backend)
-    assert slow.cfg.cell == "custom" and isinstance(fast.cell, nj.ProductCell)
+    assert slow.cfg.cell == "test_cells:AsGeneric" and isinstance(fast.cell, nj.ProductCell)
     xi = jax.random.normal(jax.random.PRNGKey(1), (B, T, D), jnp.float64)
     np.testing.assert_allclose(fast(x), slow(x), rtol=1e-13)
     np.testing.assert_allclose(fast.trajectory(x, noise=xi), slow.trajectory(x, noise=xi), rtol=1e-13, atol=1e-15)
@@ -201,7 +201,7 @@ def test_a_user_cell_trains_saves_reloads_and_is_analysed(tmp_path):
                                            cell=UserCell)
         assert np.isfinite(runs[mode].summary["test_loss"])
     r = runs["implicit"]
-    assert r.model.cfg.cell == "custom" and isinstance(r.model.cell, UserCell)
+    assert r.model.cfg.cell == "test_cells:UserCell" and isinstance(r.model.cell, UserCell)
     loaded = load_run(tmp_path / "implicit", cell=UserCell)
     x = data.x_test[:16]
     np.testing.assert_array_equal(loaded(x), r.model(x))
@@ -300,7 +300,7 @@ def test_command_line_cells_are_recorded_and_resumed(tmp_path):
     user = common + ["--cell-factory", "test_cells:UserCell", "--mode", "implicit", "--eps-add", "0.1"]
     assert train_main(user + ["--epochs", "1", "--out", str(tmp_path / "u")]) == 0
     saved = json.loads((tmp_path / "u" / "config.json").read_text())
-    assert saved["model"]["cell"] == "custom" and saved["cell_factory"] == "test_cells:UserCell"
+    assert saved["model"]["cell"] == "test_cells:UserCell" and saved["cell_factory"] == "test_cells:UserCell"
     assert train_main(["--resume", str(tmp_path / "u"), "--epochs", "2", "--no-progress", "--trust-code"]) == 0
     assert isinstance(load_run(tmp_path / "u", trust_code=True).cell, UserCell)
     assert train_main(common + ["--cell-factory", "nowhere:Cell", "--out", str(tmp_path / "x")]) == 2

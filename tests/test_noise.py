@@ -12,7 +12,7 @@ from flax import nnx
 
 import nrnn_jax as nj
 from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, explicit_regularizer, load_run
-from nrnn_jax import noise, schemes
+from nrnn_jax import _registry, noise, schemes
 from nrnn_jax.losses import cross_entropy
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -168,10 +168,10 @@ def test_milstein_with_a_user_diffusion_is_fourth_order_against_the_oracle():
 
 
 def test_schemes_and_noises_are_objects():
-    assert isinstance(schemes.of(_cfg(solver="euler_heun")), schemes.EulerHeun)
-    assert isinstance(schemes.of(_cfg(convention="reference")), schemes.PublicCodeRule)
-    assert isinstance(noise.of(_cfg(noise_kind="scalar")), noise.ScalarNoise)
-    assert isinstance(noise.of(_cfg(noise_kind="custom", diffusion=matrix_sigma)), noise.CustomNoise)
+    assert isinstance(_registry.scheme(_cfg(solver="euler_heun")), schemes.EulerHeun)
+    assert isinstance(_registry.scheme(_cfg(convention="reference")), schemes.PublicCodeRule)
+    assert isinstance(_registry.diffusion(_cfg(noise_kind="scalar")), noise.ScalarNoise)
+    assert isinstance(_registry.diffusion(_cfg(noise_kind="custom", diffusion=matrix_sigma)), noise.CustomNoise)
 
 
 def test_training_and_reloading_with_a_user_diffusion(tmp_path):

@@ -13,7 +13,7 @@ from flax import nnx
 from nrnn_jax import NoisyRNN, cli, compare
 from nrnn_jax.compare import CompareConfig, compare_settings
 from nrnn_jax.config import NRNNConfig, TrainConfig
-from nrnn_jax.dynamics import drift, step
+from nrnn_jax import _registry
 from nrnn_jax.presets import PRESETS, PUBLIC_ADDITIVE_STD, get_preset
 
 TABLE = {  # docs/theory.md Table 7.1 and (7.1): dt, lr (ordered, permuted), beta, gamma, alpha, eps_add, eps_mult, convention
@@ -60,7 +60,9 @@ def test_per_step_additive_noise_is_the_public_codes(name):
     p = NoisyRNN(mcfg, rngs=nnx.Rngs(0)).recurrent_params()
     h = z = jnp.zeros(d, jnp.float32)
     rest = jnp.zeros(mcfg.noise_dim - d, jnp.float32)
-    jac = jax.jacfwd(lambda a: step(mcfg, p, h, z, drift(mcfg, p, h, z), jnp.concatenate([a, rest])))(jnp.zeros(d, jnp.float32))
+    model = NoisyRNN(mcfg, rngs=nnx.Rngs(0))
+    scheme, sigma, f = _registry.scheme(mcfg), _registry.diffusion(mcfg), model.cell.drift(h, z)
+    jac = jax.jacfwd(lambda a: scheme.step(mcfg, p, sigma, h, z, f, jnp.concatenate([a, rest])))(jnp.zeros(d, jnp.float32))
     public = PUBLIC_ADDITIVE_STD[name]
     assert public in (0.02, 0.05)
     np.testing.assert_allclose(np.diag(jac), public, rtol=1e-6)

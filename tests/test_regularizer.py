@@ -8,7 +8,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from nrnn_jax import NoisyRNN, NRNNConfig, antithetic_monte_carlo, explicit_regularizer
-from nrnn_jax.dynamics import drift, mean_step_map
+from nrnn_jax.cells import LipschitzDrift
 from nrnn_jax.losses import cross_entropy
 from nrnn_jax.regularizer import _trace_hessian_form
 
@@ -121,7 +121,8 @@ def test_trace_hessian_form_matches_the_closed_form():
     h, u = jax.random.normal(k[0], (D,), jnp.float64), jax.random.normal(k[1], (D,), jnp.float64)
     L = jax.random.normal(k[2], (D, D), jnp.float64)
     P = L @ L.T
-    F = lambda hh: mean_step_map(cfg, p, hh, drift(cfg, p, hh, u))
+    drift = lambda hh, uu: LipschitzDrift(cfg.alpha)(jnp.concatenate([p.A, p.W]), hh, uu)
+    F = lambda hh: hh + model.scheme.mean_step_size(cfg, p) * drift(hh, u)
     pre = p.W @ h + u
     tanh2 = -2.0 * jnp.tanh(pre) * (1.0 - jnp.tanh(pre) ** 2)
     # autodiff vs. closed form of the same float64 expressions (d = 4): rounding only, 1e-12 ≈ 5000 ulps
@@ -129,7 +130,7 @@ def test_trace_hessian_form_matches_the_closed_form():
     J = jax.jacfwd(F)(h)
     J_closed = jnp.eye(D) + cfg.dt * (cfg.alpha * p.A + (1.0 - jnp.tanh(pre) ** 2)[:, None] * p.W)
     np.testing.assert_allclose(J, J_closed, rtol=1e-12)
-    np.testing.assert_allclose(F(h), h + cfg.dt * drift(cfg, p, h, u), rtol=1e-14)
+    np.testing.assert_allclose(F(h), h + cfg.dt * drift(h, u), rtol=1e-14)
 
 
 @pytest.mark.parametrize("method", ["exact", "probe", "continuous"])

@@ -162,7 +162,7 @@ def test_passed_trusted_or_typed_user_code_gives_the_trained_model(tmp_path, mon
 
     # neither passed nor trusted: refused, naming both paths; the configuration reads as data
     mcfg, _ = read_run_config(run)
-    assert mcfg.cell == "custom" and mcfg.diffusion == code["model.diffusion"]
+    assert mcfg.cell == code["cell_factory"] and mcfg.diffusion == code["model.diffusion"]
     with pytest.raises(ValueError) as refusal:
         load_run(run)
     assert all(f"{f}={p!r}" in str(refusal.value) for f, p in code.items())
@@ -338,7 +338,7 @@ def test_compare_trains_a_user_cell_and_resumes_with_it(tmp_path, monkeypatch, c
     run = out / "implicit" / "seed0"
     assert recorded_code(run) == {"cell_factory": "mycells:LeakyCell"}
     assert summary["settings"]["cell_factory"] == "mycells:LeakyCell"
-    assert summary["settings"]["model"]["cell"] == "custom"
+    assert summary["settings"]["model"]["cell"] == "mycells:LeakyCell"
     assert summary["runs"]["implicit"][0]["analysis"]["c1"] is None  # the certificate is the Lipschitz cell's
     model = load_run(run, cell=cell)
     assert isinstance(model.cell, cell)

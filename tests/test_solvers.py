@@ -212,11 +212,13 @@ def test_reference_convention_matches_the_public_update_rule():
 @pytest.mark.parametrize("kw", [dict(), dict(solver="euler_heun"), dict(solver="milstein"), dict(noise_kind="scalar"),
                                 dict(convention="reference")], ids=lambda kw: "-".join(kw.values()) or "euler")
 def test_diffrax_forward_carries_the_products_of_every_step(kw):
-    """The diffrax forward of the discrete adjoint (`for_adjoint=True`) carries P = M h with the state: the
+    """The diffrax forward of the discrete adjoint (`DiffraxLoop.forward`) carries P = M h with the state: the
     saved products are M h_k of the saved states, and the states are those of the plain solve and of the
-    scan; both diffrax loops (`NRNNConfig.diffrax_loop`) agree."""
-    from nrnn_jax import solvers
-    from nrnn_jax.dynamics import products_matrix
+    scan; `diffrax_loop="diffeqsolve"` (read for old configurations) runs the same loop."""
+    from nrnn_jax import _registry, solvers
+    from nrnn_jax._loops import DiffraxLoop
+
+    products_matrix = lambda p: jnp.concatenate([p.A, p.W], axis=0)
 
     cfg = NRNNConfig(input_dim=2, hidden=5, eps_add=0.2, eps_mult=0.3, init_std=2.0, dtype="float64", **kw)
     params = NoisyRNN(cfg, rngs=nnx.Rngs(0)).recurrent_params()
@@ -225,32 +227,22 @@ def test_diffrax_forward_carries_the_products_of_every_step(kw):
     xi = jax.random.normal(jax.random.PRNGKey(1), (B, T, cfg.noise_dim), jnp.float64)
     h0 = jax.random.normal(jax.random.PRNGKey(2), (B, 5), jnp.float64)
     drift = solvers.as_drift(cfg, params)
-    hs, final, prods = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift, for_adjoint=True)
+    scheme, sigma = _registry.scheme(cfg), _registry.diffusion(cfg)
+    loop = DiffraxLoop()
+    hs, final, prods = loop.forward(cfg, scheme, sigma, drift, False)(None, drift.params, params, h0[:, None], (z, xi))
     # the states entering the steps, in the recurrence's per-example layout (B, 1, ·)
     assert hs.shape == (T, B, 1, 5) and final.shape == (B, 1, 5) and prods.shape == (T, B, 1, 10)
     hs, final, prods = hs[:, :, 0], final[:, 0], prods[:, :, 0]
     hs = jnp.concatenate([hs, final[None]])
     prods = jnp.concatenate([prods, final[None] @ products_matrix(params).T])
     np.testing.assert_allclose(prods, hs @ products_matrix(params).T, rtol=1e-13, atol=1e-13)
-    plain = solvers.solve_diffrax(cfg, params, z, xi, h0, "all", drift)
+    plain = jnp.swapaxes(loop.solve(cfg, params, scheme, sigma, drift, z, xi, h0, "all"), 0, 1)
     np.testing.assert_allclose(hs, plain, rtol=1e-13, atol=1e-13)
     scan = solvers.solve_batch(cfg.replace(backend="scan"), params, z, xi, h0=h0, save="all")
     np.testing.assert_allclose(jnp.swapaxes(hs, 0, 1), scan, rtol=1e-12, atol=1e-12)
 
-    # diffrax_loop: the solver stepped by a lax.scan (default) and by diffeqsolve take the same steps: the same
-    # states and products, the same solves, and the same gradients when JAX differentiates either loop
-    assert cfg.diffrax_loop == "steps"
-    other = cfg.replace(diffrax_loop="diffeqsolve")
-    hs2, final2, prods2 = solvers.solve_diffrax(other, params, z, xi, h0, "all", drift, for_adjoint=True)
-    assert hs2.shape == (T + 1, B, 1, 5) and prods2.shape == (T + 1, B, 1, 10)  # diffeqsolve saves the final row too
-    for a, b in ((hs2[:, :, 0], hs), (final2[:, 0], hs[-1]), (prods2[:, :, 0], prods)):
-        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
-    for save in ("all", "final"):
-        np.testing.assert_allclose(solvers.solve_diffrax(other, params, z, xi, h0, save, drift),
-                                   solvers.solve_diffrax(cfg, params, z, xi, h0, save, drift), rtol=1e-13, atol=1e-13)
-    grad = lambda c: jax.grad(lambda z_: jnp.sum(jnp.sin(solvers.solve_diffrax(c, params, z_, xi, h0, "final",
-                                                                                  drift))))(z)
-    np.testing.assert_allclose(grad(other), grad(cfg), rtol=1e-12, atol=1e-12)
+    # diffrax_loop="diffeqsolve", as older configurations name it, is the same loop
+    assert _registry.loop(cfg.replace(diffrax_loop="diffeqsolve")) == _registry.loop(cfg)
 
 
 @pytest.mark.usefixtures("x64")

@@ -2,8 +2,11 @@
 
 The public API (the theory is in the repository's docs/theory.md):
 
-- The model: `NRNNConfig`, `NoisyRNN`, `with_noise`, `RecurrentParams`; the cells `Cell`, `ProductCell`,
-  `LipschitzCell`, `AntisymmetricCell`, `GRUCell`, `TanhCell`, `LSTMCell`, `FlaxCell` (`nrnn_jax.cells`); the solvers `solve`, `solve_batch`,
+- The model: `NRNNConfig`, `NoisyRNN`, `with_noise`, `RecurrentParams`, assembled from objects (the
+  extension points): the cells `Cell`, `ProductCell`, `LipschitzCell`, `AntisymmetricCell`, `GRUCell`,
+  `TanhCell`, `LSTMCell`, `FlaxCell` (`nrnn_jax.cells`); the diffusions `Noise`, `DiagonalNoise`,
+  `ScalarNoise`, `CustomNoise` (`nrnn_jax.noise`); the schemes `Scheme`, `EulerMaruyama`, `EulerHeun`,
+  `Milstein`, `PublicCodeRule` (`nrnn_jax.schemes`). The solvers `solve`, `solve_batch`,
   `brownian_increments`, `GridBrownianPath`, `GridIncrementPath`.
 - The explicit regularizer: `explicit_regularizer` → `Regularizer`; `antithetic_monte_carlo` to check it.
   The general pure functions (`exact_terms`, `probe_terms`, `continuous_terms`) are in `nrnn_jax.regularizer`.
@@ -18,8 +21,8 @@ The public API (the theory is in the repository's docs/theory.md):
 - Data: `load_dataset`, `Dataset`.
 - Analyses: the `nrnn_jax.analysis` package.
 
-Everything else stays importable from its module (`nrnn_jax.dynamics`, `nrnn_jax.recurrence`,
-`nrnn_jax.prng`, …).
+Everything else stays importable from its module (`nrnn_jax.recurrence`, `nrnn_jax.prng`, …); modules
+whose names start with an underscore are internal.
 
 Importing the package changes nothing outside it. For fast CPU training, a program calls
 `nrnn_jax.host.configure()` before its first JAX computation (one CPU device per host core, and a host
@@ -32,7 +35,6 @@ from .config import Sweep as Sweep
 from .config import TrainConfig as TrainConfig
 from .data import Dataset as Dataset
 from .data import load_dataset as load_dataset
-from .dynamics import RecurrentParams as RecurrentParams
 from .errors import CheckpointError as CheckpointError
 from .errors import RunBusyError as RunBusyError
 from .errors import RunWriteError as RunWriteError
@@ -42,6 +44,10 @@ from .cells import (AntisymmetricCell as AntisymmetricCell, Cell as Cell, FlaxCe
 from .evaluate import evaluate as evaluate
 from .evaluate import predict_logits as predict_logits
 from .model import NoisyRNN as NoisyRNN
+from .noise import CustomNoise as CustomNoise
+from .noise import DiagonalNoise as DiagonalNoise
+from .noise import Noise as Noise
+from .noise import ScalarNoise as ScalarNoise
 from .model import with_noise as with_noise
 from .interchange import from_public as from_public
 from .interchange import public_args as public_args
@@ -52,6 +58,12 @@ from .regularizer import explicit_regularizer as explicit_regularizer
 from .runs import load_run as load_run
 from .runs import load_run_dataset as load_run_dataset
 from .runs import read_run_config as read_run_config
+from .schemes import EulerHeun as EulerHeun
+from .schemes import EulerMaruyama as EulerMaruyama
+from .schemes import Milstein as Milstein
+from .schemes import PublicCodeRule as PublicCodeRule
+from .schemes import RecurrentParams as RecurrentParams
+from .schemes import Scheme as Scheme
 from .solvers import GridBrownianPath as GridBrownianPath
 from .solvers import GridIncrementPath as GridIncrementPath
 from .solvers import brownian_increments as brownian_increments
@@ -71,6 +83,8 @@ __version__ = "0.1.0"
 
 __all__ = sorted([
     "AntisymmetricCell", "Cell", "FlaxCell", "GRUCell", "LipschitzCell", "LSTMCell", "ProductCell", "TanhCell",
+    "CustomNoise", "DiagonalNoise", "EulerHeun", "EulerMaruyama", "Milstein", "Noise", "PublicCodeRule",
+    "ScalarNoise", "Scheme",
     "CheckpointError", "RunBusyError", "RunWriteError", "Dataset", "GridBrownianPath", "GridIncrementPath",
     "NRNNConfig", "NoisyRNN", "RecurrentParams", "Regularizer",
     "RunResult", "Sweep", "TrainConfig", "TrainState", "TrainingDiverged", "antithetic_monte_carlo",

@@ -11,7 +11,8 @@ recursion that never differentiates through the product. Any other cell runs thr
 (JAX autodiff of the scan or of the diffrax solve; Taylor-mode and forward-over-forward derivatives for the
 regularizer), which serve every cell.
 
-Built in, chosen by `NRNNConfig(cell=...)`:
+Built in, chosen by name with `NRNNConfig(cell=...)` (`nrnn_jax._registry` maps the names to the classes)
+or passed as objects, `NoisyRNN(cfg, rngs=rngs, cell=GRUCell(cfg, rngs=rngs))`:
 
 - `"lipschitz"` (`LipschitzCell`, the default): α A h + tanh(W h + z) with the Lipschitz parametrisation of
   A and W (docs/theory.md (1.3)–(1.4)).
@@ -36,7 +37,6 @@ its pytree, unravelled at the cell's boundary. `NRNNConfig.noise_on` chooses the
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,10 +45,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, PyTree
 
-from ._types import ArrayLike
-from .config import NRNNConfig
-
-CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "lstm")
+from .config import BUILT_IN_CELLS, NRNNConfig
+from .validation import ArrayLike
 
 
 class Cell(nnx.Module):
@@ -126,19 +124,6 @@ def taylor_by_jet(from_products, h, prods, z, U, V, PU, PV):
     return fs[0], G1, 0.5 * G2
 
 
-def lipschitz_taylor(alpha: float, h, prods, z, U, V, PU, PV):
-    """`drift_taylor` of the Lipschitz drift in closed form (docs/theory.md (3.14)): with r = W h + z,
-    G1 = α A u + tanh'(r) ⊙ W u and G2 = α A v + tanh'(r) ⊙ W v + ½ tanh''(r) ⊙ (W u)²."""
-    d = h.shape[-1]
-    t = jnp.tanh(prods[d:] + z)
-    d1 = 1.0 - t * t  # tanh'
-    d2 = -2.0 * t * d1  # tanh''
-    f = alpha * prods[:d] + t
-    G1 = alpha * PU[:, :d] + d1[None, :] * PU[:, d:]
-    G2 = alpha * PV[:, :d] + d1[None, :] * PV[:, d:] + 0.5 * d2[None, :] * PU[:, d:] ** 2
-    return f, G1, G2
-
-
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
@@ -149,10 +134,37 @@ def lipschitz_matrix(m: Float[ArrayLike, "d d"], beta: float, gamma: float) -> F
     return beta * (m - m.T) + (1.0 - beta) * (m + m.T) - gamma * eye
 
 
-def lipschitz_from_products(alpha: float, h, prods, z):
-    """α A h + tanh(W h + z) given prods = (A h, W h) (docs/theory.md (1.3))."""
-    d = h.shape[-1]
-    return alpha * prods[..., :d] + jnp.tanh(prods[..., d:] + z)
+@dataclasses.dataclass(frozen=True)
+class LipschitzDrift:
+    """The Lipschitz drift f(h, z) = α A h + tanh(W h + z) in product form g(h, M h, z), M = [A; W]
+    (docs/theory.md (1.3)): the one definition, used by `LipschitzCell` and by the solvers and analyses
+    given the matrices A, W without a cell (`lipschitz_drift`). Hashable, so usable as a static argument.
+
+    - `self(M, h, z)`: f for one example from the matrix M = [A; W] (2 d, d);
+    - `from_products(h, prods, z)`: g from prods = (A h, W h), with any leading axes;
+    - `taylor(h, prods, z, U, V, PU, PV)`: `ProductCell.drift_taylor` in closed form (docs/theory.md
+      (3.14)): with r = W h + z, G1 = α A u + tanh'(r) ⊙ W u and G2 = α A v + tanh'(r) ⊙ W v
+      + ½ tanh''(r) ⊙ (W u)².
+    """
+
+    alpha: float
+
+    def __call__(self, M, h, z):
+        return self.from_products(h, M @ h, z)
+
+    def from_products(self, h, prods, z):
+        d = h.shape[-1]
+        return self.alpha * prods[..., :d] + jnp.tanh(prods[..., d:] + z)
+
+    def taylor(self, h, prods, z, U, V, PU, PV):
+        d = h.shape[-1]
+        t = jnp.tanh(prods[d:] + z)
+        d1 = 1.0 - t * t  # tanh'
+        d2 = -2.0 * t * d1  # tanh''
+        f = self.alpha * prods[:d] + t
+        G1 = self.alpha * PU[:, :d] + d1[None, :] * PU[:, d:]
+        G2 = self.alpha * PV[:, :d] + d1[None, :] * PV[:, d:] + 0.5 * d2[None, :] * PU[:, d:] ** 2
+        return f, G1, G2
 
 
 class LipschitzCell(ProductCell):
@@ -178,10 +190,10 @@ class LipschitzCell(ProductCell):
         return jnp.concatenate([self.A, self.W], axis=0)
 
     def drift_from_products(self, h, prods, z):
-        return lipschitz_from_products(self.alpha, h, prods, z)
+        return LipschitzDrift(self.alpha).from_products(h, prods, z)
 
     def drift_taylor(self, h, prods, z, U, V, PU, PV):
-        return lipschitz_taylor(self.alpha, h, prods, z, U, V, PU, PV)
+        return LipschitzDrift(self.alpha).taylor(h, prods, z, U, V, PU, PV)
 
 
 class AntisymmetricCell(ProductCell):
@@ -316,22 +328,6 @@ class LSTMCell(FlaxCell):
         super().__init__(nnx.OptimizedLSTMCell(cfg.hidden, cfg.hidden, rngs=rngs, dtype=dtype, param_dtype=dtype))
 
 
-_BUILT_IN = {"lipschitz": LipschitzCell, "antisymmetric": AntisymmetricCell, "gru": GRUCell, "tanh": TanhCell,
-             "lstm": LSTMCell}
-
-
-def make_cell(cfg: NRNNConfig, rngs: nnx.Rngs) -> Cell:
-    """The built-in cell named by `cfg.cell`."""
-    if cfg.cell not in _BUILT_IN:
-        raise ValueError(f"NRNNConfig.cell={cfg.cell!r} names no built-in cell ({', '.join(CELLS)}); a user cell "
-                         "is passed as NoisyRNN(cfg, rngs=rngs, cell=my_cell)")
-    return _BUILT_IN[cfg.cell](cfg, rngs=rngs)
-
-
-def is_built_in(cell: Any, name: str) -> bool:
-    return name in _BUILT_IN and type(cell) is _BUILT_IN[name]
-
-
 # ------------------------------------------------------------------------------------------------------
 # The pure form the solvers and the regularizer use.
 # ------------------------------------------------------------------------------------------------------
@@ -440,7 +436,7 @@ def state_layout(cell: Any, cfg: NRNNConfig) -> StateLayout | None:
     own = cell_name(cell)
     names_on = tuple(cfg.noise_on)
     state_shape = getattr(cell, "state_shape", None)
-    if isinstance(cell, (ProductCell, MatrixLipschitz)) or state_shape is None:  # one array (hidden,)
+    if isinstance(cell, ProductCell) or state_shape is None:  # one array (hidden,)
         declared = jax.ShapeDtypeStruct((cfg.hidden,), jnp.dtype(cfg.dtype))
     else:
         try:
@@ -524,51 +520,28 @@ def _describe(a) -> str:
     return f"{jnp.dtype(a.dtype).name}{list(shape)}" if shape is not None else type(a).__name__
 
 
-@functools.lru_cache(maxsize=None)
-def _matrix_lipschitz_fn(alpha: float) -> Callable:
-    return lambda M, h, z: lipschitz_from_products(alpha, h, M @ h, z)
+def lipschitz_drift(cfg: NRNNConfig, p, where: str) -> Drift:
+    """The `Drift` of the Lipschitz drift of the matrices A, W in `p` (a `RecurrentParams`), as
+    `solvers.solve(cfg, RecurrentParams(A, W), ...)` runs it without a cell; ValueError naming `where` if `p`
+    has none."""
+    if p.A is None or p.W is None:
+        raise ValueError(f"{where}: pass cell=model.cell, or RecurrentParams with the matrices A and W of the "
+                         "Lipschitz drift")
+    g = LipschitzDrift(cfg.alpha)
+    return Drift(jnp.concatenate([p.A, p.W], axis=0), g, g.from_products, g.taylor)
 
 
 def pure(cell, products: bool = True, layout: StateLayout | None = None) -> Drift:
-    """The `Drift` of a cell (a `Cell`, or `MatrixLipschitz`). `products=False` gives the generic form even for
+    """The `Drift` of a cell (a `Cell`, or already a `Drift`). `products=False` gives the generic form even for
     a product cell; its `fn` is then hashable (usable as a static argument of `jax.jit`). `layout`: the
     cell's `state_layout` (None: the state is one array (hidden,)); the drift then acts on the flat state."""
-    if isinstance(cell, MatrixLipschitz):
-        return Drift(cell.products_matrix(), _matrix_lipschitz_fn(cell.alpha),
-                     cell.drift_from_products if products else None, cell.drift_taylor if products else None)
+    if isinstance(cell, Drift):
+        return cell if products else cell._replace(from_products=None, taylor=None)
     if isinstance(cell, ProductCell) and products:
         g = cell.drift_from_products
         return Drift(cell.products_matrix(), lambda M, h, z: g(h, M @ h, z), g, cell.drift_taylor)
     graphdef, state = nnx.split(cell)
     return Drift(state, _GraphDrift(graphdef, layout), None, None, layout)
-
-
-class MatrixLipschitz:
-    """The Lipschitz drift from given matrices A, W (what `solvers.solve(cfg, RecurrentParams(A, W), ...)`
-    runs): a product cell that is not a module (`alpha` a Python float)."""
-
-    def __init__(self, alpha: float, A, W):
-        self.alpha, self.A, self.W = alpha, A, W
-
-    @classmethod
-    def of(cls, cfg: NRNNConfig, p, where: str) -> "MatrixLipschitz":
-        """The Lipschitz drift of the matrices in `p` (a `RecurrentParams`); ValueError if `p` has none."""
-        if p.A is None or p.W is None:
-            raise ValueError(f"{where}: pass cell=model.cell, or RecurrentParams with the matrices A and W of the "
-                             "Lipschitz drift")
-        return cls(cfg.alpha, p.A, p.W)
-
-    def products_matrix(self):
-        return jnp.concatenate([self.A, self.W], axis=0)
-
-    def drift_from_products(self, h, prods, z):
-        return lipschitz_from_products(self.alpha, h, prods, z)
-
-    def drift(self, h, z):
-        return self.drift_from_products(h, self.products_matrix() @ h, z)
-
-    def drift_taylor(self, h, prods, z, U, V, PU, PV):
-        return lipschitz_taylor(self.alpha, h, prods, z, U, V, PU, PV)
 
 
 def check_cell(cell: Any, hidden: int, dtype, layout: StateLayout | None = None) -> None:
@@ -577,7 +550,7 @@ def check_cell(cell: Any, hidden: int, dtype, layout: StateLayout | None = None)
     (hidden,))."""
     if isinstance(cell, str):
         raise TypeError(f"NoisyRNN(cell={cell!r}): cell= takes a cell module; a built-in cell is chosen by name with "
-                        f"NRNNConfig(cell={cell!r}) ({', '.join(CELLS)})")
+                        f"NRNNConfig(cell={cell!r}) ({', '.join(BUILT_IN_CELLS)})")
     if not callable(getattr(cell, "drift", None)):
         raise TypeError(f"NoisyRNN(cell=...): a cell needs a method drift(h, z) for one example (h, z of shape "
                         f"({hidden},)) returning dh/dt of shape ({hidden},); {type(cell).__name__} has none. "

@@ -13,7 +13,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, _import_path, import_path
+from .config import BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, import_object, import_path
 from .data import LOADERS, load_dataset
 from .errors import RunBusyError, RunDamageWarning, RunWriteError
 from .runs import (RESUMABLE_TRAIN_FIELDS, _refuse, _unsupplied, load_run_dataset, read_config_file, read_run_config,
@@ -163,7 +163,7 @@ def _import_typed(flag: str, path: str):
     """The object of an import path the user typed as `flag` (see `_current_directory_on_path`); a ValueError
     names the flag and the missing module or attribute."""
     with _current_directory_on_path():
-        return _import_path("", flag, path, searched=f"the current directory {os.getcwd()}, then the Python path",
+        return import_object("", flag, path, searched=f"the current directory {os.getcwd()}, then the Python path",
                             remedy=None)
 
 
@@ -299,7 +299,7 @@ def _new_run_settings(args, train_flags: dict, model_flags: dict):
                              f"model.diffusion={str(named)!r}. Reading a configuration file imports no code by itself: "
                              f"name it yourself on the command line (--diffusion {named}), or, if you trust this "
                              "file and the code it names, pass --trust-code.")
-        model_kw["diffusion"] = _import_path("NRNNConfig", "diffusion", named)
+        model_kw["diffusion"] = import_object("NRNNConfig", "diffusion", named)
     if "dataset" in train_flags and train_flags["dataset"] != file.get("train", {}).get("dataset", train_flags["dataset"]):
         for name in ("input_dim", "num_classes"):  # another data set: its sizes, unless given as flags
             if name not in model_flags:

@@ -44,7 +44,7 @@ from .analysis import (
     output_margins,
     robustness_curve,
 )
-from .config import BACKENDS, MODES, NRNNConfig, TrainConfig, import_path
+from .config import BACKENDS, BUILT_IN_CELLS, MODES, NRNNConfig, TrainConfig, import_path
 from .data import Dataset, load_dataset
 from .evaluate import evaluate, white_noise
 from .model import with_noise
@@ -162,7 +162,7 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
         if not callable(cc.cell_factory):
             fail(own, "cell_factory", cc.cell_factory, "expected a factory cell(cfg, rngs=rngs) -> Cell, e.g. a "
                  "Cell subclass, or None")
-        if cc.model.get("cell", "custom") != "custom":
+        if cc.model.get("cell") in BUILT_IN_CELLS:
             fail(own, "model", cc.model, f"cell={cc.model['cell']!r} is a built-in cell, and cell_factory gives a "
                  "user cell; give one of them")
     if not isinstance(cc.train, dict):
@@ -183,8 +183,9 @@ def check_compare_config(cc: CompareConfig) -> "CompareSettings":
 
 
 def _model_fields(cc: CompareConfig, model: dict[str, Any]) -> dict[str, Any]:
-    """The NRNNConfig fields of the comparison's model: `model`, with `cell="custom"` for a user cell."""
-    return {**model, "cell": "custom"} if cc.cell_factory is not None else model
+    """The NRNNConfig fields of the comparison's model: `model`, with a user cell recorded by its factory's
+    import path."""
+    return {**model, "cell": import_path(cc.cell_factory)} if cc.cell_factory is not None else model
 
 
 def _mean_std(values):

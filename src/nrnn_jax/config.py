@@ -26,11 +26,16 @@ def check_options(owner: str, field: str, value: Any) -> tuple[tuple[str, str], 
         fail(owner, field, value, "expected a dict or a sequence of (name, value) pairs of strings with distinct names")
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
-CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "lstm", "custom")
+# The string values of the serialisable description; `nrnn_jax._registry` turns them into objects.
+BUILT_IN_CELLS = ("lipschitz", "antisymmetric", "gru", "tanh", "lstm")
+# "custom": how run directories written before user cells were recorded by import path mark a user cell
+# (its factory then under "cell_factory" in config.json); still read.
+CELLS = BUILT_IN_CELLS + ("custom",)
 CONVENTIONS = ("sde", "reference")
 NOISE_KINDS = ("diagonal", "scalar", "custom")
 SOLVERS = ("euler", "euler_heun", "milstein")
 BACKENDS = ("diffrax", "scan")
+# "diffeqsolve" is read for run directories that name it and runs the same loop as "steps" (same numbers).
 DIFFRAX_LOOPS = ("steps", "diffeqsolve")
 GRADIENTS = ("adjoint", "autodiff")
 DTYPES = ("float32", "float64")
@@ -53,6 +58,12 @@ class ImportPath(str):
         return f"ImportPath({str.__repr__(self)})"
 
 
+def is_import_path(text: str) -> bool:
+    """Whether `text` has the form 'module:qualname' of an import path."""
+    module, sep, qualname = str(text).partition(":")
+    return bool(sep and module and qualname)
+
+
 def import_path(obj) -> str:
     """'module:qualname' of a function or class, how run directories record user code (an `ImportPath`
     is its own)."""
@@ -61,12 +72,12 @@ def import_path(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-class _Unimportable(Exception):
-    """Why an import path 'module:name' names nothing importable (`_resolve_import_path`); the message says
+class Unimportable(Exception):
+    """Why an import path 'module:name' names nothing importable (`resolve_import_path`); the message says
     which module or attribute is missing."""
 
 
-def _resolve_import_path(path: str, searched: str = "the Python path (sys.path)"):
+def resolve_import_path(path: str, searched: str = "the Python path (sys.path)"):
     """The object an import path 'module:qualname' names, imported.
 
     **Arguments:**
@@ -74,7 +85,7 @@ def _resolve_import_path(path: str, searched: str = "the Python path (sys.path)"
     - `path`: `"module:qualname"`, e.g. `"mycells:LeakyCell"` or `"mypkg.noise:sigma"`.
     - `searched`: where modules are looked up, in words, for the message of a missing module.
 
-    **Returns:** the object. **Raises:** `_Unimportable` saying what is missing: a malformed path, code
+    **Returns:** the object. **Raises:** `Unimportable` saying what is missing: a malformed path, code
     defined in a notebook, a script's `__main__` or a function (which no import reaches), a module that is
     not found, a module whose own import fails on a missing module, or a missing attribute (with close
     names of that module). Other errors raised by the module's own code propagate."""
@@ -82,27 +93,27 @@ def _resolve_import_path(path: str, searched: str = "the Python path (sys.path)"
     import importlib
 
     module, sep, qualname = str(path).partition(":")
-    if not sep or not module or not qualname:
-        raise _Unimportable("expected an import path 'module:name', e.g. 'mycells:LeakyCell'")
+    if not is_import_path(path):
+        raise Unimportable("expected an import path 'module:name', e.g. 'mycells:LeakyCell'")
     if module == "__main__" or "<locals>" in qualname:
-        raise _Unimportable("it is defined in a notebook, a script's __main__ or a function, which no import "
+        raise Unimportable("it is defined in a notebook, a script's __main__ or a function, which no import "
                                "reaches")
     try:
         obj = importlib.import_module(module)
     except ModuleNotFoundError as e:
         missing = e.name or module
         if module == missing or module.startswith(missing + "."):
-            raise _Unimportable(f"no module named {missing!r} (searched {searched})") from None
-        raise _Unimportable(f"importing module {module!r} failed: {e}") from None
+            raise Unimportable(f"no module named {missing!r} (searched {searched})") from None
+        raise Unimportable(f"importing module {module!r} failed: {e}") from None
     except ImportError as e:
-        raise _Unimportable(f"importing module {module!r} failed: {e}") from None
+        raise Unimportable(f"importing module {module!r} failed: {e}") from None
     owner = f"module {module!r}" + (f" ({obj.__file__})" if getattr(obj, "__file__", None) else "")
     done = []
     for part in qualname.split("."):
         if not hasattr(obj, part):
             close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("__")], n=3)
             hint = f"; close names: {', '.join(map(repr, close))}" if close else ""
-            raise _Unimportable(f"{owner} has no attribute {part!r}{hint}")
+            raise Unimportable(f"{owner} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
         done.append(part)
         owner = f"{module}:{'.'.join(done)}"
@@ -112,13 +123,13 @@ def _resolve_import_path(path: str, searched: str = "the Python path (sys.path)"
 _PASS_THE_OBJECT = "pass the object itself, e.g. load_run(run_dir, cell=factory, diffusion=sigma)"
 
 
-def _import_path(owner: str, field: str, path: str, searched: str = "the Python path (sys.path)",
+def import_object(owner: str, field: str, path: str, searched: str = "the Python path (sys.path)",
                  remedy: str | None = _PASS_THE_OBJECT):
     """The object an import path names; a ValueError names the field, says what is missing
-    (`_resolve_import_path`) and adds `remedy`."""
+    (`resolve_import_path`) and adds `remedy`."""
     try:
-        return _resolve_import_path(path, searched)
-    except _Unimportable as e:
+        return resolve_import_path(path, searched)
+    except Unimportable as e:
         fail(owner, field, path, f"this user code cannot be imported from here: {e}" + (f"; {remedy}" if remedy else ""))
 
 
@@ -153,8 +164,10 @@ class NRNNConfig(ConfigMixin):
     **Arguments:**
 
     - `cell`: the drift f(h, z) (`nrnn_jax.cells`): `"lipschitz"` (default, the Lipschitz RNN below),
-      `"antisymmetric"`, `"gru"`, `"tanh"`, `"lstm"` (state (c, h), the decoder reading h); `"custom"` marks a user cell passed as
-      `NoisyRNN(cfg, rngs=rngs, cell=my_cell)` (set by the model itself).
+      `"antisymmetric"`, `"gru"`, `"tanh"`, `"lstm"` (state (c, h), the decoder reading h); or the import
+      path `"module:name"` of a user cell, the record a model makes of a cell passed as
+      `NoisyRNN(cfg, rngs=rngs, cell=my_cell)` (text, never imported by the model: a model of it needs the
+      cell passed). `"custom"` (a user cell whose factory the run directory records) is read too.
     - `input_dim`, `hidden`, `num_classes`: sizes n, d and the number of output classes.
     - `dt`: the step size δ of the Euler–Maruyama discretisation (the initial per-unit step `s` of the
       reference convention).
@@ -185,11 +198,10 @@ class NRNNConfig(ConfigMixin):
       noise). Under `"reference"` only `"euler"` is defined.
     - `backend`: `"diffrax"` (default; a diffrax solver on the step grid) or `"scan"` (a `lax.scan` of the
       library's own step, giving the same numbers).
-    - `diffrax_loop` (diffrax backend): what steps the diffrax solver through the grid. `"steps"` (default):
-      a `lax.scan` of `solver.step` (diffrax's manual stepping); `"diffeqsolve"`: `diffrax.diffeqsolve`
-      with `StepTo` on the grid (and `RecursiveCheckpointAdjoint` when JAX differentiates it). The same steps
-      and numbers; "steps" leaves out diffeqsolve's loop bookkeeping (step-size control, time clipping,
-      counters, predicated saves), which a GPU pays per step as kernel launches.
+    - `diffrax_loop` (diffrax backend): `"steps"`, a `lax.scan` of the diffrax solver's `step` on the grid
+      (diffrax's manual stepping; `nrnn_jax._loops.DiffraxLoop`). `"diffeqsolve"` is accepted for
+      configurations that name it and runs the same loop: `diffrax.diffeqsolve` with `StepTo` on the same
+      grid took the same steps and gave the same numbers, at a higher cost per step.
     - `gradient`: `"adjoint"` (default; the exact discrete adjoint of `nrnn_jax.recurrence`: a reverse
       scan of the hidden-state cotangent, the matrix gradients as one product after the loop — the same
       gradients, faster, reverse mode only) or `"autodiff"` (JAX differentiates the backend's loop; use it
@@ -221,7 +233,9 @@ class NRNNConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         own = "NRNNConfig"
-        check_choice(own, "cell", self.cell, CELLS)
+        if not (isinstance(self.cell, str) and (self.cell in CELLS or is_import_path(self.cell))):
+            fail(own, "cell", self.cell, f"expected a built-in cell ({', '.join(BUILT_IN_CELLS)}) or the import path "
+                 "'module:name' of a user cell (a user cell is passed as NoisyRNN(cfg, rngs=rngs, cell=my_cell))")
         names = self.noise_on
         if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(
                 isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -253,7 +267,7 @@ class NRNNConfig(ConfigMixin):
                 fail(own, "solver", self.solver, "the reference convention is a fixed update rule; "
                       "use solver='euler' or convention='sde'")
         if isinstance(self.diffusion, str) and not isinstance(self.diffusion, ImportPath):  # named by the caller
-            object.__setattr__(self, "diffusion", _import_path(own, "diffusion", self.diffusion))
+            object.__setattr__(self, "diffusion", import_object(own, "diffusion", self.diffusion))
         if (self.diffusion is None) != (self.noise_kind != "custom"):
             fail(own, "noise_kind" if self.diffusion is None else "diffusion",
                  self.noise_kind if self.diffusion is None else self.diffusion,
@@ -269,7 +283,7 @@ class NRNNConfig(ConfigMixin):
             if code:
                 from .noise import custom_shape  # validates the shape: (hidden,) or (hidden, m)
 
-                object.__setattr__(self, "_diffusion_shape", custom_shape(self.diffusion, self.hidden))
+                custom_shape(self.diffusion, self.hidden)
         if self.solver == "milstein" and self.noise_kind == "scalar" and self.eps_add > 0:
             fail(own, "solver", self.solver, "Milstein needs commutative noise, which scalar multiplicative "
                   "noise with eps_add > 0 is not; set eps_add=0, use noise_kind='diagonal', or pick "
@@ -284,12 +298,9 @@ class NRNNConfig(ConfigMixin):
         one multiplicative Brownian motion); `2 * hidden` for the reference convention (additive normals,
         then normals mapped to U[1 - eps_mult, 1] by the normal CDF).
         """
-        if self.convention == "reference":
-            return 2 * self.hidden
-        if self.noise_kind == "custom":
-            self.check_runnable()
-            return self._diffusion_shape[1]
-        return self.hidden + 1 if self.noise_kind == "scalar" else self.hidden
+        from ._registry import noise_width  # the registry builds the configured scheme and diffusion
+
+        return noise_width(self)
 
     @property
     def is_noisy(self) -> bool:

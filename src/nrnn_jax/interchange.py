@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from . import cells
-from .config import NRNNConfig, TrainConfig
+from .config import BUILT_IN_CELLS, NRNNConfig, TrainConfig
 from .model import NoisyRNN
 from .validation import check_choice, check_int, check_real, fail
 
@@ -399,8 +399,8 @@ def write_model_run(model: NoisyRNN, run_dir: str | Path, tcfg: TrainConfig, *, 
 
     if not isinstance(model, NoisyRNN):
         fail("", "model", type(model).__name__, "expected a nrnn_jax.NoisyRNN")
-    if model.cfg.cell == "custom":
-        fail("", "model.cfg.cell", "custom", "a run directory of a user cell records its factory; train it with "
+    if model.cfg.cell not in BUILT_IN_CELLS:
+        fail("", "model.cfg.cell", model.cfg.cell, "a run directory of a user cell records its factory; train it with "
              "train_and_evaluate(..., cell=factory) instead")
     if tcfg.mode != "deterministic" and not model.cfg.is_noisy:
         fail("TrainConfig", "mode", tcfg.mode, "the model has no noise; use mode='deterministic'")

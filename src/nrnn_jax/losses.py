@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from ._types import ArrayLike
+from .validation import ArrayLike
 
 
 def cross_entropy(logits: Float[Array, "... c"], y: Int[ArrayLike, "..."]) -> Float[Array, "..."]:

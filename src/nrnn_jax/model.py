@@ -1,20 +1,26 @@
 """`NoisyRNN`: linear encoder → noisy recurrent core (any cell) → linear decoder (docs/theory.md §1–§2, §8).
 
-The module is only the edge that holds parameters; the recursion itself is the pure
-`solvers.solve_batch`. Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
+The model is assembled from objects: a cell (`nrnn_jax.cells`), a diffusion (`nrnn_jax.noise`) and a scheme
+(`nrnn_jax.schemes`), e.g. `NoisyRNN(cfg, rngs=rngs, cell=GRUCell(cfg, rngs=rngs), diffusion=DiagonalNoise(0.1,
+0.1), scheme=EulerHeun())`; what is not passed is built from the configuration (`nrnn_jax._registry`), and
+the configuration the model keeps (`model.cfg`) records the objects, so that a run directory can rebuild it.
+The module is only the edge that holds parameters; the recursion itself is the pure `solvers.solve_batch`.
+Split it with `nnx.split` before `jax.jit` (see `nrnn_jax.train`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from . import cells, prng, solvers
-from . import noise as noise_lib
+from . import _registry, cells, prng, solvers
 from .config import NRNNConfig
-from .dynamics import RecurrentParams
+from .noise import Noise
+from .schemes import RecurrentParams, Scheme
 from .validation import check_inputs, check_noise, check_noise_levels
 
 
@@ -25,12 +31,16 @@ class NoisyRNN(nnx.Module):
 
     - `cfg`: an `NRNNConfig`.
     - `rngs`: `flax.nnx.Rngs` for the initialisation.
-    - `cell`: a user cell (a `flax.nnx.Module` with `drift(h, z)` for one example, see `nrnn_jax.cells`;
+    - `cell`: a cell object (a `flax.nnx.Module` with `drift(h, z)` for one example, see `nrnn_jax.cells`;
       its state may be any pytree, e.g. `FlaxCell(nnx.LSTMCell(d, d, rngs=rngs))`); None builds the built-in
-      cell `cfg.cell`. With a user cell the model's configuration records `cell="custom"`.
-    - `diffusion`: a user σ(h, z) for one example returning a diagonal (hidden,) or a (hidden, m) matrix
-      (`nrnn_jax.noise.CustomNoise`); sets `cfg.noise_kind="custom"` (the noise levels must be 0). None: the
+      cell `cfg.cell`. A cell that is not the built-in one `cfg.cell` names is recorded in the model's
+      configuration by the import path of its class (`cell="module:Class"`; text, never imported).
+    - `diffusion`: `DiagonalNoise(eps_add, eps_mult)`, `ScalarNoise(eps_add, eps_mult)`, `CustomNoise(sigma)`
+      or a plain user σ(h, z) for one example returning a diagonal (hidden,) or a (hidden, m) matrix; recorded
+      in the model's configuration (`noise_kind`, `eps_add`, `eps_mult`, `diffusion`). None: the
       configuration's diffusion.
+    - `scheme`: `EulerMaruyama()`, `EulerHeun()`, `Milstein()` or `PublicCodeRule()` (`nrnn_jax.schemes`);
+      recorded in the model's configuration (`solver`, `convention`). None: the configuration's scheme.
 
     **Parts:** `model.encode(x)` = z (batch, T, hidden), the input drive; `model.cell` the drift;
     `model.decode(h)` the logits of final states. The states are the cell's states laid flat, (state_size,)
@@ -51,40 +61,49 @@ class NoisyRNN(nnx.Module):
     - `model.step_size`: the learnable per-unit step `s` of the reference convention (None under "sde").
     """
 
-    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs, cell: cells.Cell | None = None, diffusion=None):
+    def __init__(self, cfg: NRNNConfig, *, rngs: nnx.Rngs, cell: cells.Cell | None = None,
+                 diffusion: Noise | Callable | None = None, scheme: Scheme | None = None):
         if not isinstance(cfg, NRNNConfig):
             raise TypeError(f"NoisyRNN(cfg=...) expects an NRNNConfig, got {type(cfg).__name__}.")
         if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError("NRNNConfig.dtype='float64' needs 64-bit JAX: set jax.config.update("
                              "'jax_enable_x64', True) or run inside `with jax.enable_x64(True):`.")
         if diffusion is not None:
-            cfg = cfg.replace(noise_kind="custom", diffusion=diffusion)
+            cfg = cfg.replace(**_registry.diffusion_fields(diffusion))
+        if scheme is not None:
+            cfg = cfg.replace(**_registry.scheme_fields(scheme))
         cfg.check_runnable()
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden
-        if cell is None and cfg.cell == "custom":
-            raise ValueError("NRNNConfig.cell='custom' means a user cell: pass it as NoisyRNN(cfg, rngs=rngs, "
-                             "cell=my_cell), or name a built-in cell (lipschitz, antisymmetric, gru, tanh).")
-        if cell is not None:
-            if not cells.is_built_in(cell, cfg.cell):
-                cfg = cfg.replace(cell="custom")
+        if cell is not None and not isinstance(cell, str):
+            cfg = cfg.replace(cell=_registry.cell_field(cfg, cell))
         self.cfg = cfg
         self.encoder = nnx.Linear(cfg.input_dim, d, rngs=rngs, dtype=dtype, param_dtype=dtype)
         if cell is None:
-            cell = cells.make_cell(cfg, rngs)
+            cell = _registry.cell(cfg, rngs)
         usable = isinstance(cell, nnx.Module) and callable(getattr(cell, "drift", None))
         layout = cells.state_layout(cell, cfg) if usable else None  # check_cell names what is missing
         cells.check_cell(cell, d, dtype, layout)
-        if layout is not None and cfg.convention == "reference":
+        if layout is not None and not self.scheme.is_sde:
             raise ValueError(f"NRNNConfig.convention='reference' is invalid with {type(cell).__name__}, whose "
                              f"state is not one array ({d},): the reference convention's per-unit step and noise "
                              "act on one array of hidden units; use convention='sde'")
         self.cell = cell
-        if cfg.convention == "reference":
+        if not self.scheme.is_sde:  # the public code's rule: a learnable per-unit step
             self.step_size = nnx.Param(jnp.full((d,), cfg.dt, dtype))
         else:
             self.step_size = None
         self.decoder = nnx.Linear(d, cfg.num_classes, rngs=rngs, dtype=dtype, param_dtype=dtype)
+
+    @property
+    def scheme(self) -> Scheme:
+        """The discretisation (`nrnn_jax.schemes`) the configuration records."""
+        return _registry.scheme(self.cfg)
+
+    @property
+    def diffusion(self) -> Noise:
+        """The diffusion σ (`nrnn_jax.noise`) on the model's flat state, as the configuration records it."""
+        return _registry.diffusion(self.cfg, self.state_layout)
 
     # -- the pieces the pure functions need ------------------------------------------------------
     def recurrent_params(self, noise_levels: tuple | None = None) -> RecurrentParams:
@@ -123,7 +142,7 @@ class NoisyRNN(nnx.Module):
         """The width m of the standard normals: `model(x, noise=xi)` takes xi of shape (batch, T, m). For a state
         of one array (hidden,) it is `cfg.noise_dim`; otherwise that of the configured diffusion on the parts
         `cfg.noise_on` of the state (e.g. 2 hidden for diagonal noise on an LSTM's (c, h), hidden on its h)."""
-        return noise_lib.width(self.cfg, self.state_layout)
+        return _registry.noise_width(self.cfg, self.state_layout)
 
     def state_tree(self, h: Float[Array, "*batch s"]):
         """The cell's state pytree of flat states h (..., state_size), leading axes kept (h itself for a state

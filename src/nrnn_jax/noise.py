@@ -12,12 +12,16 @@ below, so a new kind of noise works with every scheme, backend and regularizer m
 - `OnParts`: any of these on a fixed selection of coordinates of the (flat) state: σ(h) = E σ₀(Eᵀ h, z),
   E the embedding of the selected coordinates (`NRNNConfig.noise_on`); m = that of σ₀ on the selection.
 
-`of(cfg, layout)` is the one place where a configuration (and the cell's `cells.StateLayout`) picks its
-diffusion.
+A diffusion is passed to the model as an object, `NoisyRNN(cfg, rngs=rngs, diffusion=DiagonalNoise(0.1, 0.1))`;
+the built-in ones carry their noise levels (ε_add, ε_mult), which the model records in its configuration.
+The methods take the levels as an argument, `levels = (ε_add, ε_mult)`, so that a sweep over noise levels
+may pass traced values. `nrnn_jax._registry.diffusion(cfg, layout)` builds the diffusion a configuration
+describes.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -29,7 +33,8 @@ Levels = tuple  # (ε_add, ε_mult): numbers or JAX values (traced in a sweep ov
 
 
 class Noise:
-    """Base class of diffusions σ(h, z). Subclasses give `noise_dim`, `operator` and (for speed) `mv`;
+    """Base class of diffusions σ(h, z) (the extension point for a new kind of noise). Subclasses give
+    `noise_dim`, `operator` and (for speed) `mv`;
     `elementwise` says whether σ is diagonal with entries that depend on their own coordinate only, and
     not on the input z, so that a batch may be treated as one flat state (the diffrax backend's batched
     solve)."""
@@ -67,8 +72,34 @@ class Noise:
         return 0.5 * (both - dt * self.column_derivative_sum(levels, h, z))
 
 
-class DiagonalNoise(Noise):
-    """σ(h) = ε_add I + ε_mult diag(h): d independent Brownian motions (docs/theory.md (2.1))."""
+class _Levelled(Noise):
+    """A built-in diffusion with its noise levels ε_add, ε_mult ≥ 0 (what the model records in
+    `NRNNConfig.eps_add`, `NRNNConfig.eps_mult`)."""
+
+    def __init__(self, eps_add: float = 0.0, eps_mult: float = 0.0):
+        for name, value in (("eps_add", eps_add), ("eps_mult", eps_mult)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+                raise ValueError(f"{type(self).__name__}: {name}={value!r} is invalid; expected a number >= 0")
+        self.eps_add, self.eps_mult = float(eps_add), float(eps_mult)
+
+    @property
+    def levels(self) -> Levels:
+        return self.eps_add, self.eps_mult
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps_add={self.eps_add}, eps_mult={self.eps_mult})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.levels == self.levels
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.levels))
+
+
+class DiagonalNoise(_Levelled):
+    """σ(h) = ε_add I + ε_mult diag(h): d independent Brownian motions (docs/theory.md (2.1)).
+
+    **Arguments:** `eps_add`, `eps_mult`: the noise levels (≥ 0)."""
 
     elementwise = True
 
@@ -92,9 +123,12 @@ class DiagonalNoise(Noise):
         return 0.5 * levels[1] * self.diagonal(levels, h, z) * (dw * dw - dt)
 
 
-class ScalarNoise(Noise):
+class ScalarNoise(_Levelled):
     """σ(h) = [ε_add I | ε_mult h]: additive noise and one multiplicative Brownian motion β, ε_mult h dβ
-    (docs/theory.md (2.2)); noise columns: d additive, then β."""
+    (docs/theory.md (2.2)); noise columns: d additive, then β.
+
+    **Arguments:** `eps_add`, `eps_mult`: the noise levels (≥ 0). Milstein needs commutative noise, which
+    this is only with `eps_add = 0`."""
 
     def noise_dim(self, hidden):
         return hidden + 1
@@ -119,29 +153,59 @@ class ScalarNoise(Noise):
 class CustomNoise(Noise):
     """A user diffusion `fn(h, z)` for one example, returning a diagonal (d,) (d Brownian motions, σ =
     diag(fn)) or a (d, m) matrix (m Brownian motions). The noise levels ε_add, ε_mult do not apply: scale σ
-    in `fn`. Milstein assumes commutative noise (L^i σ_j = L^j σ_i), e.g. σ_i depending on h_i only."""
+    in `fn`. Milstein assumes commutative noise (L^i σ_j = L^j σ_i), e.g. σ_i depending on h_i only.
 
-    def __init__(self, fn: Callable, diagonal: bool, m: int):
-        self.fn, self.is_diagonal, self.m = fn, diagonal, m
-        # elementwise only if σ_i depends on h_i alone, which cannot be told from the shape: a diagonal user σ
-        # is still solved one example at a time on the diffrax backend (exact for any σ)
-        self.elementwise = False
+    **Arguments:** `fn`: σ(h, z) of one example. Its shape (diagonal or matrix, and m) is read from the
+    output for the state it is applied to (`custom_shape`)."""
+
+    # elementwise only if σ_i depends on h_i alone, which cannot be told from the shape: a diagonal user σ
+    # is still solved one example at a time on the diffrax backend (exact for any σ)
+    elementwise = False
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise TypeError(f"CustomNoise(fn=...) expects a function sigma(h, z) of one example, got "
+                            f"{type(fn).__name__}")
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"CustomNoise({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.fn is self.fn
+
+    def __hash__(self) -> int:
+        return hash((type(self), id(self.fn)))
 
     def noise_dim(self, hidden):
-        return self.m
+        return custom_shape(self.fn, hidden)[1]
 
     def operator(self, levels, h, z):
         s = self.fn(h, z)
-        return lx.DiagonalLinearOperator(s) if self.is_diagonal else lx.MatrixLinearOperator(s)
+        return lx.DiagonalLinearOperator(s) if s.ndim == 1 else lx.MatrixLinearOperator(s)
 
     def mv(self, levels, h, z, dw):
         s = self.fn(h, z)
-        return s * dw if self.is_diagonal else s @ dw
+        return s * dw if s.ndim == 1 else s @ dw
 
 
 def custom_shape(fn: Callable, hidden: int) -> tuple[bool, int]:
-    """(diagonal, m) of a user diffusion from its output shape for h, z of shape (hidden,); ValueError naming
-    the shape otherwise."""
+    """(diagonal, m) of a user diffusion from its output shape for h, z of shape (hidden,) (traced once per
+    function and size, no numbers computed); ValueError naming the shape otherwise."""
+    try:
+        return _cached_shape(fn, hidden)
+    except TypeError as e:  # an unhashable callable: not cached
+        if "unhashable" not in str(e):
+            raise
+        return _shape(fn, hidden)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_shape(fn: Callable, hidden: int) -> tuple[bool, int]:
+    return _shape(fn, hidden)
+
+
+def _shape(fn: Callable, hidden: int) -> tuple[bool, int]:
     x = jax.ShapeDtypeStruct((hidden,), jnp.float32)
     try:
         out = jax.eval_shape(fn, x, x)
@@ -184,27 +248,3 @@ class OnParts(Noise):
 
     def milstein_correction(self, levels, h, z, dw, dt):
         return self._embed(self.inner.milstein_correction(levels, h[self.index], z, dw, dt))
-
-
-def of(cfg, layout=None) -> Noise:
-    """The diffusion of a configuration (`noise_kind`, and `diffusion` for a user one), on the flat state of
-    a cell's `layout` (`cells.StateLayout`; None: the state is one array (hidden,)): on the whole state, or
-    on the coordinates `layout.noise` (`OnParts`)."""
-    size = cfg.hidden if layout is None else layout.noise_size
-    if cfg.noise_kind == "custom":
-        cfg.check_runnable()  # a recorded import path that was not imported has no function to run
-        diagonal, m = cfg._diffusion_shape if size == cfg.hidden else custom_shape(cfg.diffusion, size)
-        base = CustomNoise(cfg.diffusion, diagonal, m)
-    else:
-        base = ScalarNoise() if cfg.noise_kind == "scalar" else DiagonalNoise()
-    if layout is None or layout.noise is None:
-        return base
-    return OnParts(base, layout.noise, layout.size)
-
-
-def width(cfg, layout=None) -> int:
-    """The width m of the standard normals of one step, ξ_k (m,), for a cell's `layout` (None: the state is one
-    array (hidden,)): that of `NRNNConfig.noise_dim` for a state (hidden,)."""
-    if layout is None:
-        return cfg.noise_dim
-    return of(cfg, layout).noise_dim(layout.noise_size)

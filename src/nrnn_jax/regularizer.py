@@ -35,7 +35,9 @@ import lineax as lx
 from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
-from . import cells, dynamics, noise, prng, recurrence
+from . import _registry, cells, prng, recurrence
+from ._gradients import matrix_free
+from .schemes import noise_levels as _levels
 from .losses import cross_entropy, masked_mean
 from .validation import check_choice, check_inputs, check_int, check_labels
 
@@ -200,7 +202,7 @@ def _probe_loss_terms(loss: LossFn, h, U, V) -> Terms:
     return Terms(value, Q, R, h)
 
 
-def _probe_cell(cfg, taylor, num_probes: int):
+def _probe_cell(cfg, scheme, sigma, taylor, num_probes: int):
     """The probe recursion of `probe_terms` for a product cell f(h, z) = g(h, M h, z) as a
     `nrnn_jax.recurrence` cell, so that the matrices enter only through the products M s.
 
@@ -217,27 +219,27 @@ def _probe_cell(cfg, taylor, num_probes: int):
         z_k, eta = x_k  # eta: (S, noise_dim)
         h, U, V = state[0], state[1:1 + S], state[1 + S:]
         f, G1, G2 = taylor(h, prods[0], z_k, U, V, prods[1:1 + S], prods[1 + S:])
-        c = dynamics.mean_step_size(cfg, params)
+        c = scheme.mean_step_size(cfg, params)
         c = c[None, :] if jnp.ndim(c) else c  # the reference convention's per-unit step, over the probes
-        h_next = dynamics.mean_step_map(cfg, params, h, f)
-        G_eta = jax.vmap(lambda e: dynamics.perturbation_factor_mv(cfg, params, h, z_k, f, e))(eta)
+        h_next = h + scheme.mean_step_size(cfg, params) * f  # F_k(h) (docs/theory.md (3.1)-(3.2))
+        G_eta = jax.vmap(lambda e: scheme.perturbation_factor_mv(cfg, params, sigma, h, z_k, f, e))(eta)
         V_next = V + c * G2
-        if dynamics.has_mean_shift(cfg):
-            V_next = V_next + dynamics.stratonovich_shift(cfg, params, h, z_k, cfg.dt)[None, :]
+        if scheme.has_mean_shift:
+            V_next = V_next + scheme.mean_shift(cfg, params, sigma, h, z_k, cfg.dt)[None, :]
         return jnp.concatenate([h_next[None], U + c * G1 + G_eta, V_next], axis=0)
 
     return cell
 
 
-def _model_probe_terms(cfg, p, drift: cells.Drift, decode, z, y, probes) -> Terms:
+def _model_probe_terms(cfg, p, scheme, sigma, drift: cells.Drift, decode, z, y, probes) -> Terms:
     """`probe_terms` for a whole batch of a product cell, run by `nrnn_jax.recurrence` (one batched
     recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim)."""
     B, _, d = z.shape
     S = probes.shape[2]
     state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
     xs = (z, probes)
-    final = recurrence.recurrence(_probe_cell(cfg, drift.taylor, S), drift.params,
-                                  dynamics.matrix_free(cfg, p, z.dtype), state0, xs)
+    final = recurrence.recurrence(_probe_cell(cfg, scheme, sigma, drift.taylor, S), drift.params,
+                                  matrix_free(cfg, p, z.dtype), state0, xs)
 
     def per_example(s, y_i):
         loss = lambda h: cross_entropy(decode(h), y_i)
@@ -308,13 +310,13 @@ def _model_pieces(model, noise_levels):
     p = model.recurrent_params(noise_levels)
     layout = model.state_layout
     drift = cells.pure(model.cell, layout=layout)
-    sigma = noise.of(cfg, layout)
-    step = lambda h, z: dynamics.mean_step_map(cfg, p, h, drift(h, z))
-    factor = lambda h, z: dynamics.perturbation_factor(cfg, p, h, z, drift(h, z), sigma)
+    scheme, sigma = _registry.scheme(cfg), _registry.diffusion(cfg, layout)
+    step = lambda h, z: h + scheme.mean_step_size(cfg, p) * drift(h, z)  # F_k (docs/theory.md (3.1)-(3.2))
+    factor = lambda h, z: scheme.perturbation_factor(cfg, p, sigma, h, z, drift(h, z))
     shift = None
-    if dynamics.has_mean_shift(cfg):
-        shift = lambda h, z: dynamics.stratonovich_shift(cfg, p, h, z, cfg.dt, sigma)
-    return cfg, p, drift, sigma, step, factor, shift
+    if scheme.has_mean_shift:
+        shift = lambda h, z: scheme.mean_shift(cfg, p, sigma, h, z, cfg.dt)
+    return cfg, p, drift, scheme, sigma, step, factor, shift
 
 
 def explicit_regularizer(
@@ -354,9 +356,9 @@ def explicit_regularizer(
     check_choice("", "method", method, METHODS)
     check_int("", "num_probes", num_probes, 1)
     check_choice("", "probe", probe, PROBES)
-    cfg, p, drift, sigma_lib, step, factor, shift = _model_pieces(model, noise_levels)
-    levels = dynamics.noise_levels(cfg, p)
-    if cfg.noise_kind != "custom" and all(isinstance(v, (int, float)) and v == 0 for v in levels):
+    cfg, p, drift, scheme, sigma, step, factor, shift = _model_pieces(model, noise_levels)
+    levels = _levels(cfg, p)
+    if cfg.diffusion is None and all(isinstance(v, (int, float)) and v == 0 for v in levels):
         warnings.warn("explicit_regularizer: the noise levels are eps_add = eps_mult = 0, so the regularizer is 0; "
                       "pass noise_levels=(eps_add, eps_mult) or use nrnn_jax.with_noise(model, eps_add, eps_mult).",
                       stacklevel=2)
@@ -364,7 +366,7 @@ def explicit_regularizer(
     check_labels(y, x.shape[0], cfg.num_classes)
     if method == "probe" and key is None:
         raise ValueError("method='probe' needs a PRNG key: explicit_regularizer(..., key=jax.random.PRNGKey(0)).")
-    if method == "continuous" and cfg.convention != "sde":
+    if method == "continuous" and not scheme.is_sde:
         raise ValueError("method='continuous' is defined for convention='sde' only (the reference convention "
                          "is not the discretisation of an SDE); use method='exact' or 'probe'.")
     dtype = jnp.dtype(cfg.dtype)
@@ -379,16 +381,15 @@ def explicit_regularizer(
             return exact_terms(step, factor, loss, h0, z_i, shift)
         if method == "probe":
             return probe_terms(step, factor, loss, h0, z_i, extra, shift)
-        sigma = lambda h, u: dynamics.diffusion(cfg, p, h, u, sigma_lib)
-        rate_shift = None if shift is None else (lambda h, u: dynamics.stratonovich_shift(cfg, p, h, u, 1.0,
-                                                                                          sigma_lib))
-        return continuous_terms(drift, sigma, loss, h0, z_i, cfg.dt, rate_shift)
+        diffusion = lambda h, u: sigma.operator(levels, h, u)
+        rate_shift = None if shift is None else (lambda h, u: scheme.mean_shift(cfg, p, sigma, h, u, 1.0))
+        return continuous_terms(drift, diffusion, loss, h0, z_i, cfg.dt, rate_shift)
 
     B, T = x.shape[0], x.shape[1]
     if method == "probe":
         probes = draw_probes(key, (B, T, num_probes, model.noise_dim), probe, dtype)
-        if cfg.gradient == "adjoint" and drift.has_products:
-            terms = _model_probe_terms(cfg, p, drift, decode, z, y, probes)
+        if _registry.gradient(cfg).uses_adjoint(drift):
+            terms = _model_probe_terms(cfg, p, scheme, sigma, drift, decode, z, y, probes)
         else:
             terms = jax.vmap(per_example)(z, y, probes)
         samples = terms.value  # (B, S)

@@ -55,7 +55,7 @@ import jax
 from flax import nnx
 
 from . import checkpoint
-from .config import ImportPath, NRNNConfig, Sweep, TrainConfig, _resolve_import_path, _Unimportable
+from .config import BUILT_IN_CELLS, ImportPath, NRNNConfig, Sweep, TrainConfig, Unimportable, resolve_import_path
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, RunBusyError, RunDamageWarning, RunWriteError, writing
 from .model import NoisyRNN
@@ -350,6 +350,8 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
     if not path.exists():
         raise ValueError(f"Cannot resume {str(run_dir)!r}: it holds no run ({path} is missing).")
     saved = json.loads(path.read_text())
+    if saved.get("model", {}).get("cell") == "custom" and saved.get("cell_factory"):
+        saved["model"]["cell"] = saved["cell_factory"]  # a user cell as older runs record it: its factory beside
     wanted = json.loads(json.dumps(config))  # as it would be written (tuples become lists)
     defaults = {"model": NRNNConfig().to_dict(), "train": json.loads(json.dumps(TrainConfig().to_dict()))}
     for part in ("model", "train", "sweep"):
@@ -490,14 +492,14 @@ def recorded_code(run_dir: str | Path) -> dict[str, str]:
     - `run_dir`: a run directory (its config.json is read as JSON).
 
     **Returns:** `{field: "module:name"}` with `"cell_factory"` (the factory of a user cell, for a run with
-    `model.cell="custom"`) and `"model.diffusion"` (a user diffusion) where the run has them; empty for a run
+    `model.cell` not a built-in cell) and `"model.diffusion"` (a user diffusion) where the run has them; empty for a run
     of built-in cells and noises, which needs no code of the user's."""
     return _recorded_code(run_dir, _run_json(run_dir))
 
 
 def _recorded_code(run_dir, saved: dict[str, Any]) -> dict[str, str]:
     model = saved.get("model", {})
-    code = {"cell_factory": saved.get("cell_factory") if model.get("cell") == "custom" else None,
+    code = {"cell_factory": saved.get("cell_factory") if model.get("cell", "lipschitz") not in BUILT_IN_CELLS else None,
             "model.diffusion": model.get("diffusion")}
     for field, path in code.items():
         if path is not None and not isinstance(path, str):
@@ -545,7 +547,7 @@ def read_run_config(run_dir: str | Path, diffusion=None, trust_code: bool = Fals
 
     **Returns:** `(NRNNConfig, TrainConfig)`. A user diffusion that is neither passed nor trusted stays its
     recorded import path, `NRNNConfig.diffusion = ImportPath("module:name")`: the configuration can be read
-    and compared, and a model of it is refused. A user cell is `cell="custom"` (its factory:
+    and compared, and a model of it is refused. A user cell is `cell="module:factory"` (or `"custom"` in older runs; its factory:
     `recorded_code`)."""
     cfg = _run_json(run_dir)
     model = dict(cfg["model"])
@@ -648,13 +650,13 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def run_cell_factory(run_dir: str | Path, cell=None, trust_code: bool = False):
-    """The cell factory a run needs: None for a built-in cell; for a user cell (`cell="custom"`) the given
+    """The cell factory a run needs: None for a built-in cell; for a user cell (`model.cell` its factory's import path, or `"custom"`) the given
     `cell`, else, with `trust_code`, the one recorded in config.json, imported (a factory defined in a
     notebook or a script's `__main__` cannot be imported: pass it). Without either, a ValueError names the
     recorded path."""
     saved = _run_json(run_dir)
     name = saved["model"].get("cell", "lipschitz")
-    if name != "custom":
+    if name in BUILT_IN_CELLS:
         if cell is not None:
             fail("", "cell", cell, f"{run_dir} was trained with the built-in cell {name!r}; pass no cell")
         return None
@@ -666,8 +668,8 @@ def run_cell_factory(run_dir: str | Path, cell=None, trust_code: bool = False):
     if not trust_code:
         _refuse(run_dir, {"cell_factory": path})
     try:
-        return _resolve_import_path(path)
-    except _Unimportable as e:
+        return resolve_import_path(path)
+    except Unimportable as e:
         raise ValueError(f"{run_dir} was trained with a user cell ({path}) that cannot be imported from here ({e}); "
                          "pass the same factory: load_run(run_dir, cell=factory)") from None
 

@@ -11,17 +11,42 @@ of that step (docs/theory.md §3): the deterministic map it is expanded around, 
 - `PublicCodeRule` (the public code's rule, (2.9)–(2.10)): h + (s ⊙ u) ⊙ f + ε_add ξ, u ~ U[1 − ε_mult, 1]^d,
   with a learnable per-unit step s; not the discretisation of an SDE.
 
-`of(cfg)` is the one place where a configuration (`convention`, `solver`) picks its scheme.
+A scheme is passed to the model as an object, `NoisyRNN(cfg, rngs=rngs, scheme=EulerHeun())`, which the
+model records in its configuration (`NRNNConfig.solver`, `NRNNConfig.convention`);
+`nrnn_jax._registry.scheme(cfg)` builds the scheme a configuration describes. Each method acts on ONE
+example: a state `h` (d,), the step's input drive `z` and the drift `f = f(h, z)` of the model's cell at
+`h`; `RecurrentParams` holds the step size s and the (possibly traced) noise levels.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jaxtyping import Array, Float
 
 from .noise import Noise
+
+
+class RecurrentParams(NamedTuple):
+    """Parameters of the recurrent core a scheme reads beside the cell.
+
+    - `A`, `W`: (hidden, hidden) matrices of the Lipschitz drift (docs/theory.md (1.4)), for
+      `solvers.solve(cfg, RecurrentParams(A, W), ...)` without a cell; None when the model's cell gives the drift.
+    - `step_size`: (hidden,) the learnable per-unit step `s` of the reference convention (None under "sde").
+    - `eps_add`, `eps_mult`: the noise levels as values (arrays in a vmapped sweep over noise levels);
+      None takes the configuration's. The configuration alone decides which noise terms exist, so it stays
+      static and hashable while the levels may be traced.
+    """
+
+    A: Float[Array, "hidden hidden"] | None
+    W: Float[Array, "hidden hidden"] | None
+    step_size: Float[Array, " hidden"] | None = None
+    eps_add: Float[Array, ""] | float | None = None
+    eps_mult: Float[Array, ""] | float | None = None
 
 
 def noise_levels(cfg, p):
@@ -30,16 +55,33 @@ def noise_levels(cfg, p):
 
 
 class Scheme:
-    """Base class. `step(cfg, p, noise, h, z, f, xi)`: one step driven by the standard normals `xi` of shape
-    (noise_dim,) (None: noise off, the test-time step)."""
+    """Base class of discretisations (the extension point for a new scheme). `step(cfg, p, noise, h, z, f,
+    xi)`: one step driven by the standard normals `xi` of shape (noise_dim,) (None: noise off, the test-time
+    step), with `cfg` the model's `NRNNConfig` (δ and the default noise levels), `p` its `RecurrentParams`
+    and `noise` its diffusion (`nrnn_jax.noise`).
+
+    - `is_sde`: a discretisation of dh = f dt + σ dB (certificates and exponents apply);
+    - `expands_around_test_path`: whether the map F_k of the small-noise expansion is the test-time step;
+    - `has_mean_shift`: whether the scheme's mean exceeds F_k at O(ε²) (`mean_shift`).
+    """
 
     name: str = ""
-    is_sde: bool = True  # a discretisation of dh = f dt + σ dB (certificates and exponents apply)
-    expands_around_test_path: bool = True  # whether F_k is the test-time step
+    is_sde: bool = True
+    expands_around_test_path: bool = True
     has_mean_shift: bool = False
 
-    def noise_dim(self, cfg, noise: Noise) -> int:
-        return noise.noise_dim(cfg.hidden)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def noise_dim(self, cfg, noise: Noise, size: int) -> int:
+        """The width of one step's standard normals for a noise on `size` coordinates of the state."""
+        return noise.noise_dim(size)
 
     def step(self, cfg, p, noise: Noise, h, z, f, xi):
         raise NotImplementedError
@@ -131,8 +173,8 @@ class PublicCodeRule(Scheme):
     is_sde = False
     expands_around_test_path = False
 
-    def noise_dim(self, cfg, noise):
-        return 2 * cfg.hidden
+    def noise_dim(self, cfg, noise, size):
+        return 2 * size
 
     @staticmethod
     def multiplier(cfg, p, zeta):
@@ -163,12 +205,3 @@ class PublicCodeRule(Scheme):
 
     def diffrax_solver(self):
         return diffrax.Euler()
-
-
-SCHEMES = {s.name: s for s in (EulerMaruyama(), EulerHeun(), Milstein())}
-REFERENCE = PublicCodeRule()
-
-
-def of(cfg) -> Scheme:
-    """The scheme of a configuration: the public code's rule under `convention="reference"`, else `cfg.solver`."""
-    return REFERENCE if cfg.convention == "reference" else SCHEMES[cfg.solver]

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import dynamics, prng
+from . import prng
 from .config import TrainConfig
 from .losses import correct, cross_entropy, masked_mean
 from .regularizer import explicit_regularizer
@@ -51,7 +51,7 @@ def loss_fn(graphdef, params, x, y, mask, key, tcfg: TrainConfig, noise_levels=N
     if tcfg.mode == "explicit":
         reg = explicit_regularizer(model, x, y, method=tcfg.reg_method, num_probes=tcfg.num_probes,
                                    key=k_reg, mask=mask, noise_levels=noise_levels)
-        logits = reg.logits if dynamics.expands_around_test_path(model.cfg) else model(x)
+        logits = reg.logits if model.scheme.expands_around_test_path else model(x)
         metrics["reg"] = reg.value
     elif tcfg.mode == "implicit":
         logits = model(x, key=k_noise, noise_levels=noise_levels)

@@ -29,7 +29,7 @@ import numpy as np
 
 from flax import nnx
 
-from . import _tensorboard, checkpoint, runs
+from . import _registry, _tensorboard, checkpoint, runs
 from .config import NRNNConfig, Sweep, TrainConfig, import_path
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
@@ -100,8 +100,8 @@ def train_and_evaluate(
       as pixel MNIST), else one device. Results equal those of one device up to the order of floating-point
       sums (the same noise and probes are drawn for every example).
     - `cell`: a user cell as a factory `cell(mcfg, rngs=rngs) -> Cell` (a `Cell` subclass with that
-      constructor qualifies), called once per model; the run records `cell="custom"` and the factory's
-      import path, from which `load_run` rebuilds it. None: the built-in `mcfg.cell`.
+      constructor qualifies), called once per model; the run records the factory's import path (as
+      `NRNNConfig.cell` and `cell_factory`), from which `load_run` rebuilds it. None: the built-in `mcfg.cell`.
 
     Checkpoints (every `tcfg.checkpoint_every` steps and at each epoch end) hold the whole `TrainState`
     (parameters, optimizer state, step, PRNG key) and the running metric sums; the data order of an epoch
@@ -224,10 +224,10 @@ class _Members:
         if cell is not None:
             if not callable(cell):
                 fail("", "cell", cell, "expected a factory cell(cfg, rngs=rngs) -> Cell, e.g. a Cell subclass")
-            mcfg = mcfg.replace(cell="custom")
-        elif mcfg.cell == "custom":
-            raise ValueError("NRNNConfig.cell='custom' needs the user cell: train_and_evaluate(..., cell=factory) "
-                             "with factory(cfg, rngs=rngs) -> Cell")
+            mcfg = mcfg.replace(cell=_registry.factory_field(cell))
+        elif not _registry.is_built_in_cell(mcfg.cell):
+            raise ValueError(f"NRNNConfig.cell={mcfg.cell!r} records a user cell, which training needs: "
+                             "train_and_evaluate(..., cell=factory) with factory(cfg, rngs=rngs) -> Cell")
         self.mcfg, self.sweep, self.cell = mcfg, sweep, cell
         self.axis = None if sweep is None else sweep.size
         self.configs = [mcfg] if sweep is None else [sweep.member_config(mcfg, i) for i in range(sweep.size)]

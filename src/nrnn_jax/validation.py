@@ -15,6 +15,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array
+
+# What public functions accept: JAX or NumPy arrays (annotations, checked at run time in the tests).
+ArrayLike = Array | np.ndarray
 
 
 def fail(owner: str, field: str, value: Any, allowed: str) -> None:

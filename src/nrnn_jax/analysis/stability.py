@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import ndtr
 
-from .. import cells, dynamics, noise
+from .. import _registry, cells
 from ..config import NRNNConfig
-from ..dynamics import RecurrentParams
+from ..schemes import RecurrentParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,13 +259,13 @@ def _path_exponents(cfg: NRNNConfig, p: RecurrentParams, fn, params, h0, xi, rad
     fn(params, h, 0), h (the flat state of the cell's `layout`) renormalised to `radius` after every step.
     Compiled once per configuration, drift, layout and shape."""
     z = jnp.zeros(cfg.hidden if layout is not None else h0.shape[-1], h0.dtype)
-    sigma = noise.of(cfg, layout)
+    scheme, sigma = _registry.scheme(cfg), _registry.diffusion(cfg, layout)
 
     def path(h0, xi):
         h0 = radius * h0 / jnp.linalg.norm(h0)
 
         def body(h, xi_k):
-            h1 = dynamics.step(cfg, p, h, z, fn(params, h, z), xi_k, sigma)
+            h1 = scheme.step(cfg, p, sigma, h, z, fn(params, h, z), xi_k)
             n = jnp.linalg.norm(h1)
             return radius * h1 / n, jnp.log(n / radius)
 
@@ -287,12 +287,12 @@ def lyapunov_exponent(cfg: NRNNConfig, p: RecurrentParams, *, t_max: float = 200
     _check_sde(cfg, "lyapunov_exponent")
     layout = None
     if cell is None:
-        cell = cells.MatrixLipschitz.of(cfg, p, "lyapunov_exponent")
+        drift = cells.pure(cells.lipschitz_drift(cfg, p, "lyapunov_exponent"), products=False)
         d, dtype = p.A.shape[0], jnp.dtype(p.A.dtype)
     else:
         layout = cells.state_layout(cell, cfg)
         d, dtype = cfg.hidden if layout is None else layout.size, jnp.dtype(cfg.dtype)
-    drift = cells.pure(cell, products=False, layout=layout)
+        drift = cells.pure(cell, products=False, layout=layout)
     f0 = float(jnp.max(jnp.abs(drift(jnp.zeros(d, dtype), jnp.zeros(cfg.hidden if layout else d, dtype)))))
     if not f0 <= 1e-6:
         raise ValueError(f"lyapunov_exponent: h = 0 is not an equilibrium of the unforced cell "
@@ -301,7 +301,7 @@ def lyapunov_exponent(cfg: NRNNConfig, p: RecurrentParams, *, t_max: float = 200
     steps = int(round(t_max / cfg.dt))
     noiseless = cfg.replace(eps_add=0.0)  # the equilibrium's own noise: additive noise is excluded
     h0, xi = _paths_randomness(jax.random.PRNGKey(seed), num_paths, steps, d,
-                               noise.width(noiseless, layout), dtype)
+                               _registry.noise_width(noiseless, layout), dtype)
     exps = np.asarray(_path_exponents(noiseless, p, drift.fn, drift.params, h0, xi, radius, layout))
     return float(exps.mean()), float(exps.std(ddof=1) / np.sqrt(num_paths))
 
