@@ -14,6 +14,7 @@ import nrnn_jax as nj
 from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, antithetic_monte_carlo, explicit_regularizer, load_run
 from nrnn_jax.analysis import certificate, lyapunov_exponent, robustness_curve
 from nrnn_jax.losses import cross_entropy
+from oracles import assert_exact_regularizer_is_half_trace_of_noise_hessian
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -90,23 +91,13 @@ def test_noisy_forward_is_an_euler_maruyama_loop_on_both_backends(name):
     np.testing.assert_allclose(model.decode(traj[:, -1]), outs["diffrax"], rtol=1e-12)
 
 
-def _noise_loss(model, x, y):
-    shape = (x.shape[0], x.shape[1], model.cfg.noise_dim)
-    return (lambda v: jnp.mean(cross_entropy(model(x, noise=v.reshape(shape)), y))), int(np.prod(shape))
-
-
 @pytest.mark.parametrize("name", CELLS)
 @pytest.mark.parametrize("solver", ["euler", "euler_heun"])
 def test_exact_regularizer_is_half_trace_of_noise_hessian(name, solver):
     """½ tr ∇²_ξ L(0) of the model's own noisy loss equals the exact regularizer, for every cell."""
     x, y = _data()
     model = _model(name, eps_add=0.3, eps_mult=0.5, solver=solver, gradient="autodiff")
-    reg = explicit_regularizer(model, x, y, method="exact")
-    L, n = _noise_loss(model, x, y)
-    oracle = 0.5 * jnp.trace(jax.jit(jax.jacfwd(jax.grad(L)))(jnp.zeros(n)))
-    np.testing.assert_allclose(oracle, reg.value, rtol=1e-10)
-    np.testing.assert_allclose(L(jnp.zeros(n)), reg.clean_loss, rtol=1e-12)
-    assert float(reg.value) > 1e-4
+    assert_exact_regularizer_is_half_trace_of_noise_hessian(model, x, y, min_value=1e-4)
 
 
 @pytest.mark.parametrize("name", CELLS)

@@ -13,7 +13,7 @@ from flax import nnx
 import nrnn_jax as nj
 from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, explicit_regularizer, load_run
 from nrnn_jax import _registry, noise, schemes
-from nrnn_jax.losses import cross_entropy
+from oracles import noise_hessian_oracle
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -81,13 +81,6 @@ def test_user_diffusion_forward_is_an_euler_maruyama_loop_on_both_backends(sigma
         np.testing.assert_allclose(model(x, noise=xi), _loop(model, x, xi, sigma), rtol=1e-12, atol=1e-14)
 
 
-def _oracle(model, x, y):
-    shape = (B, T, model.cfg.noise_dim)
-    L = lambda v: jnp.mean(cross_entropy(model(x, noise=v.reshape(shape)), y))
-    n = int(np.prod(shape))
-    return 0.5 * jnp.trace(jax.jit(jax.jacfwd(jax.grad(L)))(jnp.zeros(n))), L(jnp.zeros(n))
-
-
 # (σ, scheme, cell): both kinds of user σ under both schemes, on a fast-path and a generic-path cell
 ORACLE_CASES = [(diagonal_sigma, "euler_heun", "gru"), (matrix_sigma, "euler_heun", "lipschitz"),
                 (matrix_sigma, "euler", "gru"), (diagonal_sigma, "euler", "lipschitz")]
@@ -100,7 +93,7 @@ def test_user_diffusion_regularizer_is_half_trace_of_noise_hessian(sigma, solver
     x, y = _data()
     model = NoisyRNN(_cfg(cell=cell, solver=solver, gradient="autodiff"), rngs=nnx.Rngs(0), diffusion=sigma)
     reg = explicit_regularizer(model, x, y, method="exact")
-    half_trace, clean = _oracle(model, x, y)
+    half_trace, clean = noise_hessian_oracle(model, x, y)
     np.testing.assert_allclose(half_trace, reg.value, rtol=1e-10)
     np.testing.assert_allclose(clean, reg.clean_loss, rtol=1e-12)
     assert float(reg.value) > 1e-4
@@ -162,7 +155,7 @@ def test_milstein_with_a_user_diffusion_is_fourth_order_against_the_oracle():
         sigma = lambda h, z, s=scale: s * (1.0 + jnp.tanh(h))
         model = NoisyRNN(_cfg(solver="milstein", gradient="autodiff"), rngs=nnx.Rngs(0), diffusion=sigma)
         reg = explicit_regularizer(model, x, y)
-        half_trace, clean = _oracle(model, x, y)
+        half_trace, clean = noise_hessian_oracle(model, x, y)
         errs.append(abs(float(clean + half_trace - reg.clean_loss - reg.value)))
     assert 10.0 < errs[0] / errs[1] < 24.0, errs  # 16 for a pure ε⁴ term
 

@@ -5,12 +5,6 @@ named parts, training, run directories, SIGKILL and resume, and the errors that 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +12,11 @@ import pytest
 from flax import nnx
 
 import nrnn_jax as nj
+from kill_resume import uninterrupted_and_resumed
 from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, antithetic_monte_carlo, explicit_regularizer, load_run
 from nrnn_jax.analysis import lyapunov_exponent
 from nrnn_jax.losses import cross_entropy
+from oracles import assert_exact_regularizer_is_half_trace_of_noise_hessian
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -155,11 +151,6 @@ def test_built_in_lstm_is_the_lstm_and_reads_h():
     assert not np.allclose(c, h)
 
 
-def _noise_loss(model, x, y):
-    shape = (x.shape[0], x.shape[1], model.noise_dim)
-    return (lambda v: jnp.mean(cross_entropy(model(x, noise=v.reshape(shape)), y))), int(np.prod(shape))
-
-
 @pytest.mark.parametrize("name", CELLS)
 @pytest.mark.parametrize("solver,noise_on", [("euler", ()), ("euler_heun", ()), ("euler_heun", ("output",))])
 def test_exact_regularizer_is_half_trace_of_noise_hessian(name, solver, noise_on):
@@ -167,12 +158,7 @@ def test_exact_regularizer_is_half_trace_of_noise_hessian(name, solver, noise_on
     regularizer (and the continuous one at a small step agrees with it to O(δ))."""
     x, y = _data()
     model = _model(name, eps_add=0.3, eps_mult=0.5, solver=solver, gradient="autodiff", noise_on=noise_on)
-    reg = explicit_regularizer(model, x, y, method="exact")
-    L, n = _noise_loss(model, x, y)
-    oracle = 0.5 * jnp.trace(jax.jit(jax.jacfwd(jax.grad(L)))(jnp.zeros(n)))
-    np.testing.assert_allclose(oracle, reg.value, rtol=1e-10)
-    np.testing.assert_allclose(L(jnp.zeros(n)), reg.clean_loss, rtol=1e-12)
-    assert float(reg.value) > 1e-5
+    assert_exact_regularizer_is_half_trace_of_noise_hessian(model, x, y, min_value=1e-5)
 
 
 def test_noise_on_the_parts_adds_up_to_the_whole_state():
@@ -253,25 +239,7 @@ ARGS = ["--dataset", "digits", "--epochs", "2", "--hidden", "8", "--dt", "0.5", 
 
 
 def test_the_lstm_from_the_command_line_resumes_after_a_kill(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = lambda out: [sys.executable, "-m", "nrnn_jax.cli", *ARGS, "--out", str(out)]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(cmd(full), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts, deadline = killed / "checkpoints", time.time() + 300
-    while time.time() < deadline:  # kill in the second epoch (39 steps an epoch)
-        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-        if steps and max(steps) >= 45:
-            break
-        if proc.poll() is not None:
-            pytest.fail("training finished before it could be killed")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists()
-    rc = subprocess.run([sys.executable, "-m", "nrnn_jax.cli", "--resume", str(killed), "--no-progress"], env=env,
-                        capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr
+    full, killed = uninterrupted_and_resumed(ARGS, tmp_path, kill_step=45)  # killed in the second epoch (39 steps an epoch)
     a, b = load_run(full), load_run(killed)
     assert isinstance(b.cell, nj.LSTMCell) and b.cfg.noise_on == ("output",)
     for u, v in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):

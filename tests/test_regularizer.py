@@ -11,6 +11,7 @@ from nrnn_jax import NoisyRNN, NRNNConfig, antithetic_monte_carlo, explicit_regu
 from nrnn_jax.cells import LipschitzDrift
 from nrnn_jax.losses import cross_entropy
 from nrnn_jax.regularizer import _trace_hessian_form
+from oracles import half_trace_hessian, noise_loss
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -246,18 +247,6 @@ def _odata():
     return x, jnp.array([0, 2])
 
 
-def _noise_loss(model, x, y):
-    """L(v) = batch-mean cross-entropy of model(x, noise=v.reshape(B, T, noise_dim)), and len(v)."""
-    shape = (x.shape[0], x.shape[1], model.cfg.noise_dim)
-    return (lambda v: jnp.mean(cross_entropy(model(x, noise=v.reshape(shape)), y))), int(np.prod(shape))
-
-
-def _half_trace_hessian(L, n, mode="fwd"):
-    """½ tr ∇²L(0) from the dense Hessian: forward-over-reverse ("fwd") or reverse-over-reverse ("rev")."""
-    outer = jax.jacfwd if mode == "fwd" else jax.jacrev
-    return 0.5 * jnp.trace(jax.jit(outer(jax.grad(L)))(jnp.zeros(n, jnp.float64)))  # jit: one compile, not eager
-
-
 @pytest.mark.parametrize("noise", list(ORACLE_NOISES))
 @pytest.mark.parametrize("kind", ["diagonal", "scalar"])
 @pytest.mark.parametrize("solver", ["euler", "euler_heun"])
@@ -273,8 +262,8 @@ def test_regularizer_is_half_trace_of_noise_hessian(solver, kind, noise):
     x, y = _odata()
     model = NoisyRNN(_ocfg(solver=solver, noise_kind=kind, **ORACLE_NOISES[noise]), rngs=nnx.Rngs(0))
     reg = explicit_regularizer(model, x, y, method="exact")
-    L, n = _noise_loss(model, x, y)
-    np.testing.assert_allclose(_half_trace_hessian(L, n), reg.value, rtol=RTOL_EXACT)
+    L, n = noise_loss(model, x, y)
+    np.testing.assert_allclose(half_trace_hessian(L, n), reg.value, rtol=RTOL_EXACT)
     np.testing.assert_allclose(L(jnp.zeros(n)), reg.clean_loss, rtol=RTOL_CLEAN)
     assert float(reg.value) > 1e-4  # the comparison is not between two rounding-level numbers
 
@@ -298,8 +287,8 @@ def test_half_trace_oracle_on_every_backend(backend, gradient, mode, kind):
     cfg = _ocfg(solver="euler_heun", noise_kind=kind, backend=backend, gradient=gradient, **ORACLE_NOISES["both"])
     model = NoisyRNN(cfg, rngs=nnx.Rngs(0))
     reg = explicit_regularizer(model, x, y, method="exact")
-    L, n = _noise_loss(model, x, y)
-    np.testing.assert_allclose(_half_trace_hessian(L, n, mode), reg.value, rtol=RTOL_EXACT)
+    L, n = noise_loss(model, x, y)
+    np.testing.assert_allclose(half_trace_hessian(L, n, mode), reg.value, rtol=RTOL_EXACT)
     np.testing.assert_allclose(L(jnp.zeros(n)), reg.clean_loss, rtol=RTOL_CLEAN)
 
 
@@ -322,10 +311,10 @@ def test_milstein_matches_the_hessian_oracle_to_fourth_order(kind):
         scaled = {k: v * scale for k, v in noise.items()}
         model = NoisyRNN(_ocfg(solver="milstein", noise_kind=kind, **scaled), rngs=nnx.Rngs(0))
         reg = explicit_regularizer(model, x, y, method="exact")
-        L, n = _noise_loss(model, x, y)
+        L, n = noise_loss(model, x, y)
         L0 = float(L(jnp.zeros(n)))
         e2.append(L0 - float(reg.clean_loss))
-        e4.append(L0 + float(_half_trace_hessian(L, n)) - float(reg.clean_loss + reg.value))
+        e4.append(L0 + float(half_trace_hessian(L, n)) - float(reg.clean_loss + reg.value))
     r2 = [e2[i] / e2[i + 1] for i in range(2)]
     r4 = [e4[i] / e4[i + 1] for i in range(2)]
     assert all(3.6 < r < 4.4 for r in r2), (e2, r2)
@@ -381,7 +370,7 @@ def test_reference_convention_oracle():
     reg = explicit_regularizer(model, x, y, method="exact")
     final, n = _reference_flat(model, x)
     L = lambda v: jnp.mean(cross_entropy(model.decode(final(v)), y))
-    np.testing.assert_allclose(_half_trace_hessian(L, n), reg.value, rtol=RTOL_EXACT)
+    np.testing.assert_allclose(half_trace_hessian(L, n), reg.value, rtol=RTOL_EXACT)
     np.testing.assert_allclose(L(jnp.zeros(n)), reg.clean_loss, rtol=RTOL_CLEAN)
 
 

@@ -1,17 +1,13 @@
 """Nothing lost: SIGKILL and exact resume, determinism, and a clear error at every public entry point."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from kill_resume import uninterrupted_and_resumed
 from nrnn_jax import NoisyRNN, NRNNConfig, TrainConfig, evaluate, load_dataset, load_run, train_and_evaluate
 
 ARGS = ["--dataset", "digits", "--epochs", "4", "--hidden", "24", "--dt", "0.5", "--backend", "scan",
@@ -19,39 +15,13 @@ ARGS = ["--dataset", "digits", "--epochs", "4", "--hidden", "24", "--dt", "0.5",
         "--checkpoint-every", "3", "--eval-white-noise", "", "--no-progress", "--seed", "3"]
 
 
-def _train_cmd(out):
-    return [sys.executable, "-m", "nrnn_jax.cli", *ARGS, "--out", str(out)]
-
-
 def _params(run_dir):
     return jax.tree.leaves(nnx.state(load_run(run_dir)))
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    full = tmp_path / "full"
-    subprocess.run(_train_cmd(full), check=True, env=env, capture_output=True)
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = killed / "checkpoints"
-    deadline = time.time() + 300
-    # kill once a checkpoint from the middle of training exists (steps 3, 6, 9, ...; 39 steps an epoch)
-    while time.time() < deadline:
-        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-        if steps and max(steps) >= 45:
-            break
-        if proc.poll() is not None:
-            pytest.fail("training finished before it could be killed")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "summary.json").exists()
-
-    rc = subprocess.run([sys.executable, "-m", "nrnn_jax.cli", "--resume", str(killed), "--no-progress"],
-                        env=env, capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr
+    # killed once a checkpoint from the middle of training exists (steps 3, 6, 9, ...; 39 steps an epoch)
+    full, killed = uninterrupted_and_resumed(ARGS, tmp_path, kill_step=45)
     for a, b in zip(_params(full), _params(killed)):
         np.testing.assert_array_equal(a, b)  # bitwise on CPU
     strip = lambda run: [{k: v for k, v in json.loads(l).items() if k != "time_s"}
