@@ -13,9 +13,11 @@ The adjoint here propagates only the state cotangent backwards,
 
     λ_k = ∂g/∂s ᵀ λ_{k+1} + Mᵀ μ_k,    μ_k = ∂g/∂(M s) ᵀ λ_{k+1},
 
-and forms the matrix cotangent after the loop as ONE product over all steps and examples,
-∂L/∂M = Σ_k μ_k s_kᵀ. The gradients are those of the plain scan (tests check it); only the order of the
-floating-point sums differs.
+and forms the matrix cotangent ∂L/∂M = Σ_k μ_k s_kᵀ. For a state of one row per example (the schemes) it is
+ONE product after the loop over all steps and examples; for several rows (K > 1: the probe recursion's h̄, U,
+V) it accumulates inside the reverse loop, one product of K·B rows per step, so that no (T, B, K, p) stack
+of the μ_k is kept: as fast on this CPU, and the largest buffer of the explicit train step gone. The
+gradients are those of the plain scan (tests check it); only the order of the floating-point sums differs.
 
 The forward pass is pluggable: `scan_forward` (a `lax.scan`) or any function returning the same states,
 e.g. a `diffrax.diffeqsolve` on the step grid (`nrnn_jax.solvers`), which then gets this adjoint too.
@@ -108,8 +110,11 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
     else:
         g_final, g_steps = g, None
 
+    # K > 1 rows per example: ∂L/∂M accumulates in the loop (see the module's docstring)
+    in_loop = states.shape[-2] > 1
+
     def body(carry, inputs):
-        lam, dparams = carry
+        lam, dparams, dM = carry
         k, g_k = inputs
         # read in place (they may hold a last row beyond step T - 1); plain dynamic slices, not NumPy
         # indexing with its negative-index and bounds handling
@@ -120,14 +125,17 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
         if g_k is not None:
             lam_prev = lam_prev + g_k
         dparams = jax.tree.map(jnp.add, dparams, dtheta)
-        return (lam_prev, dparams), (dprod, dx)
+        if in_loop:
+            return (lam_prev, dparams, dM + _outer_sum(dprod, s)), (None, dx)
+        return (lam_prev, dparams, dM), (dprod, dx)
 
     # μ_k are stacked in a new buffer rather than written over prods[k]: where XLA fuses the reads of
-    # prods[k] into operations after such a write (the explicit probe recursion), it copies the whole buffer
-    # at every step.
+    # prods[k] into operations after such a write, it copies the whole buffer at every step.
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (lam0, dparams), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros), (jnp.arange(T), g_steps), reverse=True)
-    dM = _outer_sum(dprods, states[:T])  # one product over all steps and examples
+    (lam0, dparams, dM), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros, jnp.zeros_like(M)),
+                                                      (jnp.arange(T), g_steps), reverse=True)
+    if not in_loop:
+        dM = _outer_sum(dprods, states[:T])  # one product over all steps and examples
     return dM, dparams, lam0, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), dxs)
 
 

@@ -36,6 +36,7 @@ from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
 from . import _registry, cells, prng, recurrence
+from ._drive import encode
 from ._gradients import matrix_free
 from .schemes import noise_levels as _levels
 from .losses import cross_entropy, masked_mean
@@ -210,13 +211,17 @@ def _probe_cell(cfg, scheme, sigma, taylor, num_probes: int):
     (c = δ, or s(1 − ε_mult/2) under the reference convention), the cell's `drift_taylor` gives g's Taylor
     coefficients along (h̄ + t u + t² v, M h̄ + t M u + t² M v) from the products alone (elementwise work, no
     matrix product): J u = u + c ∂g[u] and J v + ½ ∂²F[u, u] = v + c (∂g[v] + ½ ∂²g[u, u])
-    (docs/theory.md (3.14), (8.4)); by Taylor mode by default, in closed form for the Lipschitz cell. Tests
-    check this cell against the general Taylor-mode `probe_terms` (equal to rounding, values and gradients).
+    (docs/theory.md (3.14), (8.4)); by Taylor mode by default, in closed form for the Lipschitz cell. The
+    inputs of a step are the raw inputs x_k and the probes; the drive z_k = x_k kernel + b is formed here
+    (`nrnn_jax._drive.encode`), so no (B, T, d) array of drives or of their cotangents exists. Tests check
+    this cell against the general Taylor-mode `probe_terms` (equal to rounding, values and gradients).
     """
     S = num_probes
 
     def cell(state, prods, x_k, params):
-        z_k, eta = x_k  # eta: (S, noise_dim)
+        x_k, eta = x_k  # eta: (S, noise_dim)
+        params, kernel, bias = params
+        z_k = encode(x_k, kernel, bias)
         h, U, V = state[0], state[1:1 + S], state[1 + S:]
         f, G1, G2 = taylor(h, prods[0], z_k, U, V, prods[1:1 + S], prods[1 + S:])
         c = scheme.mean_step_size(cfg, params)
@@ -231,15 +236,16 @@ def _probe_cell(cfg, scheme, sigma, taylor, num_probes: int):
     return cell
 
 
-def _model_probe_terms(cfg, p, scheme, sigma, drift: cells.Drift, decode, z, y, probes) -> Terms:
+def _model_probe_terms(cfg, p, scheme, sigma, drift: cells.Drift, decode, encoder, x, y, probes) -> Terms:
     """`probe_terms` for a whole batch of a product cell, run by `nrnn_jax.recurrence` (one batched
-    recursion with the discrete adjoint). z (B, T, d), probes (B, T, S, noise_dim)."""
-    B, _, d = z.shape
+    recursion with the discrete adjoint). x (B, T, n) raw inputs, `encoder` = (kernel, bias), probes
+    (B, T, S, noise_dim)."""
+    B = x.shape[0]
+    d = encoder[0].shape[-1]
     S = probes.shape[2]
-    state0 = jnp.zeros((B, 1 + 2 * S, d), z.dtype)
-    xs = (z, probes)
+    state0 = jnp.zeros((B, 1 + 2 * S, d), x.dtype)
     final = recurrence.recurrence(_probe_cell(cfg, scheme, sigma, drift.taylor, S), drift.params,
-                                  matrix_free(cfg, p, z.dtype), state0, xs)
+                                  (matrix_free(cfg, p, x.dtype), *encoder), state0, (x, probes))
 
     def per_example(s, y_i):
         loss = lambda h: cross_entropy(decode(h), y_i)
@@ -349,6 +355,13 @@ def explicit_regularizer(
     **Returns:** a `Regularizer`: `.value` (loss units, E[noisy loss] ≈ `.clean_loss` + `.value`), `.Q`,
     `.R` with value = (Q + R)/2, batch means.
 
+    Which method: `"probe"` for training and for models of more than a few dozen units. One probe carries
+    three rows per example along the path (h̄, u, v), so its gradient costs about three deterministic
+    gradients plus the probes' draw (the same number of normals as noise injection). `"exact"` carries the
+    d × d covariance per example: O(M d³) against the probe's O(M d²), about d probes' worth (measured 26–52×
+    one probe at hidden 32–64, and its gradient's memory grows as T d² per example); pick it to check the
+    probe, for small models, or where the estimate's variance matters more than its cost.
+
     Under the reference convention the expansion is around the mean-step path (step s(1 − ε_mult/2)),
     so `.clean_loss` is the loss on that path, not the test-time forward pass (docs/theory.md (3.2)–(3.3));
     explicit training uses the test-time forward pass for its clean loss (`nrnn_jax.step.loss_fn`).
@@ -389,7 +402,8 @@ def explicit_regularizer(
     if method == "probe":
         probes = draw_probes(key, (B, T, num_probes, model.noise_dim), probe, dtype)
         if _registry.gradient(cfg).uses_adjoint(drift):
-            terms = _model_probe_terms(cfg, p, scheme, sigma, drift, decode, z, y, probes)
+            encoder = (model.encoder.kernel[...], model.encoder.bias[...])
+            terms = _model_probe_terms(cfg, p, scheme, sigma, drift, decode, encoder, x, y, probes)
         else:
             terms = jax.vmap(per_example)(z, y, probes)
         samples = terms.value  # (B, S)
