@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, import_object, import_path
 from .data import LOADERS, load_dataset
 from .errors import RunBusyError, RunDamageWarning, RunWriteError
-from .runs import (RESUMABLE_TRAIN_FIELDS, _refuse, _unsupplied, load_run_dataset, read_config_file, read_run_config,
+from .runs import (RESUMABLE_TRAIN_FIELDS, refuse_code, unsupplied_code, load_run_dataset, read_config_file, read_run_config,
                    read_run_sweep, recorded_code, run_cell_factory, run_data_dir, writer)
 from .tables import format_table
 from .train import train_and_evaluate
@@ -99,11 +99,11 @@ def _add_host_flags(parser: argparse.ArgumentParser) -> None:
 
 def _parse_host_devices(text: str):
     """--host-devices: 'auto', 'system' or a positive integer (checked by `nrnn_jax.host`)."""
-    from .host import _device_count
+    from .host import device_count
 
     value = int(text) if text.strip().isdigit() else text
     try:
-        _device_count(value, "--host-devices")
+        device_count(value, "--host-devices")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
@@ -249,9 +249,9 @@ def _resume_settings(args, train_flags: dict, model_flags: dict, cell=None):
             flag = "--cell-factory" if field == "cell_factory" else "--diffusion"
             raise ValueError(f"--resume continues {str(run)!r} with its own code; refused: {flag}={import_path(obj)!r} "
                              f"(the run records {field}={recorded.get(field)!r}). Give the run's own path or none.")
-    missing = _unsupplied(run, typed["cell_factory"], typed["model.diffusion"])
+    missing = unsupplied_code(run, typed["cell_factory"], typed["model.diffusion"])
     if missing and not args.trust_code:
-        _refuse(run, missing, f"name it yourself on the command line ({_code_flags(missing)}), or, if you trust "
+        refuse_code(run, missing, f"name it yourself on the command line ({_code_flags(missing)}), or, if you trust "
                               "this run directory and the code it names, pass --trust-code")
     mcfg, tcfg = read_run_config(run, typed["model.diffusion"], args.trust_code)
     cell = run_cell_factory(run, cell, args.trust_code)
@@ -509,9 +509,9 @@ def robustness_main(argv: list[str] | None = None) -> int:
     cols = [f"{args.kind} {s:g}" for s in args.strengths]
     try:
         for run_dir in args.run_dirs:  # every run's user code, before any work
-            missing = _unsupplied(run_dir)
+            missing = unsupplied_code(run_dir)
             if missing and not args.trust_code:
-                _refuse(run_dir, missing, "if you trust this run directory and the code it names, pass --trust-code; "
+                refuse_code(run_dir, missing, "if you trust this run directory and the code it names, pass --trust-code; "
                                           "or load the run in Python with the objects, nrnn_jax.load_run(run_dir, "
                                           "cell=factory, diffusion=sigma), and use nrnn_jax.analysis.robustness_curve")
         _configure_host(args)

@@ -55,7 +55,7 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _device_count(devices, where: str) -> int | None:
+def device_count(devices, where: str) -> int | None:
     """The CPU device count asked for (None: JAX's default); raises naming `where` on a bad value."""
     if devices == "system":
         return None
@@ -159,7 +159,7 @@ def configure(devices: int | str | None = None, allocator: str | None = None) ->
         allocator, awhere = os.environ.get(ALLOCATOR_ENV, "keep"), f"the environment variable {ALLOCATOR_ENV}"
     else:
         awhere = "configure(allocator)"
-    n = _device_count(devices, dwhere)  # both values checked before anything changes
+    n = device_count(devices, dwhere)  # both values checked before anything changes
     _check_allocator(allocator, awhere)
     # The allocator first: its settings reach only threads that have not allocated yet.
     _status["allocator"] = _configure_allocator(allocator, awhere)

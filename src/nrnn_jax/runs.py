@@ -508,7 +508,7 @@ def _recorded_code(run_dir, saved: dict[str, Any]) -> dict[str, str]:
     return {field: path for field, path in code.items() if path is not None}
 
 
-def _refuse(run_dir, missing: dict[str, str], ways: str | None = None) -> None:
+def refuse_code(run_dir, missing: dict[str, str], ways: str | None = None) -> None:
     """The ValueError of recorded user code imported without consent: names each path and the ways forward
     (`ways`; default: the Python API's)."""
     named = ", ".join(f"{field}={path!r}" for field, path in missing.items())
@@ -520,7 +520,7 @@ def _refuse(run_dir, missing: dict[str, str], ways: str | None = None) -> None:
                      f"no code by itself: {ways}.")
 
 
-def _unsupplied(run_dir, cell=None, diffusion=None) -> dict[str, str]:
+def unsupplied_code(run_dir, cell=None, diffusion=None) -> dict[str, str]:
     """The recorded import paths that reading `run_dir` with these objects would import: those of its user
     code not passed as objects (`cell`, `diffusion`)."""
     passed = {"cell_factory": cell, "model.diffusion": diffusion}
@@ -528,11 +528,11 @@ def _unsupplied(run_dir, cell=None, diffusion=None) -> dict[str, str]:
 
 
 def _consent(run_dir, cell=None, diffusion=None, trust_code: bool = False) -> None:
-    """Refuse (`_refuse`, before anything is imported) to read `run_dir` if that would import recorded user
+    """Refuse (`refuse_code`, before anything is imported) to read `run_dir` if that would import recorded user
     code the caller neither passed nor trusted."""
-    missing = _unsupplied(run_dir, cell, diffusion)
+    missing = unsupplied_code(run_dir, cell, diffusion)
     if missing and not trust_code:
-        _refuse(run_dir, missing)
+        refuse_code(run_dir, missing)
 
 
 def read_run_config(run_dir: str | Path, diffusion=None, trust_code: bool = False) -> tuple[NRNNConfig, TrainConfig]:
@@ -666,7 +666,7 @@ def run_cell_factory(run_dir: str | Path, cell=None, trust_code: bool = False):
     if path is None:
         fail("", "cell", None, f"{run_dir} was trained with a user cell; pass its factory: load_run(run_dir, cell=factory)")
     if not trust_code:
-        _refuse(run_dir, {"cell_factory": path})
+        refuse_code(run_dir, {"cell_factory": path})
     try:
         return resolve_import_path(path)
     except Unimportable as e:
