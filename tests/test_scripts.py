@@ -19,10 +19,11 @@ NAMING = ([ROOT / "README.md", ROOT / "Makefile", ROOT / "CHANGELOG.md"] + sorte
 
 def test_the_benchmarks_are_a_package_of_the_rerun_scripts():
     assert (ROOT / "benchmarks" / "__init__.py").exists()
-    assert BENCHMARKS == ["benchmark", "benchmark_torch", "cell_costs", "compare_revisions", "step_breakdown",
-                          "stress_data_parallel"]
-    assert sorted(p.name for p in (ROOT / "scripts").iterdir()) == ["demo.py", "gpu_benchmark.sh", "gpu_paper.sh",
-                                                                    "make_notebooks.py"]
+    assert BENCHMARKS == ["benchmark", "benchmark_torch", "cell_costs", "compare_revisions", "explicit_cost",
+                          "same_numbers", "same_program", "step_breakdown", "stress_data_parallel"]
+    assert sorted(p.name for p in (ROOT / "scripts").iterdir()) == ["architectures_table.py", "demo.py",
+                                                                    "gpu_benchmark.sh", "gpu_paper.sh",
+                                                                    "make_notebooks.py", "publish_comparison.py"]
 
 
 def test_every_named_script_and_benchmark_exists():
@@ -35,7 +36,7 @@ def test_every_named_script_and_benchmark_exists():
                 named.append((path.name, number, rel, (ROOT / rel).is_file()))
             for name in re.findall(r"python -m benchmarks\.([a-z_]\w*)", line):  # not the placeholder NAME
                 named.append((path.name, number, f"benchmarks.{name}", name in BENCHMARKS))
-            assert not re.search(r"python3? scripts/(?!demo|make_notebooks)", line), (path.name, number, line)
+            assert not re.search(r"python3? scripts/(?!demo|make_notebooks|publish_comparison|architectures_table)", line), (path.name, number, line)
     assert len(named) > 20
     assert [n for n in named if not n[3]] == []
 
