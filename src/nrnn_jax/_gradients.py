@@ -12,20 +12,11 @@ import jax.numpy as jnp
 from . import cells, recurrence
 from ._drive import encode
 from ._loops import Loop
-from .schemes import RecurrentParams, Scheme, noise_levels
+from .schemes import Choice, RecurrentParams, Scheme, noise_levels
 
 
-class Gradient:
+class Gradient(Choice):
     """How the solve is differentiated (base class)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
 
     def uses_adjoint(self, drift: cells.Drift) -> bool:
         """Whether the drift runs through the discrete adjoint of `nrnn_jax.recurrence` (a product cell)."""

@@ -30,22 +30,13 @@ from ._carry import CarryProducts, unpack
 from ._drive import Encoded, drive_at
 from .config import NRNNConfig
 from .noise import Noise
-from .schemes import RecurrentParams, Scheme, noise_levels
+from .schemes import Choice, RecurrentParams, Scheme, noise_levels
 
 Save = Literal["final", "all"]
 
 
-class Loop:
+class Loop(Choice):
     """How the recurrence is stepped through time (base class)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
 
     def solve(self, cfg: NRNNConfig, p: RecurrentParams, scheme: Scheme, sigma: Noise, drift: cells.Drift,
               z: Float[Array, "B T d"], xi, h0: Float[Array, "B s"], save: Save) -> Array:

@@ -54,7 +54,21 @@ def noise_levels(cfg, p):
     return (cfg.eps_add if p.eps_add is None else p.eps_add, cfg.eps_mult if p.eps_mult is None else p.eps_mult)
 
 
-class Scheme:
+class Choice:
+    """A stateless choice of numerics (a scheme, a loop, a gradient): every instance of a class is the same
+    choice, so it is equal to and hashed as any other (a static argument of `jax.jit`)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class Scheme(Choice):
     """Base class of discretisations (the extension point for a new scheme). `step(cfg, p, noise, h, z, f,
     xi)`: one step driven by the standard normals `xi` of shape (noise_dim,) (None: noise off, the test-time
     step), with `cfg` the model's `NRNNConfig` (δ and the default noise levels), `p` its `RecurrentParams`
@@ -69,15 +83,6 @@ class Scheme:
     is_sde: bool = True
     expands_around_test_path: bool = True
     has_mean_shift: bool = False
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
 
     def noise_dim(self, cfg, noise: Noise, size: int) -> int:
         """The width of one step's standard normals for a noise on `size` coordinates of the state."""
