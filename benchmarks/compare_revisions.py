@@ -61,14 +61,18 @@ def import_revision(rev: str, where: Path):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def build(nj, shape: dict, backend: str, mode: str, method: str, devices: int = 1, clock=time.perf_counter):
+def train_step(nj, shape: dict, backend: str, mode: str, method: str, devices: int | None = None):
+    """The compiled train step of package `nj` (either revision) at `shape`, and its fresh state."""
     mcfg = nj.NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"],
                          dt=shape["dt"], eps_add=0.02, eps_mult=0.02, backend=backend)
     tcfg = nj.TrainConfig(mode=mode, lr=1e-3, reg_method=method, num_probes=1)
     tx = nj.make_optimizer(tcfg, 100)
     graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
-    state = nj.init_train_state(params, tx, seed=0)
-    step = nj.make_train_step(graphdef, tx, tcfg, devices=devices)
+    return nj.make_train_step(graphdef, tx, tcfg, devices=devices), nj.init_train_state(params, tx, seed=0)
+
+
+def build(nj, shape: dict, backend: str, mode: str, method: str, devices: int = 1, clock=time.perf_counter):
+    step, state = train_step(nj, shape, backend, mode, method, devices)
     if devices > 1:  # the data-parallel step: the state replicated and the batch split over the mesh
         batch, replicated = nj.data_parallel_sharding(devices)
         state = jax.device_put(state, replicated)

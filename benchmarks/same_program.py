@@ -16,22 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 
 from benchmarks.benchmark import SHAPES
-from benchmarks.compare_revisions import VARIANTS, import_revision
+from benchmarks.compare_revisions import VARIANTS, import_revision, train_step
 
 
 def program(nj, shape: dict, backend: str, mode: str, method: str) -> str:
-    mcfg = nj.NRNNConfig(input_dim=shape["input_dim"], hidden=shape["hidden"], num_classes=shape["num_classes"],
-                         dt=shape["dt"], eps_add=0.02, eps_mult=0.02, backend=backend)
-    tcfg = nj.TrainConfig(mode=mode, lr=1e-3, reg_method=method, num_probes=1)
-    tx = nj.make_optimizer(tcfg, 100)
-    graphdef, params = nnx.split(nj.NoisyRNN(mcfg, rngs=nnx.Rngs(0)))
-    state = nj.init_train_state(params, tx, seed=0)
-    step = nj.make_train_step(graphdef, tx, tcfg)
+    step, state = train_step(nj, shape, backend, mode, method)
     x = np.zeros((shape["batch"], shape["T"], shape["input_dim"]), np.float32)
     y = np.zeros(shape["batch"], np.int32)
     mask = np.ones(shape["batch"], np.float32)
