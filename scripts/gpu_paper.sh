@@ -1,75 +1,64 @@
 #!/usr/bin/env bash
-# The shortened pixel-MNIST protocol of the paper's comparison on one GPU: deterministic, implicit (noise
-# injection) and explicit (probe) models on ordered pixel MNIST with the `nrnn-small` preset (the public code's
-# Noisy RNN run: its own convention, δ = 0.01, ε = 0.02 / 0.02, Adam 1e-3, batch 128), one seed, EPOCHS epochs
-# with the learning rate × 0.1 at epoch DECAY (the public runs: 100 epochs, decay at 90), divergence handled by
-# rollback, robustness curves on the whole test split (white noise 0.1–0.4, salt and pepper 0.05–0.2) and the
-# heavy analyses (Lanczos, DeepFool) on ANALYSIS examples.
+# The paper's pixel-MNIST comparison (deterministic, implicit = noise injection, explicit = the probe penalty)
+# through `nrnn-compare`, on whatever device JAX finds (one GPU when one is lent), resuming across short device
+# sessions. Two protocols, both with the `nrnn-small` preset (the public code's Noisy RNN run: its update rule,
+# ε_add = ε_mult = 0.02, hidden 128, batch 128), one seed, robustness curves on the whole test split:
 #
-# Writes the usual nrnn-compare layout into OUT (summary.json, results.md, plots, run directories) and
-# OUT/README.md with the command, the device and the wall time. It resumes: killed (or cut off by a time
-# limit), the same command continues every run from its checkpoint and reuses what was measured, and MODES
-# (default: all three) lets separate sessions train one mode each into the same OUT before a last call over
-# all modes gathers them. Measured on an H100 (docs/results/mnist_pixel/README.md): about 7 s per implicit
-# epoch alone; three processes sharing the one GPU time-slice it (22.7 s per epoch each), so the modes run
-# one after the other here.
+#   PROTOCOL=full    the public schedule: Adam 1e-3, δ = 0.01, 100 epochs, learning rate × 0.1 at epoch 90
+#   PROTOCOL=short   (default) the protocol of docs/results/mnist_pixel and mnist_permuted, which a 2-core CPU
+#                    finishes: Adam 3e-3, δ = 0.03, gradient norm clipped at 1.0, 12 epochs, × 0.1 at epoch 10
 #
-#   NRNN_DATA=data/ OUT=docs/results/mnist_pixel bash scripts/gpu_paper.sh
+# DATASET is mnist_pixel (default) or mnist_permuted (the public permutation); MODES (default: all three)
+# trains some of the modes, so separate sessions can train one mode each into the same OUT before a last call
+# over all modes gathers them without training or measuring again. Killed or cut off by a time limit, the same
+# command continues every run from its last checkpoint (`nrnn-compare --resume`).
 #
-# ARCHIVE=FILE also writes the run directories (checkpoints included) into one .tgz, to carry them between
-# sessions. The MNIST IDX files must be in $NRNN_DATA (or $NRNN_DATA/mnist). For a quick check of the script on a
-# CPU: DATASET=digits PRESET= EPOCHS=1 DECAY=1 ANALYSIS=16 OUT=/tmp/gpu_paper_check bash scripts/gpu_paper.sh
+#   NRNN_DATA=data PROTOCOL=full DATASET=mnist_permuted OUT=runs/paper-permuted bash scripts/gpu_paper.sh
+#
+# Writes the nrnn-compare layout into OUT (summary.json, results.md, plots, run directories) and appends the
+# command, device, date and wall time of this call to OUT/calls.md. ARCHIVE=FILE also writes the run
+# directories (checkpoints included) into one .tgz, to carry them between device sessions whose returned files
+# are limited in depth: unpack with `tar xzf FILE -C OUT` before the next call. The MNIST IDX files must be in
+# $NRNN_DATA (or $NRNN_DATA/mnist). A quick check of the script on a CPU:
+#   DATASET=digits PRESET= EPOCHS=1 DECAY=1 ANALYSIS=16 OUT=/tmp/gpu_paper_check bash scripts/gpu_paper.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PROTOCOL=${PROTOCOL-short}
+case "$PROTOCOL" in
+  full)  def_epochs=100; def_decay=90; protocol_flags=() ;;
+  short) def_epochs=12;  def_decay=10; protocol_flags=(--lr 3e-3 --dt 0.03 --grad-clip 1.0) ;;
+  *) echo "gpu_paper.sh: PROTOCOL=$PROTOCOL: expected full or short" >&2; exit 2 ;;
+esac
 DATASET=${DATASET-mnist_pixel}
 PRESET=${PRESET-nrnn-small}
-EPOCHS=${EPOCHS-15}
-DECAY=${DECAY-13}
-ANALYSIS=${ANALYSIS-128}
-SEEDS=${SEEDS-1}
+EPOCHS=${EPOCHS-$def_epochs}
+DECAY=${DECAY-$def_decay}
+ANALYSIS=${ANALYSIS-256}
+SEEDS=${SEEDS-0}
 MODES=${MODES-deterministic,implicit,explicit}
-OUT=${OUT-docs/results/mnist_pixel}
+OUT=${OUT-runs/paper-${DATASET}-${PROTOCOL}}
 PYTHON=${PYTHON-python}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-mkdir -p "$OUT"
+
+args=(--dataset "$DATASET" ${PRESET:+--preset "$PRESET"} --seeds "$SEEDS" --epochs "$EPOCHS"
+      --lr-decay-epochs "$DECAY" --modes "$MODES" --analysis-examples "$ANALYSIS" --backend scan
+      --out "$OUT" --resume)
+if [ -n "$PRESET" ]; then args+=("${protocol_flags[@]}"); fi
+if [ -n "${NRNN_DATA-}" ]; then args+=(--data-dir "$NRNN_DATA"); fi
 
 start=$(date +%s)
-"$PYTHON" - "$DATASET" "$PRESET" "$EPOCHS" "$DECAY" "$ANALYSIS" "$SEEDS" "$OUT" "$MODES" <<'EOF'
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
-from nrnn_jax.compare import CompareConfig, run_compare
-
-dataset, preset, epochs, decay, analysis, seeds, out, modes = sys.argv[1:]
-train = {"lr_decay_epochs": (int(decay),), "on_divergence": "rollback",
-         # TensorBoard event files need tensorboardX; a bare accelerator image may lack it (metrics.jsonl has all)
-         "tensorboard": importlib.util.find_spec("tensorboardX") is not None}
-cc = CompareConfig(dataset=dataset, data_dir=os.environ.get("NRNN_DATA"), preset=preset or None,
-                   seeds=tuple(int(s) for s in seeds.split(",")), epochs=int(epochs), modes=tuple(modes.split(",")),
-                   analysis_examples=int(analysis), lanczos_steps=12, hutchinson_samples=10, lyapunov_time=20.0,
-                   train=train)
-summary = run_compare(cc, Path(out), resume=True)
-print(f"comparison ({modes}) written to {out} ({summary['time_s']:.0f} s)", flush=True)
-EOF
+"$PYTHON" -c 'import sys; from nrnn_jax.cli import compare_main; sys.exit(compare_main(sys.argv[1:]))' "${args[@]}"
 end=$(date +%s)
 
 device=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform, getattr(d, 'device_kind', ''))")
-cat > "$OUT/README.md" <<EOF
-# ${DATASET}: the shortened protocol (scripts/gpu_paper.sh)
-
-Command: \`DATASET=${DATASET} PRESET=${PRESET} EPOCHS=${EPOCHS} DECAY=${DECAY} ANALYSIS=${ANALYSIS} SEEDS=${SEEDS} MODES=${MODES} bash scripts/gpu_paper.sh\`
-
-Device: ${device}. Wall time of this call: $((end - start)) s (training what was left, evaluation and analyses).
-Date: $(date -u +%Y-%m-%d).
-
-The table is results.md; everything measured is in summary.json.
+jaxv=$("$PYTHON" -c "import jax; print(jax.__version__)")
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+cat >> "$OUT/calls.md" <<EOF
+- $(date -u +%Y-%m-%dT%H:%MZ): \`PROTOCOL=${PROTOCOL} DATASET=${DATASET} MODES=${MODES} bash scripts/gpu_paper.sh\`
+  = \`nrnn-compare ${args[*]}\`; ${device}, JAX ${jaxv}, revision ${rev}; wall time $((end - start)) s
 EOF
 echo "wall time $((end - start)) s on ${device}"
 if [ -n "${ARCHIVE-}" ]; then
-  # the run directories as one file (a device that returns files only down to a limited depth keeps them;
-  # unpack into OUT to resume there: tar xzf ARCHIVE -C OUT)
   tar czf "$ARCHIVE" -C "$OUT" $(cd "$OUT" && ls -d deterministic implicit explicit 2>/dev/null)
   echo "run directories archived in $ARCHIVE"
 fi
