@@ -55,6 +55,14 @@ def _outer_sum(a, b):
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
+def _transposed_outer(s, mu):
+    """Σ over the leading axes of s[..., d] mu[..., p]ᵀ, (d, p): s transposed into its own buffer first, then
+    a plain (d, n) @ (n, p) product. XLA:CPU's dot contracting both operands' leading axis (`_outer_sum`) is
+    markedly slower per step than this form, transposition included."""
+    sT = jax.lax.optimization_barrier(s.reshape(-1, s.shape[-1]).T)  # keeps XLA from folding it into the dot
+    return sT @ mu.reshape(-1, mu.shape[-1])
+
+
 def _batched(cell: Cell):
     return jax.vmap(cell, in_axes=(0, 0, 0, None))
 
@@ -125,16 +133,19 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
         if g_k is not None:
             lam_prev = lam_prev + g_k
         dparams = jax.tree.map(jnp.add, dparams, dtheta)
-        if in_loop:
-            return (lam_prev, dparams, dM + _outer_sum(dprod, s)), (None, dx)
+        if in_loop:  # (∂L/∂M)ᵀ += s_kᵀ μ_k with s_kᵀ laid out first (see _transposed_outer)
+            return (lam_prev, dparams, dM + _transposed_outer(s, dprod)), (None, dx)
         return (lam_prev, dparams, dM), (dprod, dx)
 
     # μ_k are stacked in a new buffer rather than written over prods[k]: where XLA fuses the reads of
     # prods[k] into operations after such a write, it copies the whole buffer at every step.
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (lam0, dparams, dM), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros, jnp.zeros_like(M)),
-                                                      (jnp.arange(T), g_steps), reverse=True)
-    if not in_loop:
+    dM0 = jnp.zeros_like(M.T if in_loop else M)
+    (lam0, dparams, dM), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros, dM0), (jnp.arange(T), g_steps),
+                                                      reverse=True)
+    if in_loop:
+        dM = dM.T
+    else:
         dM = _outer_sum(dprods, states[:T])  # one product over all steps and examples
     return dM, dparams, lam0, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), dxs)
 
