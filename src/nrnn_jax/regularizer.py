@@ -248,8 +248,11 @@ def _model_probe_terms(cfg, p, scheme, sigma, drift: cells.Drift, decode, encode
     d = encoder[0].shape[-1]
     S = probes.shape[2]
     state0 = jnp.zeros((B, 1 + 2 * S, d), x.dtype)
+    # The SDE schemes step h + δ g + (noise not reading g), so the probe cell is affine with constant
+    # coefficients wherever g is; the reference rule's step and noise read g through learned step sizes.
+    kept = drift.kept_products if scheme.is_sde else None
     final = recurrence.recurrence(_probe_cell(cfg, scheme, sigma, drift.taylor, S), drift.params,
-                                  (matrix_free(cfg, p, x.dtype), *encoder), state0, (x, probes))
+                                  (matrix_free(cfg, p, x.dtype), *encoder), state0, (x, probes), kept=kept)
 
     def per_example(s, y_i):
         loss = lambda h: cross_entropy(decode(h), y_i)
