@@ -105,6 +105,12 @@ class ProductCell(Cell):
     def drift(self, h, z):
         return self.drift_from_products(h, self.products_matrix() @ h, z)
 
+    def kept_products(self) -> tuple[int, int] | None:
+        """The columns [start, stop) of the products M h that g's derivatives read, where g is affine with
+        constant coefficients in all the others (then so are its Taylor coefficients in those columns of M u,
+        M v); the discrete adjoint keeps only these columns for its backward pass. None (default): all."""
+        return None
+
     def drift_taylor(self, h, prods, z, U, V, PU, PV):
         """g and its Taylor coefficients along the curves (h + t u + t² v, M h + t M u + t² M v), one curve per
         row of U, V (S, d) with products PU = U Mᵀ, PV = V Mᵀ (S, p): returns (g, G1, G2) with g (d,) the drift,
@@ -194,6 +200,10 @@ class LipschitzCell(ProductCell):
 
     def drift_taylor(self, h, prods, z, U, V, PU, PV):
         return LipschitzDrift(self.alpha).taylor(h, prods, z, U, V, PU, PV)
+
+    def kept_products(self):
+        d = self.M_A.shape[0]
+        return (d, 2 * d)  # g = α (A h) + tanh(W h + z): affine in A h with the constant α
 
 
 class AntisymmetricCell(ProductCell):
@@ -339,6 +349,7 @@ class Drift(NamedTuple):
     - `from_products(h, prods, z)`: a product cell's g (None for a generic cell); reads no arrays.
     - `taylor`: a product cell's `drift_taylor` (None for a generic cell).
     - `layout`: how the cell's pytree state lies in the flat state (None: the state is one array (hidden,)).
+    - `kept_products`: a product cell's `kept_products()`.
     """
 
     params: PyTree
@@ -346,6 +357,7 @@ class Drift(NamedTuple):
     from_products: Callable | None
     taylor: Callable | None = None
     layout: "StateLayout | None" = None
+    kept_products: tuple[int, int] | None = None
 
     def __call__(self, h, z):
         return self.fn(self.params, h, z)
@@ -528,7 +540,8 @@ def lipschitz_drift(cfg: NRNNConfig, p, where: str) -> Drift:
         raise ValueError(f"{where}: pass cell=model.cell, or RecurrentParams with the matrices A and W of the "
                          "Lipschitz drift")
     g = LipschitzDrift(cfg.alpha)
-    return Drift(jnp.concatenate([p.A, p.W], axis=0), g, g.from_products, g.taylor)
+    d = p.A.shape[0]
+    return Drift(jnp.concatenate([p.A, p.W], axis=0), g, g.from_products, g.taylor, kept_products=(d, 2 * d))
 
 
 def pure(cell, products: bool = True, layout: StateLayout | None = None) -> Drift:
@@ -536,10 +549,11 @@ def pure(cell, products: bool = True, layout: StateLayout | None = None) -> Drif
     a product cell; its `fn` is then hashable (usable as a static argument of `jax.jit`). `layout`: the
     cell's `state_layout` (None: the state is one array (hidden,)); the drift then acts on the flat state."""
     if isinstance(cell, Drift):
-        return cell if products else cell._replace(from_products=None, taylor=None)
+        return cell if products else cell._replace(from_products=None, taylor=None, kept_products=None)
     if isinstance(cell, ProductCell) and products:
         g = cell.drift_from_products
-        return Drift(cell.products_matrix(), lambda M, h, z: g(h, M @ h, z), g, cell.drift_taylor)
+        return Drift(cell.products_matrix(), lambda M, h, z: g(h, M @ h, z), g, cell.drift_taylor,
+                     kept_products=cell.kept_products())
     graphdef, state = nnx.split(cell)
     return Drift(state, _GraphDrift(graphdef, layout), None, None, layout)
 

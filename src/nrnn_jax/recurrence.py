@@ -55,6 +55,14 @@ def _outer_sum(a, b):
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
+def _transposed_outer(s, mu):
+    """Σ over the leading axes of s[..., d] mu[..., p]ᵀ, (d, p): s transposed into its own buffer first, then
+    a plain (d, n) @ (n, p) product. XLA:CPU's dot contracting both operands' leading axis (`_outer_sum`) is
+    markedly slower per step than this form, transposition included."""
+    sT = jax.lax.optimization_barrier(s.reshape(-1, s.shape[-1]).T)  # keeps XLA from folding it into the dot
+    return sT @ mu.reshape(-1, mu.shape[-1])
+
+
 def _batched(cell: Cell):
     return jax.vmap(cell, in_axes=(0, 0, 0, None))
 
@@ -68,17 +76,30 @@ def num_steps(xs) -> int:
     return jax.tree.leaves(xs)[0].shape[1]
 
 
-def scan_forward(cell: Cell, M, params, state0, xs):
+def scan_forward(cell: Cell, M, params, state0, xs, kept: tuple[int, int] | None = None):
     """The forward recursion as a `lax.scan` over time; returns the state entering every step, the final
-    state and the products of every step (kept for the backward pass)."""
+    state and the products of every step (kept for the backward pass; with `kept` = (start, stop), only
+    those columns)."""
     step = _batched(cell)
 
     def body(s, k):
         prods = _products(s, M)
-        return step(s, prods, _at_step(xs, k), params), (s, prods)
+        return step(s, prods, _at_step(xs, k), params), (s, _columns(prods, kept))
 
     final, (states_in, prods) = jax.lax.scan(body, state0, jnp.arange(num_steps(xs)))
     return states_in, final, prods
+
+
+def _columns(prods, kept):
+    return prods if kept is None or prods is None else prods[..., kept[0]:kept[1]]
+
+
+def _all_columns(prods, kept, p: int):
+    """The products with the columns outside `kept` set to zero (the cell's derivatives do not read them)."""
+    if kept is None:
+        return prods
+    full = jnp.zeros(prods.shape[:-1] + (p,), prods.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(full, prods, kept[0], axis=-1)
 
 
 def _output(states, final, save_all: bool, T: int):
@@ -87,21 +108,25 @@ def _output(states, final, save_all: bool, T: int):
     return states if states.shape[0] == T + 1 else jnp.concatenate([states, final[None]])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _recurrence(cell, forward, save_all, M, params, state0, xs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _recurrence(cell, forward, save_all, kept, M, params, state0, xs):
     states, final, _ = forward(cell, M, params, state0, xs)
     return _output(states, final, save_all, num_steps(xs))
 
 
-def _recurrence_fwd(cell, forward, save_all, M, params, state0, xs):
+def _recurrence_fwd(cell, forward, save_all, kept, M, params, state0, xs):
     T = num_steps(xs)
-    states, final, prods = forward(cell, M, params, state0, xs)
+    if kept is not None and forward is scan_forward:
+        states, final, prods = scan_forward(cell, M, params, state0, xs, kept)
+    else:
+        states, final, prods = forward(cell, M, params, state0, xs)
+        prods = _columns(prods, kept)
     if prods is None:
-        prods = _products(states[:T], M)  # one product over all steps and examples
+        prods = _columns(_products(states[:T], M), kept)  # one product over all steps and examples
     return _output(states, final, save_all, T), (M, params, states, prods, xs)
 
 
-def _recurrence_bwd(cell, forward, save_all, residuals, g):
+def _recurrence_bwd(cell, forward, save_all, kept, residuals, g):
     M, params, states, prods, xs = residuals
     T = num_steps(xs)
     step = _batched(cell)
@@ -119,22 +144,26 @@ def _recurrence_bwd(cell, forward, save_all, residuals, g):
         # read in place (they may hold a last row beyond step T - 1); plain dynamic slices, not NumPy
         # indexing with its negative-index and bounds handling
         s, prod = (jax.lax.dynamic_index_in_dim(a, k, 0, keepdims=False) for a in (states, prods))
+        prod = _all_columns(prod, kept, M.shape[0])
         _, vjp = jax.vjp(step, s, prod, _at_step(xs, k), params)
         ds, dprod, dx, dtheta = vjp(lam)
         lam_prev = ds + _products(dprod, M.T)  # + Mᵀ μ_k
         if g_k is not None:
             lam_prev = lam_prev + g_k
         dparams = jax.tree.map(jnp.add, dparams, dtheta)
-        if in_loop:
-            return (lam_prev, dparams, dM + _outer_sum(dprod, s)), (None, dx)
+        if in_loop:  # (∂L/∂M)ᵀ += s_kᵀ μ_k with s_kᵀ laid out first (see _transposed_outer)
+            return (lam_prev, dparams, dM + _transposed_outer(s, dprod)), (None, dx)
         return (lam_prev, dparams, dM), (dprod, dx)
 
     # μ_k are stacked in a new buffer rather than written over prods[k]: where XLA fuses the reads of
     # prods[k] into operations after such a write, it copies the whole buffer at every step.
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (lam0, dparams, dM), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros, jnp.zeros_like(M)),
-                                                      (jnp.arange(T), g_steps), reverse=True)
-    if not in_loop:
+    dM0 = jnp.zeros_like(M.T if in_loop else M)
+    (lam0, dparams, dM), (dprods, dxs) = jax.lax.scan(body, (g_final, zeros, dM0), (jnp.arange(T), g_steps),
+                                                      reverse=True)
+    if in_loop:
+        dM = dM.T
+    else:
         dM = _outer_sum(dprods, states[:T])  # one product over all steps and examples
     return dM, dparams, lam0, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), dxs)
 
@@ -151,6 +180,7 @@ def recurrence(
     *,
     forward: Forward = scan_forward,
     save: str = "final",
+    kept: tuple[int, int] | None = None,
 ) -> Array:
     """Run s_{k+1} = cell(s_k, M s_k, x_k, params) for a batch, differentiable by the discrete adjoint.
 
@@ -166,10 +196,13 @@ def recurrence(
       entering each step, the final state and the products (or None: they are then computed after the
       loop in one matrix product). The backward pass is the adjoint above whatever computed them.
     - `save`: `"final"` for (B, K, d), `"all"` for (T + 1, B, K, d).
+    - `kept`: (start, stop): the backward pass keeps only these columns of the products, the others set to
+      zero when it differentiates the cell. Only for a cell affine with constant coefficients in those other
+      columns (its derivatives do not read them); None: all columns kept.
 
     Reverse mode only (`jax.grad`, `jax.vjp` and forward-over-reverse such as Hessian-vector products);
     `jax.jvp` of this function itself is not defined — use `gradient="autodiff"` in the model config.
     """
     if save not in ("final", "all"):
         check_choice("", "save", save, ("final", "all"))
-    return _recurrence(cell, forward, save == "all", M, params, state0, xs)
+    return _recurrence(cell, forward, save == "all", None if kept is None else tuple(kept), M, params, state0, xs)
