@@ -48,9 +48,12 @@ class DiscreteAdjoint(Gradient):
             return super().solve(loop, cfg, p, scheme, sigma, drift, z, xi, h0, save, encoder)
         encoded = encoder is not None
         params = matrix_free(cfg, p, z.dtype)
+        # The SDE schemes step h + δ g + (noise not reading g): the backward pass reads only the product
+        # columns g's derivatives read (the cell's kept_products); the reference rule's step reads all of g.
+        kept = drift.kept_products if scheme.is_sde else None
         out = recurrence.recurrence(_cell(cfg, scheme, sigma, drift.from_products, encoded), drift.params,
                                     (params, *encoder) if encoded else params, h0[:, None, :], (z, xi),
-                                    forward=loop.forward(cfg, scheme, sigma, drift, encoded), save=save)
+                                    forward=loop.forward(cfg, scheme, sigma, drift, encoded), save=save, kept=kept)
         return out[:, 0] if save == "final" else jnp.swapaxes(out[:, :, 0], 0, 1)
 
 
