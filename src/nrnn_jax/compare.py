@@ -243,7 +243,9 @@ def chunked_regularizer(model, x, y, *, method: str, num_probes: int = 1, key=No
 def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, noise: NRNNConfig) -> dict[str, Any]:
     """Every measurement of one trained model. The explicit regularizer and the Lyapunov exponent with
     multiplicative noise are measured at the comparison's noise levels (`noise.eps_add`, `noise.eps_mult`)
-    for every mode, so that the modes are compared on the same penalty."""
+    for every mode, so that the modes are compared on the same penalty. The Hessian-vector products and the
+    explicit regularizer are evaluated in chunks of 64 examples, so that their memory does not grow with
+    `cc.analysis_examples` (docs/performance.md, "Memory of the analyses")."""
     n = cc.analysis_examples
     rng = np.random.default_rng(seed)
     tr = rng.choice(data.x_train.shape[0], min(n, data.x_train.shape[0]), replace=False)
