@@ -10,7 +10,7 @@ The first form compiles, without running, each computation of the measurements o
 and random inputs (N, T, input_dim) and prints XLA's memory analysis (temporary, argument and output bytes):
 the Hessian-vector product of the flatness measures (`nrnn_jax.analysis.flatness.chunk_hvp`), a DeepFool
 batch, a robustness evaluation batch (`nrnn_jax.evaluate.eval_step`), the explicit regularizer
-(`nrnn_jax.compare.regularizer_chunk`: probe method at hidden > 64, exact below) and the Lyapunov paths (at
+(one compiled chunk of `explicit_regularizer(..., batch_size=)`: probe method at hidden > 64, exact below) and the Lyapunov paths (at
 the preset's "-sde" variant when the preset's convention is "reference", which has none). Each at the
 batch compare uses, and the chunked ones also at all `--examples` in one batch.
 
@@ -45,7 +45,7 @@ def compiled_figures(args) -> list[dict]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from nrnn_jax import NoisyRNN, _registry, cells, compare
+    from nrnn_jax import NoisyRNN, _registry, cells, regularizer
     from nrnn_jax.analysis import deepfool
     from nrnn_jax.analysis import stability
     from nrnn_jax.analysis.flatness import chunk_hvp
@@ -76,8 +76,9 @@ def compiled_figures(args) -> list[dict]:
     key = jax.random.wrap_key_data(jax.random.PRNGKey(0))
     for n in dict.fromkeys((args.examples, args.reg_batch)):
         rows.append(_row(f"explicit regularizer ({method}, {args.probes} probes)", n,
-                         compare.regularizer_chunk.lower(graphdef, params, x(n), y(n), key, 0, method=method,
-                                                         num_probes=args.probes, total=args.examples).compile()))
+                         regularizer._chunk.lower(graphdef, params, x(n), y(n), w(n), None, key, 0, method=method,
+                                                  num_probes=args.probes, probe="gaussian",
+                                                  total=args.examples).compile()))
     # lyapunov_exponent's compiled paths (h0, ξ) of the unforced scheme, additive noise off
     lcfg = cfg if cfg.convention != "reference" else get_preset(args.preset + "-sde", args.dataset)[0]
     lcfg = lcfg.replace(eps_add=0.0, backend=args.backend)
@@ -130,7 +131,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=784, help="sequence length of the random inputs")
     parser.add_argument("--examples", type=int, default=256, help="CompareConfig.analysis_examples")
     parser.add_argument("--hvp-batch", type=int, default=64, help="hessian_lanczos / hessian_trace batch_size")
-    parser.add_argument("--reg-batch", type=int, default=64, help="compare.chunked_regularizer batch_size")
+    parser.add_argument("--reg-batch", type=int, default=64, help="explicit_regularizer batch_size (compare.ANALYSIS_CHUNK)")
     parser.add_argument("--probes", type=int, default=8, help="probes of the measured regularizer")
     parser.add_argument("--deepfool-batch", type=int, default=250, help="input_margins batch_size")
     parser.add_argument("--deepfool-iter", type=int, default=50)

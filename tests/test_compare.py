@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 
-import jaxtyping
 import pytest
 
 import numpy as np
@@ -224,16 +223,11 @@ def _check_resume(cc, out, saved, data):
             compare.check_compare_config(dataclasses.replace(cc, modes=bad))
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("probe", marks=pytest.mark.xfail(
-        strict=True, raises=jaxtyping.TypeCheckError,
-        reason="explicit_regularizer's `key: Array | None` annotation rejects the prng.Rows key its probe draw "
-               "takes (checked at test time by beartype); passes once it reads `Array | prng.Rows | None`")),
-    "exact"])
-def test_chunked_regularizer_is_the_whole_batch_regularizer(method):
-    """Chunks of 3 of 10 examples (the last one of 1): the batch means of the whole batch's call, the probes
-    included (rows of the whole draw, from the raw key `analyse` passes); with other probes the two-probe
-    estimates would differ by far more than float32 rounding."""
+@pytest.mark.parametrize("method,num_probes", [("probe", 2), ("probe", 1), ("exact", 1)])
+def test_regularizer_in_chunks_is_the_whole_batch_regularizer(method, num_probes):
+    """Chunks of 3 of 10 examples (the last one of 1, a padded example among them): every field of the whole
+    batch's `Regularizer`, the probes included (rows of the whole draw, from a raw key as `analyse` passes);
+    with other probes the two-probe estimates would differ by far more than float32 rounding."""
     import jax
     from flax import nnx
 
@@ -243,15 +237,21 @@ def test_chunked_regularizer_is_the_whole_batch_regularizer(method):
     model = NoisyRNN(cfg, rngs=nnx.Rngs(0))
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (10, 7, 2)), np.float32)
     y = np.arange(10, dtype=np.int32) % 3
+    mask = np.ones(10, np.float32)
+    mask[4] = 0.0
     key = jax.random.PRNGKey(4)
-    whole = explicit_regularizer(model, x, y, method=method, num_probes=2, key=key)
-    chunked = compare.chunked_regularizer(model, x, y, method=method, num_probes=2, key=key, batch_size=3)
-    np.testing.assert_allclose(chunked, [whole.value, whole.Q, whole.R], rtol=2e-6, atol=1e-9)
+    whole = explicit_regularizer(model, x, y, method=method, num_probes=num_probes, key=key, mask=mask)
+    chunked = explicit_regularizer(model, x, y, method=method, num_probes=num_probes, key=key, mask=mask,
+                                   batch_size=3)
+    for field in whole._fields:
+        np.testing.assert_allclose(getattr(chunked, field), getattr(whole, field), rtol=2e-6, atol=1e-7,
+                                   err_msg=field)
     if method == "probe":  # other probes give other numbers: the check above can fail
-        other = explicit_regularizer(model, x, y, method=method, num_probes=2, key=jax.random.PRNGKey(5))
-        assert abs(float(other.value) - chunked[0]) > 1e-3 * abs(chunked[0])
+        other = explicit_regularizer(model, x, y, method=method, num_probes=num_probes, key=jax.random.PRNGKey(5))
+        assert abs(float(other.value - chunked.value)) > 1e-3 * abs(float(chunked.value))
+        assert float(chunked.std_err) > 0
     with pytest.raises(ValueError, match="batch_size.*expected an integer >= 1"):
-        compare.chunked_regularizer(model, x, y, method=method, key=key, batch_size=0)
+        explicit_regularizer(model, x, y, method=method, key=key, batch_size=0)
 
 
 def test_plot_all_leaves_the_backend_alone(tmp_path):

@@ -29,13 +29,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
 
 from .analysis import (
     certificate,
@@ -50,12 +48,15 @@ from .config import BACKENDS, BUILT_IN_CELLS, MODES, NRNNConfig, TrainConfig, im
 from .data import Dataset, load_dataset
 from .evaluate import evaluate, white_noise
 from .model import with_noise
-from .prng import Rows
 from .regularizer import explicit_regularizer
 from .runs import load_run, write_json
 from .tables import format_table
 from .train import train_and_evaluate
 from .validation import check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail
+
+# Examples per compiled chunk of the analyses whose memory grows with the examples (the Hessian-vector
+# products, the explicit regularizer): about 0.4 GiB each at the pixel-MNIST shape (docs/performance.md).
+ANALYSIS_CHUNK = 64
 
 # Defaults per data set: model and training settings (or a named preset of nrnn_jax.presets), robustness curves (white
 # noise strengths in units of [0, 1] pixels: scaled by 255 for raw 0–255 inputs), the explicit λ grid and the white
@@ -202,49 +203,11 @@ def _selection_score(model, data: Dataset, whites, seed) -> float:
     return float(np.mean(scores))
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("method", "num_probes", "total"))
-def regularizer_chunk(graphdef, params, x, y, key, start, *, method: str, num_probes: int, total: int):
-    """`explicit_regularizer`'s (value, Q, R) on the examples start … start + b − 1 of a `total`-example batch
-    (x, y: those b examples); with `method="probe"`, their probes are those rows of the whole batch's draw from
-    the typed key `key` (`nrnn_jax.prng.Rows`), the numbers the whole batch's call draws for them."""
-    model = nnx.merge(graphdef, params)
-    if method == "probe" and x.shape[0] < total:
-        key = Rows(key, start, total)  # a chunk of the whole batch: its rows of the whole draw
-    r = explicit_regularizer(model, x, y, method=method, num_probes=num_probes, key=key)
-    return r.value, r.Q, r.R
-
-
-def chunked_regularizer(model, x, y, *, method: str, num_probes: int = 1, key=None,
-                        batch_size: int = 64) -> tuple[float, float, float]:
-    """`explicit_regularizer(model, x, y, method=, num_probes=, key=)`'s batch means (value, Q, R), computed
-    over chunks of `batch_size` examples (`regularizer_chunk`, compiled once per chunk shape) and combined as
-    the chunk means weighted by the chunks' sizes: the same numbers as the whole batch's call up to the order
-    of the floating-point sums, the probes included. Its memory is that of one chunk: the probe method's draw
-    alone is (examples, T, num_probes, noise_dim) normals.
-
-    `key`: a JAX PRNG key (a raw `jax.random.PRNGKey` is wrapped as the typed key of the same numbers)."""
-    check_int("", "batch_size", batch_size, 1)
-    if key is None:
-        key = jax.random.PRNGKey(0)  # unused by the exact and continuous methods
-    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-    graphdef, params = nnx.split(model)
-    n = x.shape[0]
-    totals = np.zeros(3)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        terms = regularizer_chunk(graphdef, params, x[start:stop], y[start:stop], key, start, method=method,
-                                  num_probes=num_probes, total=n)
-        totals += (stop - start) * np.array([float(t) for t in terms])
-    value, Q, R = totals / n
-    return float(value), float(Q), float(R)
-
-
 def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, noise: NRNNConfig) -> dict[str, Any]:
     """Every measurement of one trained model. The explicit regularizer and the Lyapunov exponent with
     multiplicative noise are measured at the comparison's noise levels (`noise.eps_add`, `noise.eps_mult`)
     for every mode, so that the modes are compared on the same penalty. The Hessian-vector products and the
-    explicit regularizer are evaluated in chunks of 64 examples, so that their memory does not grow with
+    explicit regularizer are evaluated in chunks of `ANALYSIS_CHUNK` examples, so that their memory does not grow with
     `cc.analysis_examples` (docs/performance.md, "Memory of the analyses")."""
     n = cc.analysis_examples
     rng = np.random.default_rng(seed)
@@ -257,8 +220,9 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
     for kind, strengths in curves.items():
         acc = robustness_curve(model, data.x_test[:m], data.y_test[:m], kind, strengths, seed=seed)
         out["curves"][kind] = {"strengths": list(map(float, strengths)), "acc": acc.tolist()}
-    ritz = hessian_lanczos(model, x_tr, y_tr, num_steps=cc.lanczos_steps, seed=seed)
-    trace, trace_se = hessian_trace(model, x_tr, y_tr, num_samples=cc.hutchinson_samples, seed=seed)
+    ritz = hessian_lanczos(model, x_tr, y_tr, num_steps=cc.lanczos_steps, seed=seed, batch_size=ANALYSIS_CHUNK)
+    trace, trace_se = hessian_trace(model, x_tr, y_tr, num_samples=cc.hutchinson_samples, seed=seed,
+                                    batch_size=ANALYSIS_CHUNK)
     margins = output_margins(model, data.x_test, data.y_test)
     dist, found = input_margins(model, x_te)
     noisy_model = with_noise(model, noise.eps_add, noise.eps_mult)
@@ -277,9 +241,8 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
         except ValueError as e:  # h = 0 is not an equilibrium of this trained cell: nothing to measure
             if "not an equilibrium" not in str(e):
                 raise
-    reg_value, reg_Q, reg_R = chunked_regularizer(noisy_model, x_te, y_te,
-                                                  method="exact" if cfg.hidden <= 64 else "probe", num_probes=8,
-                                                  key=jax.random.PRNGKey(seed))
+    reg = explicit_regularizer(noisy_model, x_te, y_te, method="exact" if cfg.hidden <= 64 else "probe",
+                               num_probes=8, key=jax.random.PRNGKey(seed), batch_size=ANALYSIS_CHUNK)
     out.update({
         "hessian_ritz": ritz.tolist(), "hessian_top": float(ritz[-1]), "hessian_trace": trace,
         "hessian_trace_se": trace_se,
@@ -288,7 +251,7 @@ def analyse(model, data: Dataset, curves: dict, cc: CompareConfig, seed: int, no
         **({"c1": cert.c1, "c2": cert.c2, "c3": cert.c3, "bound_mult_noise": cert.bound} if cert is not None
            else {"c1": None, "c2": None, "c3": None, "bound_mult_noise": None}),
         "lyapunov_mult_noise": lam, "lyapunov_mult_noise_se": lam_se, "lyapunov_deterministic": lam_det,
-        "reg_value": reg_value, "reg_Q": reg_Q, "reg_R": reg_R,
+        "reg_value": float(reg.value), "reg_Q": float(reg.Q), "reg_R": float(reg.R),
     })
     return out
 
@@ -400,9 +363,9 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
 
         def track(epoch, model):
             noisy = with_noise(model, base.eps_add, base.eps_mult)
-            value, _, _ = chunked_regularizer(noisy, x_v, y_v, method="probe", num_probes=16,
-                                              key=jax.random.PRNGKey(epoch))
-            return {"val_reg": value}
+            reg = explicit_regularizer(noisy, x_v, y_v, method="probe", num_probes=16, key=jax.random.PRNGKey(epoch),
+                                       batch_size=ANALYSIS_CHUNK)
+            return {"val_reg": float(reg.value)}
     # what a run's measurements depend on besides its own configuration
     measured_with = {"noise": base.to_dict(), "curves": st.curves,
                      **{k: getattr(cc, k) for k in ("analysis_examples", "lanczos_steps", "hutchinson_samples",

@@ -25,6 +25,7 @@ Three computations, all differentiable in the parameters:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, NamedTuple
 
@@ -32,6 +33,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from flax import nnx
 from jax.experimental import jet
 from jaxtyping import Array, Float, PyTree
 
@@ -40,7 +42,7 @@ from ._drive import encode
 from ._gradients import matrix_free
 from .schemes import noise_levels as _levels
 from .losses import cross_entropy, masked_mean
-from .validation import check_choice, check_inputs, check_int, check_labels
+from .validation import ArrayLike, check_choice, check_inputs, check_int, check_labels
 
 StepFn = Callable[[Float[Array, " d"], PyTree], Float[Array, " d"]]
 FactorFn = Callable[[Float[Array, " d"], PyTree], lx.AbstractLinearOperator]
@@ -339,10 +341,11 @@ def explicit_regularizer(
     *,
     method: str = "exact",
     num_probes: int = 1,
-    key: Array | None = None,
+    key: Array | prng.Rows | None = None,
     probe: str = "gaussian",
-    mask: Array | None = None,
+    mask: ArrayLike | None = None,
     noise_levels=None,
+    batch_size: int | None = None,
 ) -> Regularizer:
     """The explicit regularizer of noise injection for a batch, under the model's own configuration
     (docs/theory.md (3.7)–(3.9)).
@@ -358,6 +361,10 @@ def explicit_regularizer(
       per example, needs `key`) or `"continuous"` (the moment ODE (3.15) of the SDE; convention "sde" only).
     - `probe`: `"gaussian"` or `"rademacher"` probe vectors.
     - `mask`: (batch,) weights, 1 for real examples and 0 for padding.
+    - `batch_size`: None computes the whole batch at once; an integer computes it in compiled chunks of that
+      many examples, so that memory is one chunk's (the probes alone are batch × T × `num_probes` × noise
+      dimension normals). The chunks' probes are their rows of the whole batch's draw, so the result is the
+      whole batch's up to the order of the floating-point sums.
 
     **Returns:** a `Regularizer`: `.value` (loss units, E[noisy loss] ≈ `.clean_loss` + `.value`), `.Q`,
     `.R` with value = (Q + R)/2, batch means.
@@ -389,6 +396,11 @@ def explicit_regularizer(
     if method == "continuous" and not scheme.is_sde:
         raise ValueError("method='continuous' is defined for convention='sde' only (the reference convention "
                          "is not the discretisation of an SDE); use method='exact' or 'probe'.")
+    if batch_size is not None:
+        check_int("", "batch_size", batch_size, 1)
+        if x.shape[0] > batch_size:
+            return _in_chunks(model, x, y, batch_size, mask, noise_levels, method=method, num_probes=num_probes,
+                              key=key, probe=probe)
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.asarray(x, dtype)
     z = model.encode(x)
@@ -440,6 +452,51 @@ def explicit_regularizer(
         std_err=std_err,
         logits=model.decode(terms.h),
     )
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("method", "num_probes", "probe", "total"))
+def _chunk(graphdef, params, x, y, mask, noise_levels, key, start, *, method, num_probes, probe, total):
+    """`explicit_regularizer` on the examples start … start + b − 1 of a `total`-example batch (x, y, mask: those
+    b examples); the probe method draws their rows of the whole batch's probes (`prng.Rows`)."""
+    model = nnx.merge(graphdef, params)
+    if method == "probe":
+        key = prng.Rows(key, start, total)
+    with warnings.catch_warnings():  # the whole batch's call has warned already
+        warnings.simplefilter("ignore")
+        return explicit_regularizer(model, x, y, method=method, num_probes=num_probes, key=key, probe=probe,
+                                    mask=mask, noise_levels=noise_levels)
+
+
+def _in_chunks(model, x, y, batch_size, mask, noise_levels, *, method, num_probes, key, probe) -> Regularizer:
+    """`explicit_regularizer(..., batch_size=batch_size)`: the chunks' `Regularizer`s combined into the whole
+    batch's (means weighted by the chunks' mask sums; the standard error as the whole batch's formula gives)."""
+    B = x.shape[0]
+    if key is not None and not isinstance(key, prng.Rows) and not jax.dtypes.issubdtype(key.dtype,
+                                                                                          jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw key: the typed key of the same numbers
+    graphdef, params = nnx.split(model)
+    w = jnp.ones(B, jnp.dtype(model.cfg.dtype)) if mask is None else jnp.asarray(mask, jnp.dtype(model.cfg.dtype))
+    parts = []
+    for start in range(0, B, batch_size):
+        rows = slice(start, min(start + batch_size, B))
+        parts.append(_chunk(graphdef, params, x[rows], y[rows], w[rows], noise_levels, key, start, method=method,
+                            num_probes=num_probes, probe=probe, total=B))
+    weights = jnp.stack([jnp.sum(w[start:start + batch_size]) for start in range(0, B, batch_size)])
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    mean = lambda field: jnp.sum(weights * jnp.stack([getattr(r, field) for r in parts])) / total
+    value = mean("value")
+    per_example = jnp.concatenate([r.per_example for r in parts])
+    if method != "probe":
+        std_err = jnp.zeros((), value.dtype)
+    elif num_probes >= 2:  # each chunk's se · its weight is the root of its share of the whole sum
+        scaled = jnp.stack([r.std_err * jnp.maximum(wc, 1.0) for r, wc in zip(parts, weights)])
+        std_err = jnp.sqrt(jnp.sum(scaled**2)) / total
+    else:  # one probe per example: pooled over the whole batch around its mean
+        n = jnp.maximum(jnp.sum(w), 2.0)
+        std_err = jnp.sqrt(jnp.sum(w * (per_example - value) ** 2) / (n - 1.0) / n)
+    return Regularizer(value=value, Q=mean("Q"), R=mean("R"), clean_loss=mean("clean_loss"),
+                       per_example=per_example, std_err=std_err,
+                       logits=jnp.concatenate([r.logits for r in parts]))
 
 
 def antithetic_monte_carlo(model, x, y, num_samples: int, key: Array, clean_loss: Array | None = None) -> Array:
