@@ -313,8 +313,15 @@ class _Trainer:
         return self.step(state, batch.x, batch.y, batch.mask, *self.step_args)
 
     def place(self, tree):
-        """`tree` where the step's outputs are (replicated over the data-parallel mesh)."""
-        return tree if self.replicated is None else jax.device_put(tree, self.replicated)
+        """`tree` where the step's outputs are (replicated over the data-parallel mesh). In a multi-process job
+        each process places its own copy (JAX sends no array that is on one device to other processes'
+        devices): every process holds the same values."""
+        if self.replicated is None:
+            return tree
+        if jax.process_count() > 1:
+            tree = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable
+                                else a, tree)
+        return jax.device_put(tree, self.replicated)
 
     def models(self, state: TrainState) -> list[NoisyRNN]:
         """The members with the state's parameters; in a multi-process job, this process's copy of them (the
