@@ -269,7 +269,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     **Returns:** `{"process_id", "num_processes", "devices", "local_devices"}` of the job.
 
     **Raises:** `ValueError` for a bad argument (naming it, its value and what is allowed), before anything is
-    done; `DistributedError` as above. A process joined to a coordinator whose other processes do not all
+    done, or when no launcher's environment is found; `DistributedError` as above. A process joined to a coordinator whose other processes do not all
     arrive within `timeout_s` is ended by JAX (DEADLINE_EXCEEDED at RegisterTask).
     """
     check_distributed(coordinator, num_processes, process_id, timeout_s=timeout_s,
@@ -279,14 +279,24 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     deadline = time.monotonic() + timeout_s
     if coordinator is not None and process_id != 0:
         _wait_for_coordinator(*_parse_address(coordinator, "coordinator"), process_id, deadline)
+    previous = jax.config.jax_cpu_collectives_implementation
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     if log is not None:
         who = (f"process {process_id} of {num_processes}, coordinator {coordinator}" if coordinator is not None
                else "the launcher's environment")
         log(f"joining a multi-process JAX job ({who}; waiting up to {timeout_s} s for every process)")
     left = max(1, math.ceil(deadline - time.monotonic()))
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=left,
-                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=left,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except BaseException as e:
+        jax.config.update("jax_cpu_collectives_implementation", previous)  # nothing joined: nothing changed
+        if coordinator is not None or not isinstance(e, ValueError):
+            raise
+        raise ValueError(f"joining a multi-process job from the launcher's environment found none to read (JAX: {e}): "
+                         "start the processes with SLURM's srun or Open MPI's mpirun, or give the coordinator, the "
+                         "number of processes and this process's id (--coordinator, --num-processes, "
+                         "--process-id).") from None
     return {"process_id": jax.process_index(), "num_processes": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count()}
 
