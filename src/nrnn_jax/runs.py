@@ -298,11 +298,17 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
             os.close(fd)
 
 
-def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
-    """Create a fresh run directory holding `config` (refused if it already holds a run, unless `overwrite`)."""
+def check_new_run(run_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to start a run in `run_dir` if it already holds one, unless `overwrite` (`start_run`'s check; in a
+    multi-process job every process makes it before process 0 writes)."""
     if (run_dir / "config.json").exists() and not overwrite:
         raise ValueError(f"run_dir={str(run_dir)!r} already holds a run; resume it (resume=True, "
                          "nrnn-train --resume) or pass overwrite=True (--overwrite) to replace it.")
+
+
+def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+    """Create a fresh run directory holding `config` (refused if it already holds a run, unless `overwrite`)."""
+    check_new_run(run_dir, overwrite=overwrite)
     with writing(run_dir, "the run directory"):
         for old in ("checkpoints", "damaged"):  # the replaced run's
             if (run_dir / old).exists():

@@ -523,6 +523,8 @@ class _RunDirectory(_Records):
             opened = runs.resume_run(self.path, config, state, sums, log=log if self.writes else None,
                                      layouts=layouts(), write=self.writes)
         else:
+            runs.check_new_run(self.path, overwrite=overwrite)  # every process refuses alike ...
+            host.barrier(f"nrnn_jax: checked {self.path}")  # ... before process 0 writes
             if self.writes:
                 runs.start_run(self.path, {**config, "dataset": description}, overwrite=overwrite)
             opened = state, sums, []
