@@ -220,8 +220,8 @@ def check_distributed(coordinator: str | None = None, num_processes: int | None 
         if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
             raise ValueError(f"{name('process_id')}={process_id!r} is invalid: expected an integer in "
                              f"[0, {num_processes - 1}] ({name('num_processes')}={num_processes}), each process its own.")
-    _positive_int(timeout_s, name("timeout_s"), "a positive number of seconds")
-    _positive_int(heartbeat_timeout_s, name("heartbeat_timeout_s"), "a positive number of seconds")
+    _positive_int(timeout_s, name("timeout_s"), "a positive whole number of seconds")
+    _positive_int(heartbeat_timeout_s, name("heartbeat_timeout_s"), "a positive whole number of seconds")
     if cpu_collectives not in CPU_COLLECTIVES:
         raise ValueError(f"{name('cpu_collectives')}={cpu_collectives!r} is invalid: expected one of "
                          + ", ".join(repr(c) for c in CPU_COLLECTIVES) + ".")
