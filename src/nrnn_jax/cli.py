@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, import_object, import_path
 from .data import LOADERS, load_dataset
 from .errors import RunBusyError, RunDamageWarning, RunWriteError
+from .host import DistributedError
 from .runs import (RESUMABLE_TRAIN_FIELDS, refuse_code, unsupplied_code, load_run_dataset, read_config_file, read_run_config,
                    read_run_sweep, recorded_code, run_cell_factory, run_data_dir, writer)
 from .tables import format_table
@@ -119,6 +120,56 @@ def _configure_host(args) -> None:
     host.configure(devices=args.host_devices, allocator=args.host_allocator)
 
 
+DISTRIBUTED_FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
+                     "process_id": "--process-id", "timeout_s": "--distributed-timeout",
+                     "heartbeat_timeout_s": "--heartbeat-timeout", "cpu_collectives": "--cpu-collectives"}
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """--distributed / --coordinator / --num-processes / --process-id: a multi-process job
+    (`nrnn_jax.host.initialize_distributed`; docs/guide/distributed.md)."""
+    group = parser.add_argument_group(
+        "several processes (jax.distributed; every process runs the same command, training is data-parallel over "
+        "all their devices, process 0 writes the files, which must be on a shared filesystem)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process job set up by the launcher's environment (SLURM srun, Open MPI "
+                            "mpirun), as jax.distributed.initialize() detects it (default: off)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="a manual launch: the address of process 0 and a free port, where process 0 serves the "
+                            "coordinator; needs --num-processes and --process-id (default: none)")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N",
+                       help="a manual launch: the number of processes (default: none)")
+    group.add_argument("--process-id", type=int, default=None, metavar="I",
+                       help="a manual launch: this process's id in 0..N-1 (default: none)")
+    group.add_argument("--distributed-timeout", dest="timeout_s", type=int, default=300, metavar="SECONDS",
+                       help="how long to wait for the coordinator and every process to join (default: %(default)s)")
+    group.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=int, default=100, metavar="SECONDS",
+                       help="a process whose peer has stopped answering for this long ends, naming it "
+                            "(default: %(default)s)")
+    group.add_argument("--cpu-collectives", choices=("gloo", "mpi", "none"), default="gloo",
+                       help="how CPU devices of different processes exchange data (default: %(default)s)")
+
+
+def _distributed_settings(args) -> dict | None:
+    """The arguments of `host.initialize_distributed` the flags ask for, checked (a ValueError names the flag);
+    None for a single process."""
+    from .host import check_distributed
+
+    settings = {k: getattr(args, k) for k in DISTRIBUTED_FLAGS}
+    if not args.distributed and all(settings[k] is None for k in ("coordinator", "num_processes", "process_id")):
+        return None
+    check_distributed(**settings, names=DISTRIBUTED_FLAGS)
+    return settings
+
+
+def _start_distributed(settings: dict | None, prog: str) -> None:
+    """Join the multi-process job of `settings` (`_distributed_settings`), once per process."""
+    from . import host
+
+    if settings is not None:
+        host.initialize_distributed(**settings, log=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+
+
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on when stderr is a terminal, so that logs hold no bars)")
@@ -174,7 +225,8 @@ def _code_flags(fields) -> str:
 
 # Flags that `--resume` applies: they cannot change what was already trained (runs.RESUMABLE_TRAIN_FIELDS, and
 # --progress, --devices, --distributed). Every other flag given with --resume must repeat the run's value.
-RESUME_APPLIED = ", ".join(_flag(k) for k in RESUMABLE_TRAIN_FIELDS) + ", --progress/--no-progress, --devices, --distributed"
+RESUME_APPLIED = (", ".join(_flag(k) for k in RESUMABLE_TRAIN_FIELDS) + ", --progress/--no-progress, --devices, "
+                  "--distributed and the other flags of several processes")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -214,9 +266,6 @@ def train_parser() -> argparse.ArgumentParser:
                      help="data-parallel over this many devices, the batch split across them; 'auto': on CPU the "
                           "host's cores where each gets enough work for the split to pay (long sequences), else "
                           "one device (default: auto)")
-    par.add_argument("--distributed", action="store_true",
-                     help="call jax.distributed.initialize() first (several hosts; set up by the cluster's "
-                          "environment variables or launcher) (default: off)")
     _add_preset_flag(parser, "start from a named preset of the public pixel-MNIST runs (nrnn_jax.presets; needs "
                      "--dataset mnist_pixel or mnist_permuted); other flags override its fields (default: none)")
     parser.add_argument("--cell-factory", default=None, metavar="MODULE:NAME",
@@ -230,6 +279,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(parser, NRNNConfig, "model (input_dim and num_classes default to the data set's)",
                          defaults={"input_dim": "the data set's", "num_classes": "the data set's"})
     _add_host_flags(parser)
+    _add_distributed_flags(parser)
     return parser
 
 
@@ -351,11 +401,9 @@ def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     try:
         with _warnings_as_lines("nrnn-train"), contextlib.ExitStack() as held:
+            distributed = _distributed_settings(args)  # checked before anything is done
             _configure_host(args)
-            if args.distributed:
-                import jax
-
-                jax.distributed.initialize()
+            _start_distributed(distributed, "nrnn-train")
             # One writer per run: a run being written, or an --out that cannot be written, is refused here,
             # before any data is read (train_and_evaluate holds the same lock for a run directory named later).
             if (args.resume or args.out) is not None:
@@ -373,7 +421,7 @@ def train_main(argv: list[str] | None = None) -> int:
             result = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=_progress(args),
                                         resume=args.resume is not None, overwrite=args.overwrite, sweep=sweep,
                                         devices=args.devices, cell=cell)
-    except REPORTED_ERRORS as e:
+    except (*REPORTED_ERRORS, DistributedError) as e:
         print(f"nrnn-train: error: {e}", file=sys.stderr)
         return 2
     s = result.summary
@@ -443,6 +491,7 @@ def compare_parser() -> argparse.ArgumentParser:
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
                                    if any(f.name in spec.get("model", {}) for spec in DEFAULTS.values())})
     _add_host_flags(parser)
+    _add_distributed_flags(parser)
     return parser
 
 
@@ -452,7 +501,9 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     args = compare_parser().parse_args(argv)
     try:
+        distributed = _distributed_settings(args)  # checked before anything is done
         _configure_host(args)
+        _start_distributed(distributed, "nrnn-compare")
         # what the user typed is the only code nrnn-compare imports (a resumed run is loaded with it)
         model = _collect(args, NRNNConfig)
         if "diffusion" in model:
@@ -467,7 +518,7 @@ def compare_main(argv: list[str] | None = None) -> int:
                                   if v is not None})
         check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
-    except REPORTED_ERRORS as e:
+    except (*REPORTED_ERRORS, DistributedError) as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
         return 2
     print((args.out / "results.md").read_text())

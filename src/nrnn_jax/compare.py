@@ -22,6 +22,11 @@ continues an interrupted one from its checkpoint, and trains the others; `Compar
 to some modes. So a comparison can be split over processes, devices or sessions (one per mode) and then
 gathered by a last `resume=True` call over all modes that trains and measures nothing again. (Processes that
 share one GPU gain nothing: it time-slices them.)
+
+In a multi-process job (`nrnn_jax.host.initialize_distributed`, `nrnn-compare --coordinator ...`) every process
+runs the same sequence of runs, each run data-parallel over the devices of all processes, and measures its own
+copy of each trained model; process 0 writes everything above (the others write nothing), so `out` must be on a
+filesystem all processes share.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from . import host
 from .analysis import (
     certificate,
     hessian_lanczos,
@@ -316,7 +322,8 @@ class _RunRecord:
     retraining (the "run" part) drops the measurements of the previous model."""
 
     def __init__(self, run_dir: Path, key: dict, resume: bool):
-        self.path, self.key = run_dir / "compare.json", _as_json(key)
+        host.barrier(f"nrnn_jax: compare record {run_dir}")  # every process reads what process 0 has written
+        self.path, self.key, self.writes = run_dir / "compare.json", _as_json(key), host.is_primary()
         saved = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
         self.parts: dict[str, Any] = dict(saved.get("parts", {})) if saved.get("key") == self.key else {}
 
@@ -325,8 +332,9 @@ class _RunRecord:
         if part not in self.parts or self.parts[part]["settings"] != settings:
             entry = {"settings": settings, "value": _as_json(compute())}
             self.parts = {part: entry} if part == "run" else {**self.parts, part: entry}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path, {"key": self.key, "parts": self.parts})
+            if self.writes:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(self.path, {"key": self.key, "parts": self.parts})
         return self.parts[part]["value"]
 
 
@@ -375,12 +383,13 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
 
     def trained(mcfg: NRNNConfig, tcfg: TrainConfig, run_dir: Path, label: str):
         """(record, {"summary", "history"}, model()) of the run in `run_dir`: reused, continued or trained."""
+        # read before the record's barrier, after which process 0 may start writing the run
+        continuing = resume and (run_dir / "config.json").exists()
         record = _RunRecord(run_dir, {"model": mcfg.to_dict(), "train": tcfg.to_dict(),
                                       "track_regularizer": cc.track_regularizer, **cell_key}, resume)
         fresh = []
 
         def train():
-            continuing = resume and (run_dir / "config.json").exists()
             r = train_and_evaluate(mcfg, tcfg, run_dir, data=data, progress=False, resume=continuing,
                                    log=None if log is None else lambda line: log(f"{label}: {line}"),
                                    overwrite=not continuing, on_epoch_end=track, cell=cc.cell_factory)
@@ -439,9 +448,11 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
                 "hessian_train": min(cc.analysis_examples, n_train), "analysis_test": min(cc.analysis_examples, n_test)}
     summary = {"settings": settings, "examples": examples, "runs": runs, "aggregate": aggregate(runs),
                "time_s": time.perf_counter() - t0}
-    write_json(out / "summary.json", summary)
-    (out / "results.md").write_text(results_table(summary))
-    plot_all(summary, out)
+    if host.is_primary():
+        write_json(out / "summary.json", summary)
+        (out / "results.md").write_text(results_table(summary))
+        plot_all(summary, out)
+    host.barrier(f"nrnn_jax: compare written {out}")  # the others return once the files are there
     return summary
 
 

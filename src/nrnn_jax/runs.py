@@ -298,11 +298,17 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
             os.close(fd)
 
 
-def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
-    """Create a fresh run directory holding `config` (refused if it already holds a run, unless `overwrite`)."""
+def check_new_run(run_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to start a run in `run_dir` if it already holds one, unless `overwrite` (`start_run`'s check; in a
+    multi-process job every process makes it before process 0 writes)."""
     if (run_dir / "config.json").exists() and not overwrite:
         raise ValueError(f"run_dir={str(run_dir)!r} already holds a run; resume it (resume=True, "
                          "nrnn-train --resume) or pass overwrite=True (--overwrite) to replace it.")
+
+
+def start_run(run_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+    """Create a fresh run directory holding `config` (refused if it already holds a run, unless `overwrite`)."""
+    check_new_run(run_dir, overwrite=overwrite)
     with writing(run_dir, "the run directory"):
         for old in ("checkpoints", "damaged"):  # the replaced run's
             if (run_dir / old).exists():
@@ -335,7 +341,7 @@ RESUMABLE_TRAIN_FIELDS = ("epochs", "data_dir", "eval_batch_size", "eval_white_n
 
 
 def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: dict,
-               log: Callable[[str], None] | None = None, layouts: list | None = None):
+               log: Callable[[str], None] | None = None, layouts: list | None = None, write: bool = True):
     """(state, sums, history) restored from the newest intact checkpoint of `run_dir`, which must have been
     made with the same configuration except for `RESUMABLE_TRAIN_FIELDS` (`epochs` may only grow); records of
     epochs after that checkpoint are dropped (they are redone). `layouts`: the layouts a checkpoint of `state`
@@ -345,7 +351,10 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
     one is tried (a `RunDamageWarning` names the file and why); a run with no intact checkpoint starts from
     the beginning (`state`, `sums` as given) with its recorded configuration, said through `log`. A damaged
     line of metrics.jsonl before the checkpoint cannot be rebuilt (a checkpoint holds only the sums of the
-    epoch in progress): it is copied to RUN/damaged/metrics.jsonl and reported with a `RunDamageWarning`."""
+    epoch in progress): it is copied to RUN/damaged/metrics.jsonl and reported with a `RunDamageWarning`.
+
+    `write=False` (the processes other than 0 of a multi-process job) reads the same and changes no file:
+    the unfinished writes and damaged files are left to the writing process, and no warning is given."""
     path = run_dir / "config.json"
     if not path.exists():
         raise ValueError(f"Cannot resume {str(run_dir)!r}: it holds no run ({path} is missing).")
@@ -368,8 +377,10 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
         raise ValueError(f"Cannot resume {str(run_dir)!r} with epochs={new_epochs}: the run was configured for "
                          f"{old_epochs} epochs, and epochs may only grow on resume.")
     ckpt_dir = run_dir / "checkpoints"
-    with writing(ckpt_dir, "unfinished checkpoint writes"):
-        leftovers = checkpoint.remove_unfinished(ckpt_dir)
+    leftovers = []
+    if write:
+        with writing(ckpt_dir, "unfinished checkpoint writes"):
+            leftovers = checkpoint.remove_unfinished(ckpt_dir)
     if leftovers and log:
         log(f"removed the unfinished checkpoint write(s) {', '.join(leftovers)} from {ckpt_dir}")
     restored, found, damage = {"state": state, "sums": sums}, None, []
@@ -380,7 +391,8 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
         except CheckpointError as e:
             if not e.damaged:
                 raise
-            damage.append(f"{e}; set aside as {_set_aside(run_dir, ckpt_dir / str(s), f'checkpoint-{s}')}")
+            if write:
+                damage.append(f"{e}; set aside as {_set_aside(run_dir, ckpt_dir / str(s), f'checkpoint-{s}')}")
     start = (f"from checkpoint step {found}" if found is not None else
              "from the beginning, with its recorded configuration")
     for message in damage:
@@ -396,7 +408,7 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
     last = max((i for i, (_, r, _) in enumerate(lines) if keep(r)), default=-1)
     lost = [(n, text) for n, r, text in lines[:last + 1] if r is None]
     kept = [r for _, r, _ in lines if keep(r)]
-    if lost:
+    if lost and write:
         metrics = run_dir / "metrics.jsonl"
         copy = run_dir / "damaged" / "metrics.jsonl"
         with writing(copy, "the damaged lines set aside"):
@@ -410,9 +422,10 @@ def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: d
                       f"the epoch in progress), so the run's history lacks them"
                       + (f" (epoch(s) {missing} have no record)" if missing else "")
                       + f". Their text is kept in {copy}.", RunDamageWarning, stacklevel=2)
-    _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept), "the epoch records")
+    if write:
+        _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept), "the epoch records")
     changed = {k: wanted["train"][k] for k in RESUMABLE_TRAIN_FIELDS if saved["train"].get(k) != wanted["train"][k]}
-    if changed:  # record the new settings (other keys, such as the data set's description, are kept)
+    if changed and write:  # record the new settings (other keys, such as the data set's description, are kept)
         write_json(path, {**saved, "train": {**saved["train"], **changed}}, "the run's configuration")
     return state, restored["sums"], [r for r in kept if "event" not in r]
 

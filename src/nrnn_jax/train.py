@@ -14,6 +14,12 @@ The loop reads as a list of named parts:
   the epoch's start with a smaller learning rate.
 - `_Records` / `_RunDirectory`: what the run keeps: the training time of its sessions in memory, or the whole
   run directory (start or resume, checkpoints, records, TensorBoard events, training time, summary).
+
+In a multi-process job (`nrnn_jax.host.initialize_distributed`) every process runs this same loop on the same
+batches: the step is data-parallel over the devices of all processes (its gradients summed across them), and
+each process evaluates its own copy of the replicated parameters. Process 0 writes the run directory; every
+process takes part in saving and restoring checkpoints (orbax's multi-process checkpointing), so the run
+directory must be on a filesystem all processes share.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 from flax import nnx
 
-from . import _registry, _tensorboard, checkpoint, runs
+from . import _registry, _tensorboard, checkpoint, host, runs
 from .config import NRNNConfig, Sweep, TrainConfig, import_path
 from .data import Dataset, batches, epoch_order, load_dataset, prefetch
 from .evaluate import evaluate, summarize
@@ -97,7 +103,8 @@ def train_and_evaluate(
       `batch_size` must be divisible by it; `make_train_step(..., devices=n)`). None or 1: the default
       device. `"auto"` (the default): on CPU the host's cores (one CPU device
       each after `nrnn_jax.host.configure()`) where each gets enough work for the split to pay (a long sequence such
-      as pixel MNIST), else one device. Results equal those of one device up to the order of floating-point
+      as pixel MNIST), else one device; in a multi-process job, all devices of all processes (the only
+      count allowed there). Results equal those of one device up to the order of floating-point
       sums (the same noise and probes are drawn for every example).
     - `cell`: a user cell as a factory `cell(mcfg, rngs=rngs) -> Cell` (a `Cell` subclass with that
       constructor qualifies), called once per model; the run records the factory's import path (as
@@ -149,7 +156,7 @@ def train_and_evaluate(
         if log:
             log(f"epoch {epoch:3d}  loss {_fmt(record['train_loss'])}  train acc {_fmt(record['train_acc'])}  "
                 f"val acc {_fmt(record['val_acc'])}  ({record['time_s']:.1f}s)")
-        sums = zero_sums(metric_names(tcfg), members.axis)
+        sums = trainer.place(zero_sums(metric_names(tcfg), members.axis))
         run.save(state, sums, step)
 
     models = trainer.models(state)
@@ -185,6 +192,9 @@ def _resolve_devices(devices, members: "_Members", tcfg: TrainConfig, data: Data
     None for one device (batches placed on a 1-device mesh cost more); the count checked against the batch."""
     if isinstance(devices, str) and devices == "auto":
         devices = _default_devices(members.mcfg, tcfg.batch_size, int(data.x_train.shape[1]), tcfg.prng)
+    if jax.process_count() > 1 and devices != jax.device_count():
+        fail("", "devices", devices, f"a multi-process job ({jax.process_count()} processes) trains data-parallel "
+             f"over all {jax.device_count()} devices of its processes: expected 'auto' or {jax.device_count()}")
     if type(devices) is int and devices == 1:
         return None
     data_parallel_sharding(devices)  # checks the count against the devices JAX has
@@ -201,12 +211,15 @@ AUTO_MIN_WORK = 1e8
 
 
 def _default_devices(mcfg: NRNNConfig, batch_size: int, steps: int, prng: str = "threefry2x32") -> int:
-    """What `devices="auto"` resolves to: on a CPU backend in one process, the most CPU devices (at most
+    """What `devices="auto"` resolves to: in a multi-process job, all devices of all processes
+    (`jax.device_count()`); on a CPU backend in one process, the most CPU devices (at most
     `jax.local_device_count()`, one per core after `nrnn_jax.host.configure()`) that divide the batch and leave each
     at least `AUTO_MIN_WORK` (batch share × steps × hidden²); else 1. Accelerators get 1: training on
     several is asked for with `devices=n`. A generator the data-parallel step cannot draw with
     (`prng` not in `DATA_PARALLEL_PRNGS`) gets 1."""
-    if jax.default_backend() != "cpu" or jax.process_count() > 1 or prng not in DATA_PARALLEL_PRNGS:
+    if jax.process_count() > 1:
+        return jax.device_count()
+    if jax.default_backend() != "cpu" or prng not in DATA_PARALLEL_PRNGS:
         return 1
     best = 1
     for n in range(2, jax.local_device_count() + 1):
@@ -300,11 +313,20 @@ class _Trainer:
         return self.step(state, batch.x, batch.y, batch.mask, *self.step_args)
 
     def place(self, tree):
-        """`tree` where the step's outputs are (replicated over the data-parallel mesh)."""
-        return tree if self.replicated is None else jax.device_put(tree, self.replicated)
+        """`tree` where the step's outputs are (replicated over the data-parallel mesh). In a multi-process job
+        each process places its own copy (JAX sends no array that is on one device to other processes'
+        devices): every process holds the same values."""
+        if self.replicated is None:
+            return tree
+        if jax.process_count() > 1:
+            tree = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable
+                                else a, tree)
+        return jax.device_put(tree, self.replicated)
 
     def models(self, state: TrainState) -> list[NoisyRNN]:
-        return self.members.models(self.graphdef, state.params)
+        """The members with the state's parameters; in a multi-process job, this process's copy of them (the
+        state is replicated), on which it evaluates without the other processes."""
+        return self.members.models(self.graphdef, jax.tree.map(_local_copy, state.params))
 
     def roll_back(self, start: TrainState, rollbacks: int) -> TrainState:
         """`start` with the optimizer after `rollbacks` rollbacks (its learning rate and clip, fresh moments)."""
@@ -373,6 +395,13 @@ def _evaluate_epoch(members: _Members, models: list[NoisyRNN], data: Dataset, tc
         extra = [on_epoch_end(epoch, m) for m in models]
         record.update({k: members.one([float(e[k]) for e in extra]) for k in extra[0]})
     return record
+
+
+def _local_copy(a):
+    """An array replicated over the devices of several processes as this process's copy; others as they are."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return a.addressable_data(0)
+    return a
 
 
 def _host(v, scale: float = 1.0):
@@ -476,10 +505,14 @@ class _RunDirectory(_Records):
     """The run directory as the loop writes it (`nrnn_jax.runs`): config.json and a fresh metrics.jsonl, or a
     resume from the newest intact checkpoint; checkpoints (`nrnn_jax.checkpoint`) with the training time so
     far (train_time.json, kept should the process be killed); the epoch records and rollback events
-    (metrics.jsonl) and TensorBoard events; summary.json."""
+    (metrics.jsonl) and TensorBoard events; summary.json.
+
+    In a multi-process job only process 0 (`writes`) writes files; every process reads the run it resumes and
+    takes part in saving and restoring checkpoints (orbax synchronises the processes)."""
 
     def __init__(self, path: Path, resume: bool):
         self.path, self.resume, self.ckpt_dir = path, resume, path / "checkpoints"
+        self.writes = host.is_primary()
         # rollbacks of an interrupted run (up to its last checkpoint) set the optimizer it resumes with
         self.rollbacks = runs.read_rollbacks(path) if resume else []
         self.sessions = runs.read_sessions(path) if resume else []
@@ -487,17 +520,24 @@ class _RunDirectory(_Records):
 
     def open(self, config, description, state, sums, layouts, *, overwrite, log):
         if self.resume:
-            return runs.resume_run(self.path, config, state, sums, log=log, layouts=layouts())
-        runs.start_run(self.path, {**config, "dataset": description}, overwrite=overwrite)
-        return state, sums, []
+            opened = runs.resume_run(self.path, config, state, sums, log=log if self.writes else None,
+                                     layouts=layouts(), write=self.writes)
+        else:
+            runs.check_new_run(self.path, overwrite=overwrite)  # every process refuses alike ...
+            host.barrier(f"nrnn_jax: checked {self.path}")  # ... before process 0 writes
+            if self.writes:
+                runs.start_run(self.path, {**config, "dataset": description}, overwrite=overwrite)
+            opened = state, sums, []
+        host.barrier(f"nrnn_jax: opened {self.path}")  # the others write nothing before process 0 has
+        return opened
 
     def begin(self, step, epoch, members, tcfg, log):
         super().begin(step, epoch, members, tcfg, log)
         if self.resume and log:
             log(f"resumed at epoch {epoch + 1}, step {step} (training to epoch {tcfg.epochs})" if epoch < tcfg.epochs
                 else f"resumed at epoch {epoch}, step {step}: the run has finished its {tcfg.epochs} epochs")
-        self.tb = _tensorboard.EpochLog.open(self.path, members.mcfg, tcfg, members.sweep, resume=self.resume,
-                                            first_epoch=epoch + 1)
+        self.tb = (_tensorboard.EpochLog.open(self.path, members.mcfg, tcfg, members.sweep, resume=self.resume,
+                                             first_epoch=epoch + 1) if self.writes else None)
 
     def save(self, state, sums, step):
         checkpoint.save_checkpoint(self.ckpt_dir, step, {"state": state, "sums": sums})
@@ -511,6 +551,8 @@ class _RunDirectory(_Records):
         return f"the last good checkpoint, step {self.last_saved}, is kept in {self.ckpt_dir}"
 
     def record(self, record, lr):
+        if not self.writes:
+            return
         runs.append_record(self.path, record)
         if self.tb is not None:  # TensorBoard: the same record, as scalars (RUN/tensorboard/)
             self.tb.write(record, lr)
@@ -518,11 +560,14 @@ class _RunDirectory(_Records):
     def rolled_back(self, event, log):
         checkpoint.delete_after(self.ckpt_dir, event["step"])
         self.last_saved = checkpoint.latest_step(self.ckpt_dir)
-        runs.append_record(self.path, event)
+        if self.writes:
+            runs.append_record(self.path, event)
         super().rolled_back(event, log)
 
     def _write_sessions(self, sessions):
-        runs.write_sessions(self.path, sessions)
+        if self.writes:
+            runs.write_sessions(self.path, sessions)
 
     def write_summary(self, summary):
-        runs.write_json(self.path / "summary.json", summary)
+        if self.writes:
+            runs.write_json(self.path / "summary.json", summary)
