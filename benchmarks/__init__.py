@@ -9,6 +9,7 @@ install`) or `PYTHONPATH=src`:
     python -m benchmarks.cell_costs                          # the explicit regularizer's cost per cell and method
     python -m benchmarks.compare_revisions --rev main        # this checkout against another git revision
     python -m benchmarks.stress_data_parallel --processes 8  # long data-parallel CPU trainings, fresh processes
+    python -m benchmarks.sweep_throughput                    # a sweep on 1 and N devices and over P processes
 
 Each module's docstring describes its options and output. `scripts/gpu_benchmark.sh` runs `benchmarks.benchmark`
 on an accelerator.

@@ -12,7 +12,8 @@ and both gradients, the two versions build the same model (same seed) and compar
 - the explicit regularizer's value by the exact method and by the probe method (one fixed key), and the
   probe value's gradient.
 
-Prints one line per configuration and a summary; exits 1 if any number differs.
+Prints one line per configuration (for an array that differs, its largest difference relative to the array's
+largest magnitude) and a summary; exits 1 if any number differs.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def numbers(nj, fields: dict, x, y, probe_key, noise_key) -> dict[str, np.ndarra
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def _relative(a, b) -> float:
+    """The largest difference of two arrays relative to the larger magnitude of the second (where they differ)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), np.finfo(np.float64).tiny))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default="main", help="the git revision to compare with")
@@ -131,7 +138,10 @@ def main(argv=None) -> int:
             compared += len(a)
             label = ", ".join(f"{k}={v}" for k, v in fields.items() if k in ("cell", "solver", "convention",
                                                                              "noise_kind", "backend", "gradient"))
-            print(f"{'same' if not bad else 'DIFFERENT'}: {label}" + (f" ({bad})" if bad else ""), flush=True)
+            rel = {k: _relative(a[k], b[k]) for k in bad if a[k].shape == b[k].shape}
+            print(f"{'same' if not bad else 'DIFFERENT'}: {label}"
+                  + (" (" + ", ".join(f"{k}: max relative difference {rel[k]:.1e}" if k in rel else f"{k}: shape"
+                                      for k in bad) + ")" if bad else ""), flush=True)
             if bad:
                 differ.append((fields, bad))
         print(f"{count} configurations, {compared} arrays compared bit for bit; {len(differ)} differ")

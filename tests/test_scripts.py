@@ -20,7 +20,8 @@ NAMING = ([ROOT / "README.md", ROOT / "Makefile", ROOT / "CHANGELOG.md"] + sorte
 def test_the_benchmarks_are_a_package_of_the_rerun_scripts():
     assert (ROOT / "benchmarks" / "__init__.py").exists()
     assert BENCHMARKS == ["analysis_memory", "benchmark", "benchmark_torch", "cell_costs", "compare_revisions",
-                          "explicit_cost", "same_numbers", "same_program", "step_breakdown", "stress_data_parallel"]
+                          "explicit_cost", "same_numbers", "same_program", "step_breakdown", "stress_data_parallel",
+                          "sweep_throughput"]
     assert sorted(p.name for p in (ROOT / "scripts").iterdir()) == ["architectures_table.py", "demo.py",
                                                                     "gpu_benchmark.sh", "gpu_paper.sh",
                                                                     "make_notebooks.py", "publish_comparison.py"]
