@@ -83,17 +83,23 @@ def test_probe_regularizer_adjoint_equals_taylor_mode(kw):
     assert _max_rel_diff(g_auto, g_adj) < 1e-12
 
 
+def _rows_problem(seed: int, K: int, d: int, B: int = 3, p: int = 6, T: int = 9):
+    """Random (M (p, d), θ (d,), s0 (B, K, d), xs (B, T, d)) in float64, and one more key."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    M = 0.3 * jax.random.normal(keys[0], (p, d), jnp.float64)
+    theta = jax.random.normal(keys[1], (d,), jnp.float64)
+    s0 = jax.random.normal(keys[2], (B, K, d), jnp.float64)
+    xs = jax.random.normal(keys[3], (B, T, d), jnp.float64)
+    return (M, theta, s0, xs), keys[4]
+
+
 @pytest.mark.usefixtures("x64")
 def test_recurrence_against_a_plain_scan_with_state_rows_and_params():
     """A generic cell with several state rows, shared parameters and `save="all"`: the adjoint's gradients
     in M, the parameters, the initial state and the inputs equal those of a plain differentiated scan, and
     its backward pass is differentiable again (Hessian-vector products by forward-over-reverse)."""
-    B, K, d, p, T = 3, 2, 4, 6, 9
-    keys = jax.random.split(jax.random.PRNGKey(0), 5)
-    M = 0.3 * jax.random.normal(keys[0], (p, d), jnp.float64)
-    theta = jax.random.normal(keys[1], (d,), jnp.float64)
-    s0 = jax.random.normal(keys[2], (B, K, d), jnp.float64)
-    xs = jax.random.normal(keys[3], (B, T, d), jnp.float64)
+    d = 4
+    (M, theta, s0, xs), v_key = _rows_problem(seed=0, K=2, d=d)
 
     def cell(s, prods, x, th):
         mix = jnp.tanh(prods[:, :d] + x[None]) * th[None] + jnp.sin(prods[:, d:d + 2]).sum(-1, keepdims=True)
@@ -113,7 +119,7 @@ def test_recurrence_against_a_plain_scan_with_state_rows_and_params():
     g_plain = jax.grad(loss_plain, argnums=(0, 1, 2, 3))(*args)
     g_adj = jax.grad(loss_adj, argnums=(0, 1, 2, 3))(*args)
     assert _max_rel_diff(g_plain, g_adj) < 1e-12
-    v = jax.random.normal(keys[4], M.shape, jnp.float64)
+    v = jax.random.normal(v_key, M.shape, jnp.float64)
     hvp = lambda loss: jax.jvp(jax.grad(lambda m: loss(m, *args[1:])), (M,), (v,))[1]
     np.testing.assert_allclose(hvp(loss_adj), hvp(loss_plain), rtol=1e-11)
 
@@ -123,12 +129,8 @@ def test_recurrence_keeping_some_product_columns():
     """`kept=(0, d)` for a cell affine with constant coefficients in the other product columns: the same
     gradients as a plain differentiated scan, in M, the parameters, the initial state and the inputs. For a
     cell nonlinear in the dropped columns the gradients differ (so the comparison can fail)."""
-    B, K, d, p, T = 3, 3, 4, 6, 9
-    keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    M = 0.3 * jax.random.normal(keys[0], (p, d), jnp.float64)
-    theta = jax.random.normal(keys[1], (d,), jnp.float64)
-    s0 = jax.random.normal(keys[2], (B, K, d), jnp.float64)
-    xs = jax.random.normal(keys[3], (B, T, d), jnp.float64)
+    d = 4
+    (M, theta, s0, xs), _ = _rows_problem(seed=1, K=3, d=d)
 
     def make_cell(rest):
         def cell(s, prods, x, th):
