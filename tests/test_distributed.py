@@ -26,6 +26,7 @@ SWEEP = ["--dataset", "digits", "--mode", "implicit", "--epochs", "1", "--batch-
          "--dt", "0.5", "--eps-add", "0.1", "--eps-mult", "0.1", "--backend", "scan", "--eval-white-noise=",
          "--no-progress", "--sweep-seeds", "0,1", "--checkpoint-every", "2"]
 TRAIN = [sys.executable, "-m", "nrnn_jax.cli"]
+COMPARE_CLI = [sys.executable, "-c", "import sys; from nrnn_jax.cli import compare_main; sys.exit(compare_main(sys.argv[1:]))"]
 TIMEOUT = 240
 
 
@@ -64,7 +65,12 @@ def _start(args: list[str], port: int, heartbeat: int = 100) -> list[subprocess.
 
 def _finish(procs: list[subprocess.Popen]) -> list[str]:
     """Wait for the processes; each must succeed; what each printed (stdout, then stderr)."""
-    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:  # a job that hangs is ended here, not left running
+        for p in procs:
+            p.kill()
+        raise
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}: {err[-3000:]}"
     return [out + err for out, err in outs]
@@ -137,6 +143,37 @@ def test_two_processes_train_a_sweep_as_one_process_with_four_devices_also_after
     assert steps(run) == steps(reference)
     assert all((run / "checkpoints" / s / "nrnn_jax_manifest.json").exists() for s in steps(run))
     assert not (run / ".writer.lock").exists()
+
+
+COMPARE = ["--dataset", "digits", "--seeds", "0", "--epochs", "1", "--modes", "implicit", "--batch-size", "64",
+           "--hidden", "8", "--dt", "0.5", "--backend", "scan", "--analysis-examples", "8", "--curve-examples", "64"]
+
+
+def test_two_processes_compare_as_one_process_with_four_devices(tmp_path):
+    """A small `nrnn-compare` by two processes × two devices: process 0 alone writes one complete output (the
+    files of a single-process comparison), whose test accuracies and robustness curves are those of one process
+    with four devices, and whose losses and measurements agree within float32 tolerance."""
+    single, two = tmp_path / "single", tmp_path / "two"
+    proc = subprocess.run(COMPARE_CLI + COMPARE + ["--out", str(single)], env=_env(4), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = _free_port()
+    _finish([subprocess.Popen(COMPARE_CLI + COMPARE + ["--out", str(two), "--coordinator", f"127.0.0.1:{port}",
+                                                       "--num-processes", "2", "--process-id", str(i),
+                                                       "--distributed-timeout", "60"],
+                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)])
+    # the same files; a checkpoint's orbax metadata has a file per process that wrote shards
+    plain = lambda run: [f for f in _files(run) if "/checkpoints/" not in f]
+    assert plain(two) == plain(single) and "summary.json" in plain(two) and "robustness.png" in plain(two)
+    steps = lambda run: sorted(p.name for p in (run / "implicit" / "seed0" / "checkpoints").iterdir())
+    assert steps(two) == steps(single)
+    got, ref = (json.loads((d / "summary.json").read_text())["runs"]["implicit"][0] for d in (two, single))
+    assert got["summary"]["test_acc"] == ref["summary"]["test_acc"]
+    np.testing.assert_allclose(got["summary"]["test_loss"], ref["summary"]["test_loss"], rtol=1e-5)
+    assert got["analysis"]["curves"] == ref["analysis"]["curves"]
+    for name in ("hessian_top", "output_margin_median", "reg_value"):
+        np.testing.assert_allclose(got["analysis"][name], ref["analysis"][name], rtol=1e-4, err_msg=name)
 
 
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout(tmp_path, capsys):

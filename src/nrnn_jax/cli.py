@@ -521,6 +521,12 @@ def compare_main(argv: list[str] | None = None) -> int:
     except (*REPORTED_ERRORS, DistributedError) as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    if jax.process_index() != 0:  # process 0 writes the outputs (and may still be writing them)
+        print(f"process {jax.process_index()}: done; process 0 writes {args.out}/summary.json, results.md and the plots "
+              f"({summary['time_s']:.0f} s)")
+        return 0
     print((args.out / "results.md").read_text())
     print(f"written: {args.out}/summary.json, results.md, robustness.png, hessian.png, margins.png, stability.png "
           f"({summary['time_s']:.0f} s)")

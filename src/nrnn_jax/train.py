@@ -371,9 +371,12 @@ def _train_epoch(trainer: _Trainer, state: TrainState, sums: dict, step: int, ba
     steps (the epoch's last is saved after its record) the state is checked (`divergence.check`) and saved; a
     bad step ends the epoch there."""
     every = trainer.tcfg.checkpoint_every
+    # In a multi-process job each program runs to its end before the next is launched: with a step and the
+    # sums' addition in flight together, two processes were seen to wait on each other for ever (XLA:CPU, gloo).
+    one_at_a_time = jax.block_until_ready if jax.process_count() > 1 else (lambda tree: tree)
     for batch in batches:
-        state, metrics = trainer(state, batch)
-        sums = {k: sums[k] + metrics[k] for k in sums}
+        state, metrics = one_at_a_time(trainer(state, batch))
+        sums = one_at_a_time({k: sums[k] + metrics[k] for k in sums})
         step += 1  # counted on the host: reading state.step would wait for the device every step
         if every and step % every == 0 and step % trainer.steps_per_epoch:
             bad = divergence.check(state)
