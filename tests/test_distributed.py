@@ -146,7 +146,7 @@ def test_two_processes_train_a_sweep_as_one_process_with_four_devices_also_after
 
 
 COMPARE = ["--dataset", "digits", "--seeds", "0", "--epochs", "1", "--modes", "implicit", "--batch-size", "64",
-           "--hidden", "8", "--dt", "0.5", "--backend", "scan", "--analysis-examples", "8", "--curve-examples", "64"]
+           "--hidden", "8", "--dt", "0.5", "--backend", "scan", "--analysis-examples", "4", "--curve-examples", "16"]
 
 
 def test_two_processes_compare_as_one_process_with_four_devices(tmp_path):
