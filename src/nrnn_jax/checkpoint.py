@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from . import host
 from .errors import CheckpointError, RunWriteError, os_error_of
 
 MANIFEST = "nrnn_jax_manifest.json"
@@ -120,7 +121,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, tree: Any, *, max_to_keep: 
             with _manager(ckpt_dir, max_to_keep) as mngr:
                 mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
                 mngr.wait_until_finished()
-            if jax.process_index() == 0:
+            if host.is_primary():
                 _write_manifest(ckpt_dir / str(step))
         except Exception as e:
             failure = os_error_of(e)

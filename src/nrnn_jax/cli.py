@@ -523,8 +523,10 @@ def compare_main(argv: list[str] | None = None) -> int:
         return 2
     import jax
 
-    if jax.process_index() != 0:  # process 0 writes the outputs (and may still be writing them)
-        print(f"process {jax.process_index()}: done; process 0 writes {args.out}/summary.json, results.md and the plots "
+    from . import host
+
+    if not host.is_primary():  # run_compare returns once process 0 has written the outputs
+        print(f"process {jax.process_index()}: done; process 0 wrote {args.out}/summary.json, results.md and the plots "
               f"({summary['time_s']:.0f} s)")
         return 0
     print((args.out / "results.md").read_text())

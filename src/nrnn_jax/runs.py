@@ -54,7 +54,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from . import checkpoint
+from . import checkpoint, host
 from .config import BUILT_IN_CELLS, ImportPath, NRNNConfig, Sweep, TrainConfig, Unimportable, resolve_import_path
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, RunBusyError, RunDamageWarning, RunWriteError, writing
@@ -145,7 +145,7 @@ def _take(run_dir: Path) -> _Hold:
     hold = _Hold(None, threading.get_ident(), missing)
     with writing(run_dir, "the run directory"):
         run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_count() > 1 and jax.process_index() != 0:
+    if not host.is_primary():
         return hold
     path = run_dir / LOCK_FILE
     try:
