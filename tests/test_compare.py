@@ -11,7 +11,7 @@ import numpy as np
 
 from nrnn_jax import evaluate, explicit_regularizer, load_dataset, load_run, predict_logits, with_noise
 from nrnn_jax.analysis import certificate
-from nrnn_jax.cli import compare_main, compare_parser, robustness_main
+from nrnn_jax.cli import COMPARE_TRAIN_FLAGS, compare_main, compare_parser, robustness_main
 from nrnn_jax import compare
 from nrnn_jax.compare import CompareConfig, aggregate, run_compare
 from nrnn_jax.evaluate import white_noise
@@ -212,11 +212,25 @@ def _check_resume(cc, out, saved, data):
         assert list(again["runs"]) == ["deterministic", "explicit"]
         assert len(again["runs"]["explicit"][0]["analysis"]["hessian_ritz"]) == 3
         assert again["runs"]["explicit"][0]["lambda_scores"] == saved["runs"]["explicit"][0]["lambda_scores"]
+
+        # the divergence policy says what a later divergence would do: finished runs are reused under another
+        before = json.loads(json.dumps(run_compare(cc, out, log=None, resume=True)))  # measured as cc again
+        calls.update(train=[], analyse=0)
+        policy = dataclasses.replace(cc, train={**cc.train, "on_divergence": "rollback", "max_rollbacks": 5})
+        again = json.loads(json.dumps(run_compare(policy, out, log=None, resume=True)))
+        assert calls == {"train": [], "analyse": 0}
+        assert again["runs"] == before["runs"]
     finally:
         compare.train_and_evaluate, compare.analyse = real_train, real_analyse
     # the command line: a list of modes with spaces parses; a bad mode stops before anything is trained
     parsed = compare_parser().parse_args(["--out", "o", "--modes", "implicit, explicit"])
     assert parsed.modes == ("implicit", "explicit")
+    flags = ["--on-divergence", "rollback", "--rollback-lr-factor", "0.25", "--rollback-grad-clip", "2",
+             "--max-rollbacks", "4", "--grad-clip", "1"]
+    parsed = compare_parser().parse_args(["--out", "o", *flags])
+    assert {k: getattr(parsed, k) for k in COMPARE_TRAIN_FLAGS if getattr(parsed, k) is not None} == dict(
+        on_divergence="rollback", rollback_lr_factor=0.25, rollback_grad_clip=2.0, max_rollbacks=4, grad_clip=1.0)
+    assert compare_main(["--dataset", "digits", "--out", str(out), "--rollback-lr-factor", "0", "--resume"]) == 2
     assert compare_main(["--dataset", "digits", "--out", str(out), "--modes", "implicit,nope", "--resume"]) == 2
     for bad in (("nope",), (), ("implicit", "implicit"), "implicit"):
         with pytest.raises(ValueError, match=r"CompareConfig\.modes=.*distinct modes out of 'deterministic'"):

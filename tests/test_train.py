@@ -170,6 +170,20 @@ def test_divergence_rollback_policy(digits, tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(r.model)), jax.tree.leaves(nnx.state(fresh.model))):
         np.testing.assert_array_equal(a, b)  # the same computation from the same state: bit for bit
     assert load_run(tmp_path / "rb") is not None  # the checkpoint restores into the rolled-back optimizer
+    # a run stopped by a divergence continues under "rollback", as the error suggests: to the same numbers
+    with pytest.raises(TrainingDiverged, match="on_divergence='rollback'"):
+        train_and_evaluate(mcfg, tcfg.replace(on_divergence="raise"), tmp_path / "stopped", data=digits,
+                           progress=False, log=None)
+    resumed = train_and_evaluate(mcfg, tcfg.replace(max_rollbacks=1), tmp_path / "stopped", data=digits,
+                                 progress=False, log=None, resume=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(resumed.model)), jax.tree.leaves(nnx.state(r.model))):
+        np.testing.assert_array_equal(a, b)
+    saved = json.loads((tmp_path / "stopped" / "config.json").read_text())["train"]
+    assert (saved["on_divergence"], saved["max_rollbacks"]) == ("rollback", 1)
+    # the rollback's factor sets the optimizer after a rollback: not changed on resume
+    with pytest.raises(ValueError, match=r"fields differing: \['rollback_lr_factor'\]"):
+        train_and_evaluate(mcfg, tcfg.replace(rollback_lr_factor=0.25), tmp_path / "stopped", data=digits,
+                           progress=False, log=None, resume=True)
     # a bounded number of rollbacks: a factor that cannot help ends in the clear error
     hopeless = tcfg.replace(rollback_lr_factor=0.9, max_rollbacks=2)
     with pytest.raises(TrainingDiverged, match="after 2 rollback"):

@@ -13,7 +13,8 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig, import_object, import_path
+from .config import (BACKENDS, DIVERGENCE_POLICIES, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig,
+                     import_object, import_path)
 from .data import LOADERS, load_dataset
 from .errors import RunBusyError, RunDamageWarning, RunWriteError
 from .host import DistributedError
@@ -486,6 +487,16 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-clip", type=float, default=None,
                         help="clip the global gradient norm to this in every mode, 0: no clipping (default: the data "
                              "set's or preset's)")
+    parser.add_argument("--on-divergence", choices=DIVERGENCE_POLICIES, default=None,
+                        help="on a NaN/Inf loss or gradient in any mode: raise (stop, keep the last good checkpoint) "
+                             "or rollback (redo the epoch with a lower learning rate and clipping); with --resume a "
+                             "stopped run continues under it and finished runs are reused (default: raise)")
+    parser.add_argument("--rollback-lr-factor", type=float, default=None,
+                        help="learning-rate factor of each rollback, in (0, 1] (default: 0.5)")
+    parser.add_argument("--rollback-grad-clip", type=float, default=None,
+                        help="gradient-norm clip from the first rollback on (default: 1.0)")
+    parser.add_argument("--max-rollbacks", type=int, default=None,
+                        help="rollbacks allowed per run before it stops with the divergence error (default: 3)")
     _add_dataclass_flags(parser, NRNNConfig, "model (overrides of the data set's comparison defaults)",
                          skip=("input_dim", "num_classes", "backend"),
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
@@ -493,6 +504,11 @@ def compare_parser() -> argparse.ArgumentParser:
     _add_host_flags(parser)
     _add_distributed_flags(parser)
     return parser
+
+
+# The training settings nrnn-compare's flags override, in every mode (CompareConfig.train).
+COMPARE_TRAIN_FLAGS = ("lr", "lr_decay_epochs", "batch_size", "grad_clip", "on_divergence", "rollback_lr_factor",
+                       "rollback_grad_clip", "max_rollbacks")
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -513,9 +529,7 @@ def compare_main(argv: list[str] | None = None) -> int:
                            epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
                            curve_examples=args.curve_examples, modes=args.modes, model=model, cell_factory=cell,
-                           train={k: v for k, v in (("lr", args.lr), ("lr_decay_epochs", args.lr_decay_epochs),
-                                                    ("batch_size", args.batch_size), ("grad_clip", args.grad_clip))
-                                  if v is not None})
+                           train={k: v for k in COMPARE_TRAIN_FLAGS if (v := getattr(args, k)) is not None})
         check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
     except (*REPORTED_ERRORS, DistributedError) as e:

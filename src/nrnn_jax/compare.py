@@ -55,7 +55,7 @@ from .data import Dataset, load_dataset
 from .evaluate import evaluate, white_noise
 from .model import with_noise
 from .regularizer import explicit_regularizer
-from .runs import load_run, write_json
+from .runs import DIVERGENCE_POLICY_FIELDS, load_run, write_json
 from .tables import format_table
 from .train import train_and_evaluate
 from .validation import check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail
@@ -325,7 +325,16 @@ class _RunRecord:
         host.barrier(f"nrnn_jax: compare record {run_dir}")  # every process reads what process 0 has written
         self.path, self.key, self.writes = run_dir / "compare.json", _as_json(key), host.is_primary()
         saved = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
-        self.parts: dict[str, Any] = dict(saved.get("parts", {})) if saved.get("key") == self.key else {}
+        same = saved.get("key") is not None and self._identity(saved["key"]) == self._identity(self.key)
+        self.parts: dict[str, Any] = dict(saved.get("parts", {})) if same else {}
+
+    @staticmethod
+    def _identity(key: dict) -> dict:
+        """`key` without the divergence policy (`runs.DIVERGENCE_POLICY_FIELDS`): it says what a later divergence
+        would do, not what was trained, so a finished run is reused under either policy (an unfinished one is
+        continued by `train_and_evaluate`, which applies the new policy)."""
+        train = {k: v for k, v in key.get("train", {}).items() if k not in DIVERGENCE_POLICY_FIELDS}
+        return {**key, "train": train}
 
     def get(self, part: str, compute, settings: Any = None):
         settings = _as_json(settings)

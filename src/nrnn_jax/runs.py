@@ -332,12 +332,21 @@ def _set_aside(run_dir: Path, path: Path, name: str) -> Path:
     return dest
 
 
+# What a non-finite loss or gradient does from now on: stop (TrainingDiverged) or roll back, and how many
+# rollbacks are allowed. A run stopped by a divergence is resumed under "rollback", as the error suggests; the
+# rollbacks a run has made are read from its metrics.jsonl whatever the policy now (the learning-rate factor
+# and clip of a rollback, `rollback_lr_factor` / `rollback_grad_clip`, set the optimizer after one, so they stay
+# fixed).
+DIVERGENCE_POLICY_FIELDS = ("on_divergence", "max_rollbacks")
+
 # Training settings that a resumed run may change: they cannot change what was already trained. `epochs`
 # may only grow (the learning-rate decay boundaries are epochs, not fractions of the total, so a longer
 # run has the same past); `data_dir` says where the files are now; `eval_batch_size` is memory only (the
 # validation loss may move by float rounding); `eval_white_noise` only adds columns to the final summary;
-# `checkpoint_every` only says when to save. The new values are recorded in config.json.
-RESUMABLE_TRAIN_FIELDS = ("epochs", "data_dir", "eval_batch_size", "eval_white_noise", "checkpoint_every")
+# `checkpoint_every` only says when to save; `DIVERGENCE_POLICY_FIELDS` say what a later divergence does. The
+# new values are recorded in config.json.
+RESUMABLE_TRAIN_FIELDS = ("epochs", "data_dir", "eval_batch_size", "eval_white_noise", "checkpoint_every",
+                          *DIVERGENCE_POLICY_FIELDS)
 
 
 def resume_run(run_dir: Path, config: dict[str, Any], state: TrainState, sums: dict,
