@@ -45,7 +45,11 @@ def kill_after_checkpoint(cmd: list[str], run: Path, step: int, env: dict, timeo
 def uninterrupted_and_resumed(args: list[str], tmp_path: Path, kill_step: int) -> tuple[Path, Path]:
     """`nrnn-train ARGS` run uninterrupted into tmp_path/full, and again into tmp_path/killed, killed once a
     checkpoint of step ≥ `kill_step` exists and finished with `--resume`: (full, killed)."""
-    env = cpu_env()
+    # The three trainings compile the same programs: one compilation cache of their own, written by each (they
+    # run one after the other, so no process reads an entry another is writing; an entry cut short by the
+    # kill fails to decompress and is compiled again).
+    env = {**cpu_env(), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(CLI + args + ["--out", str(full)], check=True, env=env, capture_output=True)
     kill_after_checkpoint(CLI + args + ["--out", str(killed)], killed, kill_step, env)
