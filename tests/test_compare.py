@@ -218,7 +218,6 @@ def _check_resume(cc, out, saved, data):
         assert list(again["runs"]) == ["deterministic", "explicit"]
         assert len(again["runs"]["explicit"][0]["analysis"]["hessian_ritz"]) == 3
         assert again["runs"]["explicit"][0]["lambda_scores"] == saved["runs"]["explicit"][0]["lambda_scores"]
-
     finally:
         compare.train_and_evaluate, compare.analyse = real_train, real_analyse
     # the command line: a list of modes with spaces parses; a bad mode stops before anything is trained

@@ -487,16 +487,14 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-clip", type=float, default=None,
                         help="clip the global gradient norm to this in every mode, 0: no clipping (default: the data "
                              "set's or preset's)")
+    help_ = FIELD_HELP["TrainConfig"]
     parser.add_argument("--on-divergence", choices=DIVERGENCE_POLICIES, default=None,
-                        help="on a NaN/Inf loss or gradient in any mode: raise (stop, keep the last good checkpoint) "
-                             "or rollback (redo the epoch with a lower learning rate and clipping); with --resume a "
-                             "stopped run continues under it and finished runs are reused (default: raise)")
-    parser.add_argument("--rollback-lr-factor", type=float, default=None,
-                        help="learning-rate factor of each rollback, in (0, 1] (default: 0.5)")
-    parser.add_argument("--rollback-grad-clip", type=float, default=None,
-                        help="gradient-norm clip from the first rollback on (default: 1.0)")
-    parser.add_argument("--max-rollbacks", type=int, default=None,
-                        help="rollbacks allowed per run before it stops with the divergence error (default: 3)")
+                        help=f"{help_['on_divergence']}, in every mode; with --resume a stopped run continues under "
+                             f"it and finished runs are reused (default: {TrainConfig.on_divergence})")
+    for name in ("rollback_lr_factor", "rollback_grad_clip", "max_rollbacks"):
+        kind = type(getattr(TrainConfig, name))
+        parser.add_argument(_flag(name), type=kind, default=None,
+                            help=f"{help_[name]} (default: {getattr(TrainConfig, name)})")
     _add_dataclass_flags(parser, NRNNConfig, "model (overrides of the data set's comparison defaults)",
                          skip=("input_dim", "num_classes", "backend"),
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
