@@ -10,7 +10,8 @@
 #
 # DATASET is mnist_pixel (default) or mnist_permuted (the public permutation); MODES (default: all three)
 # trains some of the modes, so separate sessions can train one mode each into the same OUT before a last call
-# over all modes gathers them without training or measuring again. Killed or cut off by a time limit, the same
+# over all modes gathers them without training or measuring again. LAMBDAS (default: the dataset's grid,
+# λ = 1 for MNIST) sets the explicit penalty's weights, the best on validation kept. Killed or cut off by a time limit, the same
 # command continues every run from its last checkpoint (`nrnn-compare --resume`). A NaN/Inf loss or gradient
 # redoes its epoch at half the learning rate (`--on-divergence rollback`, at most 3 times per run; each
 # rollback is recorded in the run's metrics.jsonl and summary) instead of stopping the session's run.
@@ -38,13 +39,14 @@ DECAY=${DECAY-$def_decay}
 ANALYSIS=${ANALYSIS-256}
 SEEDS=${SEEDS-0}
 MODES=${MODES-deterministic,implicit,explicit}
+LAMBDAS=${LAMBDAS-}
 OUT=${OUT-runs/paper-${DATASET}-${PROTOCOL}}
 PYTHON=${PYTHON-python}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 
 args=(--dataset "$DATASET" ${PRESET:+--preset "$PRESET"} --seeds "$SEEDS" --epochs "$EPOCHS"
       --lr-decay-epochs "$DECAY" --modes "$MODES" --analysis-examples "$ANALYSIS" --backend scan
-      --out "$OUT" --resume --on-divergence rollback)
+      --out "$OUT" --resume --on-divergence rollback ${LAMBDAS:+--lambdas "$LAMBDAS"})
 if [ -n "$PRESET" ]; then args+=("${protocol_flags[@]}"); fi
 if [ -n "${NRNN_DATA-}" ]; then args+=(--data-dir "$NRNN_DATA"); fi
 
@@ -56,7 +58,7 @@ device=$("$PYTHON" -c "import jax; d = jax.devices()[0]; print(d.platform, getat
 jaxv=$("$PYTHON" -c "import jax; print(jax.__version__)")
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 cat >> "$OUT/calls.md" <<EOF
-- $(date -u +%Y-%m-%dT%H:%MZ): \`PROTOCOL=${PROTOCOL} DATASET=${DATASET} MODES=${MODES} bash scripts/gpu_paper.sh\`
+- $(date -u +%Y-%m-%dT%H:%MZ): \`PROTOCOL=${PROTOCOL} DATASET=${DATASET} MODES=${MODES}${LAMBDAS:+ LAMBDAS=$LAMBDAS} bash scripts/gpu_paper.sh\`
   = \`nrnn-compare ${args[*]}\`; ${device}, JAX ${jaxv}, revision ${rev}; wall time $((end - start)) s
 EOF
 echo "wall time $((end - start)) s on ${device}"
