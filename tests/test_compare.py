@@ -223,11 +223,14 @@ def _check_resume(cc, out, saved, data):
     # the command line: a list of modes with spaces parses; a bad mode stops before anything is trained
     parsed = compare_parser().parse_args(["--out", "o", "--modes", "implicit, explicit"])
     assert parsed.modes == ("implicit", "explicit")
+    # every training flag sets its TrainConfig field, parsed as the field's type; the others stay unset
     flags = ["--on-divergence", "rollback", "--rollback-lr-factor", "0.25", "--rollback-grad-clip", "2",
-             "--max-rollbacks", "4", "--grad-clip", "1"]
+             "--max-rollbacks", "4", "--grad-clip", "1", "--lr-decay", "0.5", "--lr-decay-epochs", "3,5"]
     parsed = compare_parser().parse_args(["--out", "o", *flags])
-    assert {k: getattr(parsed, k) for k in COMPARE_TRAIN_FLAGS if getattr(parsed, k) is not None} == dict(
-        on_divergence="rollback", rollback_lr_factor=0.25, rollback_grad_clip=2.0, max_rollbacks=4, grad_clip=1.0)
+    train = {k.split(".", 1)[1]: v for k, v in vars(parsed).items() if k.startswith("TrainConfig.") and v is not None}
+    assert train == dict(on_divergence="rollback", rollback_lr_factor=0.25, rollback_grad_clip=2.0, max_rollbacks=4,
+                         grad_clip=1.0, lr_decay=0.5, lr_decay_epochs=(3, 5))
+    assert sorted(k.split(".", 1)[1] for k in vars(parsed) if k.startswith("TrainConfig.")) == sorted(COMPARE_TRAIN_FLAGS)
     assert compare_main(["--dataset", "digits", "--out", str(out), "--rollback-lr-factor", "0", "--resume"]) == 2
     assert compare_main(["--dataset", "digits", "--out", str(out), "--modes", "implicit,nope", "--resume"]) == 2
     for bad in (("nope",), (), ("implicit", "implicit"), "implicit"):

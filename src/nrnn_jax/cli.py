@@ -13,7 +13,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import (BACKENDS, DIVERGENCE_POLICIES, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig,
+from .config import (BACKENDS, FIELD_HELP, MODES, ImportPath, NRNNConfig, Sweep, TrainConfig,
                      import_object, import_path)
 from .data import LOADERS, load_dataset
 from .errors import RunBusyError, RunDamageWarning, RunWriteError
@@ -35,14 +35,16 @@ def _parse_tuple(kind):
     return parse
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(), defaults=None) -> None:
-    """One flag per field of `cls`; its help is `FIELD_HELP` and the default (`defaults` overrides how a
-    default is described, e.g. "the data set's"). The parsed default is None: a flag given is a flag set."""
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(), defaults=None, only=None,
+                         notes=None) -> None:
+    """One flag per field of `cls` (or of the fields named in `only`); its help is `FIELD_HELP`, then `notes`'
+    text for the field, then the default (`defaults` overrides how a default is described, e.g. "the data
+    set's"). The parsed default is None: a flag given is a flag set."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
-    defaults = defaults or {}
+    defaults, notes = defaults or {}, notes or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         hint = hints[f.name]
         origin = typing.get_origin(hint)
@@ -65,6 +67,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=
         text = FIELD_HELP[cls.__name__][f.name]
         if cls is TrainConfig and f.name == "dataset":
             text += "; one of " + ", ".join(LOADERS)
+        text += notes.get(f.name, "")
         default = defaults.get(f.name, default)
         group.add_argument(_flag(f.name), help=f"{text} (default: {default})".replace("%", "%%"), **kwargs)
 
@@ -439,6 +442,11 @@ CELL_FACTORY_HELP = ("a user cell: the import path of a factory NAME(cfg, rngs=r
                      "module in the current directory is found")
 
 
+# The TrainConfig fields nrnn-compare has a flag for; each sets CompareConfig.train, in every mode.
+COMPARE_TRAIN_FLAGS = ("lr", "lr_decay", "lr_decay_epochs", "batch_size", "grad_clip", "on_divergence",
+                       "rollback_lr_factor", "rollback_grad_clip", "max_rollbacks")
+
+
 def compare_parser() -> argparse.ArgumentParser:
     from .compare import DEFAULTS, CompareConfig
 
@@ -478,23 +486,13 @@ def compare_parser() -> argparse.ArgumentParser:
                              "regularizer (default: %(default)s)")
     parser.add_argument("--curve-examples", type=int, default=None,
                         help="test examples for the robustness curves (default: the whole test split)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the data set's or preset's)")
-    parser.add_argument("--lr-decay-epochs", type=_parse_tuple(int), default=None, metavar="E1,E2,...",
-                        help="epochs at which the learning rate is multiplied by its decay factor (default: the "
-                             "data set's or preset's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the data set's "
-                        "or preset's)")
-    parser.add_argument("--grad-clip", type=float, default=None,
-                        help="clip the global gradient norm to this in every mode, 0: no clipping (default: the data "
-                             "set's or preset's)")
-    help_ = FIELD_HELP["TrainConfig"]
-    parser.add_argument("--on-divergence", choices=DIVERGENCE_POLICIES, default=None,
-                        help=f"{help_['on_divergence']}, in every mode; with --resume a stopped run continues under "
-                             f"it and finished runs are reused (default: {TrainConfig.on_divergence})")
-    for name in ("rollback_lr_factor", "rollback_grad_clip", "max_rollbacks"):
-        kind = type(getattr(TrainConfig, name))
-        parser.add_argument(_flag(name), type=kind, default=None,
-                            help=f"{help_[name]} (default: {getattr(TrainConfig, name)})")
+    preset_default = {name: "the data set's or preset's" for name in ("lr", "lr_decay_epochs", "batch_size",
+                                                                      "grad_clip")}
+    preset_default["lr_decay"] = f"{TrainConfig.lr_decay}, or the preset's"
+    _add_dataclass_flags(parser, TrainConfig, "training (every mode; overrides of the data set's or preset's)",
+                         only=COMPARE_TRAIN_FLAGS, defaults=preset_default,
+                         notes={"on_divergence": "; with --resume a stopped run continues under it and finished "
+                                                 "runs are reused"})
     _add_dataclass_flags(parser, NRNNConfig, "model (overrides of the data set's comparison defaults)",
                          skip=("input_dim", "num_classes", "backend"),
                          defaults={f.name: "the data set's" for f in dataclasses.fields(NRNNConfig)
@@ -502,11 +500,6 @@ def compare_parser() -> argparse.ArgumentParser:
     _add_host_flags(parser)
     _add_distributed_flags(parser)
     return parser
-
-
-# The training settings nrnn-compare's flags override, in every mode (CompareConfig.train).
-COMPARE_TRAIN_FLAGS = ("lr", "lr_decay_epochs", "batch_size", "grad_clip", "on_divergence", "rollback_lr_factor",
-                       "rollback_grad_clip", "max_rollbacks")
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -527,7 +520,7 @@ def compare_main(argv: list[str] | None = None) -> int:
                            epochs=args.epochs,
                            lambdas=args.lambdas, backend=args.backend, analysis_examples=args.analysis_examples,
                            curve_examples=args.curve_examples, modes=args.modes, model=model, cell_factory=cell,
-                           train={k: v for k in COMPARE_TRAIN_FLAGS if (v := getattr(args, k)) is not None})
+                           train=_collect(args, TrainConfig))
         check_compare_config(cc)  # before anything is loaded or trained
         summary = run_compare(cc, args.out, resume=args.resume)
     except (*REPORTED_ERRORS, DistributedError) as e:
