@@ -15,6 +15,7 @@ from nrnn_jax.cli import COMPARE_TRAIN_FLAGS, compare_main, compare_parser, robu
 from nrnn_jax import compare
 from nrnn_jax.compare import CompareConfig, aggregate, run_compare
 from nrnn_jax.evaluate import white_noise
+from nrnn_jax.train import TrainingDiverged
 
 MODES = ("deterministic", "implicit", "explicit")
 
@@ -218,6 +219,23 @@ def _check_resume(cc, out, saved, data):
         assert list(again["runs"]) == ["deterministic", "explicit"]
         assert len(again["runs"]["explicit"][0]["analysis"]["hessian_ritz"]) == 3
         assert again["runs"]["explicit"][0]["lambda_scores"] == saved["runs"]["explicit"][0]["lambda_scores"]
+
+        # a λ whose training diverges is left out of the choice; only a grid that diverged everywhere stops
+        def diverging(mcfg, tcfg, *args, **kw):
+            if tcfg.reg_weight == 7.0:
+                raise TrainingDiverged("the loss or a gradient is NaN/Inf at step 3")
+            return real_train(mcfg, tcfg, *args, **kw)
+
+        compare.train_and_evaluate, lines = diverging, []
+        again = run_compare(dataclasses.replace(cc, lambdas=(0.5, 1.0, 7.0)), out, log=lines.append, resume=True)
+        ex, saved_ex = again["runs"]["explicit"][0], saved["runs"]["explicit"][0]
+        assert (ex["lambda"], ex["lambda_scores"]) == (saved_ex["lambda"], saved_ex["lambda_scores"])
+        assert ex["lambda_diverged"] == {"7": "the loss or a gradient is NaN/Inf at step 3"}
+        assert "[digits] seed 0 explicit λ=7: diverged, left out of the choice of λ (the loss" in "".join(lines)
+        assert "Diverged, so left out of the choice: λ = 7 (seed 0)." in (out / "results.md").read_text()
+        with pytest.raises(TrainingDiverged, match=r"seed 0: the explicit model diverged for every λ of the grid "
+                                                   r"\[7.0\]: λ=7: the loss or a gradient is NaN/Inf at step 3"):
+            run_compare(dataclasses.replace(cc, lambdas=(7.0,)), out, log=None, resume=True)
     finally:
         compare.train_and_evaluate, compare.analyse = real_train, real_analyse
     # the command line: a list of modes with spaces parses; a bad mode stops before anything is trained

@@ -99,13 +99,21 @@ def test_mismatched_config_and_mode_errors(digits):
         train_and_evaluate(NRNNConfig(**TINY), TrainConfig(mode="implicit", epochs=1), data=digits, log=None)
 
 
-def test_divergence_guard(digits, tmp_path):
+def test_divergence_guard(digits, tmp_path, capsys):
     from nrnn_jax import TrainingDiverged
 
     mcfg = NRNNConfig(**TINY)
     tcfg = TrainConfig(epochs=3, lr=1e30, batch_size=32, checkpoint_every=1, eval_white_noise=())
     with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step \d+"):
         train_and_evaluate(mcfg, tcfg, tmp_path / "div", data=digits, progress=False, log=None)
+    # the command line reports it as an error line and exit status 1 (a bad setting is 2), not a traceback
+    from nrnn_jax.cli import train_main
+
+    argv = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--lr", "1e30", "--batch-size", "32",
+            "--eval-white-noise", "", "--no-progress", "--out", str(tmp_path / "cli")]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nrnn-train: error: ") and "NaN/Inf at step" in err and "Traceback" not in err
 
 
 def test_cli_trains_and_reports(tmp_path, capsys):

@@ -21,7 +21,7 @@ from .host import DistributedError
 from .runs import (RESUMABLE_TRAIN_FIELDS, refuse_code, unsupplied_code, load_run_dataset, read_config_file, read_run_config,
                    read_run_sweep, recorded_code, run_cell_factory, run_data_dir, writer)
 from .tables import format_table
-from .train import train_and_evaluate
+from .train import TrainingDiverged, train_and_evaluate
 
 
 def _flag(name: str) -> str:
@@ -428,6 +428,9 @@ def train_main(argv: list[str] | None = None) -> int:
     except (*REPORTED_ERRORS, DistributedError) as e:
         print(f"nrnn-train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # the run's outcome, not a bad setting: its last good checkpoint is kept
+        print(f"nrnn-train: error: {e}", file=sys.stderr)
+        return 1
     s = result.summary
     rows = [s] if "members" not in s else [{"mode": s["mode"], **m} for m in s["members"]]
     cols = (["mode"] + (["seed", "eps_add", "eps_mult"] if "members" in s else []) + ["test_acc"]
@@ -526,6 +529,9 @@ def compare_main(argv: list[str] | None = None) -> int:
     except (*REPORTED_ERRORS, DistributedError) as e:
         print(f"nrnn-compare: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # the run's outcome, not a bad setting: its last good checkpoint is kept
+        print(f"nrnn-compare: error: {e}", file=sys.stderr)
+        return 1
     import jax
 
     from . import host

@@ -23,6 +23,12 @@ to some modes. So a comparison can be split over processes, devices or sessions 
 gathered by a last `resume=True` call over all modes that trains and measures nothing again. (Processes that
 share one GPU gain nothing: it time-slices them.)
 
+An explicit model whose training diverges (`TrainingDiverged`: under `on_divergence="raise"`, or after
+`max_rollbacks` rollbacks) is left out of the choice of λ and named in summary.json (`lambda_diverged`) and
+results.md; the comparison stops with `TrainingDiverged` only when every λ of a seed diverged. A later
+`resume=True` call continues a diverged run from its last good checkpoint (e.g. under
+`on_divergence="rollback"`).
+
 In a multi-process job (`nrnn_jax.host.initialize_distributed`, `nrnn-compare --coordinator ...`) every process
 runs the same sequence of runs, each run data-parallel over the devices of all processes, and measures its own
 copy of each trained model; process 0 writes everything above (the others write nothing), so `out` must be on a
@@ -57,7 +63,7 @@ from .model import with_noise
 from .regularizer import explicit_regularizer
 from .runs import DIVERGENCE_POLICY_FIELDS, load_run, write_json
 from .tables import format_table
-from .train import train_and_evaluate
+from .train import TrainingDiverged, train_and_evaluate
 from .validation import check_choice, check_int, check_int_tuple, check_real, check_real_tuple, fail
 
 # Examples per compiled chunk of the analyses whose memory grows with the examples (the Hessian-vector
@@ -433,18 +439,28 @@ def run_compare(cc: CompareConfig, out: str | Path, *, log=print, resume: bool =
                                "analysis": measured(record, model, seed, label)})
         if "explicit" not in cc.modes:
             continue
-        candidates = []
+        candidates, diverged = [], {}
         for lam in st.lambdas:
             run_dir = out / "explicit" / f"seed{seed}-lam{lam:g}"
             label = f"[{cc.dataset}] seed {seed} explicit λ={lam:g}"
-            record, run, model = trained(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir, label)
+            try:
+                record, run, model = trained(base, TrainConfig(mode="explicit", reg_weight=lam, **common), run_dir,
+                                             label)
+            except TrainingDiverged as e:  # one weight of the grid: the others are still candidates
+                diverged[f"{lam:g}"] = str(e)
+                say(f"{label}: diverged, left out of the choice of λ ({e})")
+                continue
             score = record.get("selection_score", lambda: _selection_score(model(), data, st.select_white, seed),
                                st.select_white)
             say(f"{label}: test acc {run['summary']['test_acc']:.4f}, validation score {score:.4f}")
             candidates.append((score, lam, run_dir, record, run, model, label))
+        if not candidates:
+            raise TrainingDiverged(f"seed {seed}: the explicit model diverged for every λ of the grid "
+                                   f"{list(st.lambdas)}: " + "; ".join(f"λ={k}: {v}" for k, v in diverged.items()))
         score, lam, run_dir, record, run, model, label = max(candidates, key=lambda c: c[0])
         runs["explicit"].append({"seed": seed, "run_dir": str(run_dir), **run, "lambda": lam,
                                  "lambda_scores": {f"{c[1]:g}": c[0] for c in candidates},
+                                 **({"lambda_diverged": diverged} if diverged else {}),
                                  "analysis": measured(record, model, seed, label)})
     n_test, n_train = data.x_test.shape[0], data.x_train.shape[0]
     settings = {**dataclasses.asdict(cc), "preset": st.preset, "model": base.to_dict(),
@@ -530,6 +546,10 @@ def results_table(summary: dict) -> str:
     footer = (f"Data set {s['dataset']}, seeds {list(s['seeds'])} ({spread}), model {s['model']}, training "
               f"{s['train']}, explicit λ grid {s['lambdas']} (selection: {s['selection_rule']}, white strengths "
               f"{s['selection_white']}).")
+    diverged = [f"λ = {lam} (seed {r['seed']})" for r in summary["runs"].get("explicit", [])
+                for lam in r.get("lambda_diverged", {})]
+    if diverged:
+        footer += f" Diverged, so left out of the choice: {', '.join(diverged)}."
     if ex is not None:
         kinds = ", ".join(dict.fromkeys(k for k, _ in curve_cols))
         curves = ("the whole test split" if ex["curves"] == ex["test"] else f"the first {ex['curves']} test examples")

@@ -440,7 +440,7 @@ class _Divergence:
         raise TrainingDiverged(f"Training diverged{self.members.who(bad_steps)}{after}: the loss or gradients were "
                                f"NaN/Inf at step {bad} (epoch {bad // self.steps_per_epoch + 1}); {self.run.kept()}. "
                                "Lower the learning rate, set grad_clip, reduce dt / the noise levels, or set "
-                               "TrainConfig.on_divergence='rollback'.")
+                               "TrainConfig.on_divergence='rollback' (--on-divergence rollback), also on resume.")
 
     def rolled_back(self, epoch: int, step: int, bad: int) -> dict[str, Any]:
         """The record of a rollback of `epoch` to its start, `step`, after the bad step `bad`."""
