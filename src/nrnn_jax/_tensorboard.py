@@ -42,8 +42,8 @@ _NOT_SCALARS = ("epoch", "step")
 
 
 def tag_of(key: str) -> str:
-    """The TensorBoard tag of an epoch-record key: `train_loss` → `train/loss`, `val_acc` → `val/acc`;
-    other keys (those of `on_epoch_end`, `time_s`) unchanged."""
+    """The TensorBoard tag of an epoch-record key: `train_loss` → `train/loss`, `val_acc` → `val/acc` (an
+    `on_epoch_end` key too: `val_reg` → `val/reg`); other keys (`time_s`) unchanged."""
     for prefix in ("train_", "val_"):
         if key.startswith(prefix):
             return prefix[:-1] + "/" + key[len(prefix):]

@@ -496,7 +496,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "noise_kind": "diagonal: d Brownian motions; scalar: one for the multiplicative part (sde only)",
         "solver": "euler (Itô), euler_heun (Stratonovich) or milstein (Itô, commutative noise)",
         "backend": "diffrax (a diffrax solver on the step grid) or scan (the library's own step, same numbers)",
-        "diffrax_loop": "steps (a lax.scan of the diffrax solver's step) or diffeqsolve (diffrax.diffeqsolve)",
+        "diffrax_loop": "steps (a lax.scan of the diffrax solver's step); diffeqsolve, the name older runs "
+                        "record, runs the same loop",
         "gradient": "adjoint (exact discrete adjoint, reverse mode) or autodiff (JAX through the loop)",
         "dtype": "float32 or float64 (float64 needs jax_enable_x64)",
     },
