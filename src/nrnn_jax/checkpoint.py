@@ -46,6 +46,20 @@ class _Held:
     failed = False
 
 
+class _LateOrbaxReports(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax's tasks. Installed on the asyncio
+    logger once a failed write or read has been reported as our own error: a task of that operation still
+    running when its block ended (orbax writes in parallel) finishes with the same error and is reported
+    when it is collected, often at interpreter exit. Any other asyncio report passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
+_LATE = _LateOrbaxReports()
+
+
 @contextlib.contextmanager
 def _held_back(pass_logs_on: bool = True):
     """orbax reports an error of its background threads twice: logged with a traceback by the thread, and
@@ -76,6 +90,8 @@ def _held_back(pass_logs_on: bool = True):
     finally:
         if held.failed:
             gc.collect()  # what the failed operation left behind is finalized here, its reports held back
+            if _LATE not in loggers[1].filters:  # and what finishes later is not reported twice either
+                loggers[1].addFilter(_LATE)
         sys.unraisablehook = hook
         for logger in loggers:
             logger.removeFilter(hold)
