@@ -10,11 +10,12 @@
 #
 # DATASET is mnist_pixel (default) or mnist_permuted (the public permutation); MODES (default: all three)
 # trains some of the modes, so separate sessions can train one mode each into the same OUT before a last call
-# over all modes gathers them without training or measuring again. LAMBDAS (default: the dataset's grid,
-# λ = 1 for MNIST) sets the explicit penalty's weights, the best on validation kept. Killed or cut off by a time limit, the same
-# command continues every run from its last checkpoint (`nrnn-compare --resume`). A NaN/Inf loss or gradient
-# redoes its epoch at half the learning rate (`--on-divergence rollback`, at most 3 times per run; each
-# rollback is recorded in the run's metrics.jsonl and summary) instead of stopping the session's run.
+# over all modes gathers them without training or measuring again. LAMBDAS (default: the data set's grid,
+# λ = 1 for MNIST) sets the explicit penalty's weights, the best on validation kept. Killed or cut off by a
+# time limit, the same command continues every run from its last checkpoint (`nrnn-compare --resume`). A
+# NaN/Inf loss or gradient redoes its epoch at half the learning rate (`--on-divergence rollback`, at most 3
+# times per run; each rollback is recorded in the run's metrics.jsonl and summary) instead of stopping the
+# session's run.
 #
 #   NRNN_DATA=data PROTOCOL=full DATASET=mnist_permuted OUT=runs/paper-permuted bash scripts/gpu_paper.sh
 #

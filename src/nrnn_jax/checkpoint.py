@@ -90,8 +90,7 @@ def _held_back(pass_logs_on: bool = True):
     finally:
         if held.failed:
             gc.collect()  # what the failed operation left behind is finalized here, its reports held back
-            if _LATE not in loggers[1].filters:  # and what finishes later is not reported twice either
-                loggers[1].addFilter(_LATE)
+            logging.getLogger("asyncio").addFilter(_LATE)  # nor what finishes later (added once)
         sys.unraisablehook = hook
         for logger in loggers:
             logger.removeFilter(hold)
